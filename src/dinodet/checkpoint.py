@@ -1,0 +1,238 @@
+"""Checkpoint I/O: official DINO checkpoints and dinodet's own files.
+
+A checkpoint is untrusted input: torch files are read with ``weights_only=True`` (only
+``argparse.Namespace`` is allow-listed, because official checkpoints carry their args in one), and
+dinodet writes safetensors or weights-only torch files with the config stored alongside as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .compat.official_args import config_from_official_args
+from .compat.official_keys import official_key_map
+from .config import ConfigError, DINOConfig
+from .models.dino import DINO
+from .presets import get_preset
+
+FORMAT_TAG = "dinodet-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the requested model (one-line message)."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: DINO
+    config: DINOConfig
+    class_names: list[str] | None = None
+    category_ids: list[int] | None = None  # category id of each class index; None: index == id
+    source: str = "dinodet"  # "dinodet" or "official"
+    extra: dict[str, Any] | None = None  # anything else stored in the file (optimizer state, epoch...)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: a crash leaves the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_torch_file(path: str | os.PathLike) -> Any:
+    """torch.load with weights_only=True (argparse.Namespace allowed); errors become CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
+        raise CheckpointError(f"{path}: refusing to load objects a weights-only checkpoint may not contain ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+
+
+def _namespace_to_dict(args: Any) -> dict[str, Any] | None:
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    if isinstance(args, dict):
+        return args
+    return None
+
+
+def _summarise(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_official_state(model: DINO, state: dict[str, Tensor], path: str | os.PathLike = "checkpoint") -> None:
+    """Load an official-format state dict into ``model``; every key must be accounted for."""
+    cfg = model.cfg
+    key_map = official_key_map(list(model.state_dict()), cfg.dec_layers, len(cfg.backbone.return_layers))
+    missing = [k for k in key_map if k not in state]
+    unexpected = [k for k in state if k not in key_map]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_summarise(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_summarise(unexpected)}")
+        raise CheckpointError(f"{path}: does not match preset '{cfg_name(model)}': " + "; ".join(parts))
+    ours: dict[str, Tensor] = {}
+    for off, k in key_map.items():
+        v = state[off]
+        if k in ours:
+            # aliases of one shared head must hold the same values
+            if ours[k].shape != v.shape or not torch.equal(ours[k], v):
+                raise CheckpointError(f"{path}: {off} differs from the other copies of the shared head {k}")
+            continue
+        ours[k] = v
+    _load_exact(model, ours, path, name_of=lambda k: next(o for o, d in key_map.items() if d == k))
+
+
+def cfg_name(model: DINO) -> str:
+    return getattr(model, "preset_name", None) or "custom"
+
+
+def _load_exact(model: nn.Module, state: dict[str, Tensor], path, name_of=lambda k: k) -> None:
+    expected = model.state_dict()
+    for k, v in state.items():
+        if k in expected and tuple(expected[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{path}: {name_of(k)} has shape {tuple(v.shape)} but the model expects {tuple(expected[k].shape)} "
+                f"(wrong --preset or class count for this checkpoint?)")
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"missing keys: {_summarise([name_of(k) for k in result.missing_keys])}")
+        if result.unexpected_keys:
+            parts.append(f"unexpected keys: {_summarise(list(result.unexpected_keys))}")
+        raise CheckpointError(f"{path}: " + "; ".join(parts))
+
+
+def build_model(cfg: DINOConfig) -> DINO:
+    model = DINO(cfg.model)
+    model.preset_name = cfg.name
+    return model
+
+
+def is_official_state(state: dict[str, Any]) -> bool:
+    return any(k.startswith("transformer.") for k in state)
+
+
+def load_checkpoint(path: str | os.PathLike, preset: str | None = None, device: str | torch.device = "cpu",
+                    overrides: DINOConfig | None = None) -> LoadedCheckpoint:
+    """Load an official DINO checkpoint or a dinodet checkpoint and build the matching model.
+
+    For official files the config comes from ``preset`` if given, else from the args stored in the
+    file.  dinodet files carry their own config (``preset`` then only has to agree with it).
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        loaded = _load_safetensors(path)
+    else:
+        obj = read_torch_file(path)
+        if isinstance(obj, dict) and obj.get("format") == FORMAT_TAG:
+            loaded = _load_dinodet(obj, path)
+        elif isinstance(obj, dict) and isinstance(obj.get("model"), dict) and is_official_state(obj["model"]):
+            loaded = _load_official(obj, path, preset)
+        elif isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()) and is_official_state(obj):
+            loaded = _load_official({"model": obj}, path, preset)
+        else:
+            raise CheckpointError(f"{path}: neither an official DINO checkpoint nor a dinodet checkpoint")
+    if preset is not None and loaded.source == "dinodet" and preset != loaded.config.name:
+        raise CheckpointError(f"{path}: checkpoint was made with preset '{loaded.config.name}', not '{preset}'")
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def _load_official(obj: dict[str, Any], path: Path, preset: str | None) -> LoadedCheckpoint:
+    if preset is not None:
+        cfg = get_preset(preset)
+    else:
+        args = _namespace_to_dict(obj.get("args"))
+        if args is None:
+            raise CheckpointError(f"{path}: official checkpoint without stored args; pass --preset")
+        try:
+            cfg = config_from_official_args(args)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    model = build_model(cfg)
+    load_official_state(model, obj["model"], path)
+    return LoadedCheckpoint(model=model, config=cfg, source="official")
+
+
+def _load_dinodet(obj: dict[str, Any], path: Path) -> LoadedCheckpoint:
+    try:
+        cfg = DINOConfig.from_json(obj["config"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: invalid stored config ({e})") from None
+    model = build_model(cfg)
+    _load_exact(model, obj["model"], path)
+    extra = {k: v for k, v in obj.items() if k not in ("format", "config", "model", "class_names", "category_ids")}
+    return LoadedCheckpoint(model, cfg, obj.get("class_names"), obj.get("category_ids"), "dinodet", extra)
+
+
+def _load_safetensors(path: Path) -> LoadedCheckpoint:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != FORMAT_TAG or "config" not in meta:
+        raise CheckpointError(f"{path}: safetensors file without dinodet metadata")
+    obj = {"format": FORMAT_TAG, "config": meta["config"], "model": state,
+           "class_names": json.loads(meta.get("class_names", "null")),
+           "category_ids": json.loads(meta.get("category_ids", "null"))}
+    return _load_dinodet(obj, path)
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: DINOConfig,
+                    class_names: list[str] | None = None, category_ids: list[int] | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write a dinodet checkpoint atomically.
+
+    ``.safetensors`` paths get weights + JSON metadata only; other paths a weights-only torch file
+    that may also carry ``extra`` plain data (optimizer state, epoch, RNG states ...).
+    """
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        if extra:
+            raise ValueError("safetensors checkpoints hold weights only; use a .pt path for training state")
+        meta = {"format": FORMAT_TAG, "config": config.to_json(), "class_names": json.dumps(class_names),
+                "category_ids": json.dumps(category_ids)}
+        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    else:
+        obj = {"format": FORMAT_TAG, "config": config.to_json(), "model": state,
+               "class_names": class_names, "category_ids": category_ids, **(extra or {})}
+        _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return path

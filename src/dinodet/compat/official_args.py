@@ -1,0 +1,66 @@
+"""Translate the argparse namespace stored in official DINO checkpoints into a DINOConfig."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import BackboneConfig, ConfigError, DINOConfig, LossConfig, ModelConfig
+
+_RESNETS = ("resnet50", "resnet101")
+
+
+def _require(args: dict[str, Any], key: str, allowed) -> None:
+    if key in args and args[key] not in allowed:
+        raise ConfigError(f"official config uses {key}={args[key]!r}, which dinodet does not implement")
+
+
+def config_from_official_args(args: dict[str, Any]) -> DINOConfig:
+    """Build the equivalent dinodet config from an official ``args`` dict (DINO_*scale*.py)."""
+    _require(args, "modelname", ("dino",))
+    _require(args, "two_stage_type", ("standard",))
+    _require(args, "decoder_sa_type", ("sa",))
+    _require(args, "dec_pred_class_embed_share", (True,))
+    _require(args, "dec_pred_bbox_embed_share", (True,))
+    _require(args, "two_stage_class_embed_share", (False,))
+    _require(args, "two_stage_bbox_embed_share", (False,))
+    _require(args, "transformer_activation", ("relu",))
+    _require(args, "masks", (False,))
+    _require(args, "num_patterns", (0,))
+    _require(args, "dec_layer_number", (None,))
+    backbone = args.get("backbone", "resnet50")
+    if backbone not in _RESNETS:
+        raise ConfigError(f"official backbone '{backbone}' is not supported yet (supported: {', '.join(_RESNETS)})")
+    levels = list(args.get("return_interm_indices", [1, 2, 3]))
+    model = ModelConfig(
+        backbone=BackboneConfig(name=backbone, return_layers=tuple(levels), dilation=bool(args.get("dilation", False))),
+        num_classes=int(args.get("num_classes", 91)),
+        hidden_dim=int(args.get("hidden_dim", 256)),
+        num_heads=int(args.get("nheads", 8)),
+        num_feature_levels=int(args.get("num_feature_levels", 4)),
+        enc_layers=int(args.get("enc_layers", 6)),
+        dec_layers=int(args.get("dec_layers", 6)),
+        dim_feedforward=int(args.get("dim_feedforward", 2048)),
+        dropout=float(args.get("dropout", 0.0)),
+        enc_n_points=int(args.get("enc_n_points", 4)),
+        dec_n_points=int(args.get("dec_n_points", 4)),
+        num_queries=int(args.get("num_queries", 900)),
+        pe_temperature_h=float(args.get("pe_temperatureH", 20)),
+        pe_temperature_w=float(args.get("pe_temperatureW", 20)),
+        proposal_base_size=float(args.get("two_stage_default_hw", 0.05)),
+        dn_number=int(args.get("dn_number", 100)) if args.get("use_dn", True) else 0,
+        dn_box_noise_scale=float(args.get("dn_box_noise_scale", 0.4)),
+        dn_label_noise_ratio=float(args.get("dn_label_noise_ratio", 0.5)),
+        dn_labelbook_size=int(args.get("dn_labelbook_size", args.get("num_classes", 91))),
+        num_select=int(args.get("num_select", 300)),
+    )
+    loss = LossConfig(
+        cost_class=float(args.get("set_cost_class", 2.0)),
+        cost_bbox=float(args.get("set_cost_bbox", 5.0)),
+        cost_giou=float(args.get("set_cost_giou", 2.0)),
+        cls_loss_coef=float(args.get("cls_loss_coef", 1.0)),
+        bbox_loss_coef=float(args.get("bbox_loss_coef", 5.0)),
+        giou_loss_coef=float(args.get("giou_loss_coef", 2.0)),
+        interm_loss_coef=float(args.get("interm_loss_coef", 1.0)),
+        focal_alpha=float(args.get("focal_alpha", 0.25)),
+    )
+    name = f"official_{backbone}_{model.num_feature_levels}scale"
+    return DINOConfig(name=name, model=model, loss=loss)

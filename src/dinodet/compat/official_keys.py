@@ -1,0 +1,75 @@
+"""Mapping between dinodet parameter names and the official IDEA-Research DINO state-dict keys.
+
+The official model stores the shared class/box heads once per decoder layer and once more under
+``transformer.decoder`` (all aliases of one tensor); dinodet stores each head once.  This module is
+the only place that knows the official names.
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+
+from torch import Tensor
+
+# (dinodet regex, official template(s)); templates use \1.. groups of the dinodet regex.
+# Per-layer head aliases are expanded separately (they depend on the number of decoder layers).
+_RULES: list[tuple[str, str]] = [
+    (r"^backbone\.body\.(.+)$", r"backbone.0.body.\1"),
+    (r"^level_embed$", r"transformer.level_embed"),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.(.+)$", r"transformer.encoder.layers.\1.self_attn.\2"),
+    (r"^encoder\.layers\.(\d+)\.norm\.(.+)$", r"transformer.encoder.layers.\1.norm1.\2"),
+    (r"^encoder\.layers\.(\d+)\.ffn\.(linear[12])\.(.+)$", r"transformer.encoder.layers.\1.\2.\3"),
+    (r"^encoder\.layers\.(\d+)\.ffn\.norm\.(.+)$", r"transformer.encoder.layers.\1.norm2.\2"),
+    (r"^decoder\.layers\.(\d+)\.self_attn\.(.+)$", r"transformer.decoder.layers.\1.self_attn.\2"),
+    (r"^decoder\.layers\.(\d+)\.self_attn_norm\.(.+)$", r"transformer.decoder.layers.\1.norm2.\2"),
+    (r"^decoder\.layers\.(\d+)\.cross_attn\.(.+)$", r"transformer.decoder.layers.\1.cross_attn.\2"),
+    (r"^decoder\.layers\.(\d+)\.cross_attn_norm\.(.+)$", r"transformer.decoder.layers.\1.norm1.\2"),
+    (r"^decoder\.layers\.(\d+)\.ffn\.(linear[12])\.(.+)$", r"transformer.decoder.layers.\1.\2.\3"),
+    (r"^decoder\.layers\.(\d+)\.ffn\.norm\.(.+)$", r"transformer.decoder.layers.\1.norm3.\2"),
+    (r"^decoder\.norm\.(.+)$", r"transformer.decoder.norm.\1"),
+    (r"^decoder\.query_pos_head\.(.+)$", r"transformer.decoder.ref_point_head.\1"),
+    (r"^query_selection\.memory_proj\.(.+)$", r"transformer.enc_output.\1"),
+    (r"^query_selection\.memory_norm\.(.+)$", r"transformer.enc_output_norm.\1"),
+    (r"^query_selection\.class_head\.(.+)$", r"transformer.enc_out_class_embed.\1"),
+    (r"^query_selection\.box_head\.(.+)$", r"transformer.enc_out_bbox_embed.\1"),
+    (r"^query_selection\.content_queries\.(.+)$", r"transformer.tgt_embed.\1"),
+    (r"^denoising\.label_embed\.(.+)$", r"label_enc.\1"),
+]
+_HEADS = {"class_head": "class_embed", "box_head": "bbox_embed"}
+
+
+def official_names(key: str, num_dec_layers: int, num_backbone_levels: int) -> list[str]:
+    """All official keys that hold dinodet parameter ``key`` (several for the shared heads)."""
+    m = re.match(r"^(class_head|box_head)\.(.+)$", key)
+    if m:
+        name, rest = _HEADS[m.group(1)], m.group(2)
+        return ([f"{name}.{i}.{rest}" for i in range(num_dec_layers)]
+                + [f"transformer.decoder.{name}.{i}.{rest}" for i in range(num_dec_layers)])
+    m = re.match(r"^input_proj\.lateral\.(\d+)\.(.+)$", key)
+    if m:
+        return [f"input_proj.{m.group(1)}.{m.group(2)}"]
+    m = re.match(r"^input_proj\.extra\.(\d+)\.(.+)$", key)
+    if m:
+        return [f"input_proj.{num_backbone_levels + int(m.group(1))}.{m.group(2)}"]
+    for pattern, template in _RULES:
+        if re.match(pattern, key):
+            return [re.sub(pattern, template, key)]
+    raise KeyError(f"no official name for dinodet parameter '{key}'")
+
+
+def official_key_map(dinodet_keys: list[str], num_dec_layers: int, num_backbone_levels: int) -> "OrderedDict[str, str]":
+    """official key -> dinodet key for every official entry a checkpoint of this model has."""
+    out: OrderedDict[str, str] = OrderedDict()
+    for k in dinodet_keys:
+        for off in official_names(k, num_dec_layers, num_backbone_levels):
+            out[off] = k
+    return out
+
+
+def to_official(state: dict[str, Tensor], num_dec_layers: int, num_backbone_levels: int) -> "OrderedDict[str, Tensor]":
+    """dinodet state dict -> official-format state dict (shared heads repeated under every alias)."""
+    out: OrderedDict[str, Tensor] = OrderedDict()
+    for k, v in state.items():
+        for off in official_names(k, num_dec_layers, num_backbone_levels):
+            out[off] = v
+    return out

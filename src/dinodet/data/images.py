@@ -1,0 +1,82 @@
+"""Reading images from disk the same way everywhere (predict, eval, train).
+
+Images are returned as RGB PIL images with their EXIF orientation applied, so pixel coordinates
+(and therefore predicted boxes) refer to the image as a viewer shows it.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Lower-case suffixes picked up when a directory is expanded; explicitly named files are always
+# tried, whatever their suffix.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+
+class ImageLoadError(ValueError):
+    """An image file that is missing, unreadable or not a decodable image (one-line message)."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Load ``path`` as an RGB image, upright according to its EXIF orientation tag.
+
+    Grayscale, palette, RGBA/LA (alpha dropped) and CMYK images are converted to RGB.
+
+    Raises:
+        ImageLoadError: the file is missing, unreadable, truncated or not an image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not an image" if path.is_dir() else "no such file"
+        raise ImageLoadError(f"cannot read image '{path}': {what}")
+    try:
+        with Image.open(path) as im:
+            # exif_transpose decodes the pixels, so truncated files fail here, inside the try.
+            upright = ImageOps.exif_transpose(im)
+            return _to_rgb(upright)
+    except UnidentifiedImageError as e:  # PIL's own message repeats the path; say it once
+        raise ImageLoadError(f"cannot read image '{path}': not an image, or an unsupported format") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        # PIL reports corrupt data with several exception types; SyntaxError comes from some
+        # plugin parsers (e.g. broken PNG chunks).
+        raise ImageLoadError(f"cannot read image '{path}': {_first_line(e)}") from e
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; ``convert`` always returns a new, fully loaded image."""
+    if im.mode == "P" and "transparency" in im.info:
+        # Palette images with transparency must pass through RGBA or PIL warns and may mis-map.
+        im = im.convert("RGBA")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bit instead of clipping everything above 255 to white.
+        im = im.point(lambda v: v / 256).convert("L")
+    return im.convert("RGB")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def iter_image_paths(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand files and directories into a list of image files.
+
+    Files are kept as given (in order); a directory contributes its direct children with an image
+    suffix (see ``IMAGE_EXTENSIONS``), sorted by name.  Paths are not checked for readability here;
+    ``load_image`` reports unreadable ones.
+
+    Raises:
+        ImageLoadError: an input does not exist.
+    """
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths.extend(sorted(c for c in p.iterdir() if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS))
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise ImageLoadError(f"no such file or directory: '{p}'")
+    return paths

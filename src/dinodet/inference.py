@@ -1,0 +1,217 @@
+"""High-level prediction API: ``Detector.from_checkpoint(...).predict(images)``.
+
+Preprocessing is the official evaluation pipeline (short side 800, long side <= 1333, ImageNet
+normalisation) and post-processing the official top-k over all (query, class) pairs, so a
+converted official checkpoint gives the official detections.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from .checkpoint import load_checkpoint
+from .config import ConfigError, DINOConfig
+from .data.coco_classes import COCO_CLASSES
+from .data.images import load_image
+from .data.transforms import eval_transform, image_hw, pad_batch
+from .models.dino import DINO
+from .postprocess import postprocess
+from .presets import get_preset
+
+#: One input image: a file path, a PIL image, or a [3, H, W] tensor (uint8 0..255 or float 0..1).
+ImageInput = str | Path | Image.Image | Tensor
+
+
+@dataclass
+class Prediction:
+    """Detections for one image, sorted by descending score.
+
+    Boxes are (x0, y0, x1, y1) in pixels of the ORIGINAL image (EXIF orientation applied for
+    files).  Like the official post-processing they are not clipped, so a box may extend slightly
+    past the image border.
+    """
+
+    boxes: Tensor  # [N, 4] float32 xyxy
+    scores: Tensor  # [N] float32 in 0..1
+    labels: Tensor  # [N] int64 class index of the model
+    category_ids: Tensor  # [N] int64 dataset category id (COCO id for the official models)
+    class_names: list[str]  # N names
+    image_size: tuple[int, int]  # (height, width) of the original image
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Parse ``device`` and check that it exists here (ConfigError instead of a CUDA traceback)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"invalid device '{device}': {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device '{device}' does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    return dev
+
+
+def default_label_map(
+    num_classes: int, class_names: Sequence[str] | None, category_ids: Sequence[int] | None
+) -> tuple[list[str], list[int]]:
+    """Names and category ids of every class index.
+
+    Without ``category_ids`` class index k is category id k (the official 91-slot COCO layout);
+    without ``class_names`` a 91-class model gets the COCO names and others ``"class <id>"``.
+    """
+    ids = list(range(num_classes)) if category_ids is None else [int(c) for c in category_ids]
+    if class_names is not None:
+        names = list(class_names)
+    elif num_classes == len(COCO_CLASSES) and category_ids is None:
+        names = list(COCO_CLASSES)
+    else:
+        names = [f"class {c}" for c in ids]
+    if len(ids) != num_classes or len(names) != num_classes:
+        raise ConfigError(
+            f"the model has {num_classes} classes but {len(names)} class names and {len(ids)} category ids were given"
+        )
+    return names, ids
+
+
+class Detector:
+    """A DINO model plus its preprocessing, post-processing and label map, ready to predict."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: DINOConfig,
+        class_names: Sequence[str] | None = None,
+        category_ids: Sequence[int] | None = None,
+        device: str | torch.device = "cpu",
+        size: int = 800,
+        max_size: int | None = 1333,
+    ):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.config = config
+        self.class_names, category_id_list = default_label_map(
+            config.model.num_classes, class_names, category_ids
+        )
+        self._category_ids = torch.tensor(category_id_list, dtype=torch.int64)
+        self.size = size
+        self.max_size = max_size
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        preset: str | None = None,
+        device: str | torch.device = "cpu",
+        size: int = 800,
+        max_size: int | None = 1333,
+    ) -> Detector:
+        """Load a dinodet or official DINO checkpoint (see ``dinodet.checkpoint.load_checkpoint``).
+
+        Raises:
+            CheckpointError: missing/unreadable file, or weights that do not fit ``preset``.
+            ConfigError: unknown preset or unavailable device.
+        """
+        dev = resolve_device(device)
+        ckpt = load_checkpoint(path, preset=preset, device=str(dev))
+        return cls(ckpt.model, ckpt.config, ckpt.class_names, ckpt.category_ids, dev, size, max_size)
+
+    @classmethod
+    def from_random(
+        cls,
+        preset: str,
+        device: str | torch.device = "cpu",
+        size: int = 800,
+        max_size: int | None = 1333,
+        seed: int = 0,
+        num_classes: int | None = None,
+    ) -> Detector:
+        """A randomly initialised model: for smoke tests of the pipeline; its boxes are meaningless.
+
+        The global RNG state is left untouched (``seed`` only seeds the initialisation).
+        """
+        config = get_preset(preset, num_classes=num_classes)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = DINO(config.model)
+        return cls(model, config, device=device, size=size, max_size=max_size)
+
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        threshold: float = 0.3,
+        batch_size: int = 1,
+    ) -> list[Prediction]:
+        """Detect objects in one image or a sequence of images.
+
+        Args:
+            images: a path, PIL image or [3, H, W] tensor (uint8 0..255 or float 0..1), a sequence
+                of those, or a [B, 3, H, W] tensor.
+            threshold: keep detections with score > threshold.
+            batch_size: images per forward pass.  Images of a batch are zero-padded to the
+                largest one, as in the official code; the backbone sees that padding, so results
+                can differ slightly from batch_size=1.
+        Returns:
+            One Prediction per image, in input order.
+
+        Raises:
+            ImageLoadError: a path that cannot be read as an image.
+        """
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        items = _as_image_list(images)
+        results: list[Prediction] = []
+        for start in range(0, len(items), batch_size):
+            results.extend(self._predict_batch(items[start : start + batch_size], threshold))
+        return results
+
+    @torch.inference_mode()
+    def _predict_batch(self, items: Sequence[ImageInput], threshold: float) -> list[Prediction]:
+        loaded = [load_image(x) if isinstance(x, (str, Path)) else x for x in items]
+        orig_sizes = torch.tensor([image_hw(im) for im in loaded], dtype=torch.int64)  # [B, 2] (h, w)
+        batch, mask = pad_batch([eval_transform(im, self.size, self.max_size) for im in loaded])
+        out = self.model(batch.to(self.device), mask.to(self.device))
+        det = postprocess(out.pred_logits, out.pred_boxes, orig_sizes.to(self.device), self.config.model.num_select)
+        return [
+            self._to_prediction(det.scores[i], det.labels[i], det.boxes[i], threshold, (h, w))
+            for i, (h, w) in enumerate(orig_sizes.tolist())
+        ]
+
+    def _to_prediction(
+        self, scores: Tensor, labels: Tensor, boxes: Tensor, threshold: float, image_size: tuple[int, int]
+    ) -> Prediction:
+        """Threshold one image's top-k detections ([S], [S], [S, 4]) and attach the label map."""
+        keep = scores > threshold
+        # postprocess returns the top-k in descending order, so the kept ones stay sorted
+        scores, labels, boxes = scores[keep].float().cpu(), labels[keep].long().cpu(), boxes[keep].float().cpu()
+        return Prediction(
+            boxes=boxes,
+            scores=scores,
+            labels=labels,
+            category_ids=self._category_ids[labels],
+            class_names=[self.class_names[k] for k in labels.tolist()],
+            image_size=image_size,
+        )
+
+
+def _as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    """Normalise the accepted input forms to a flat list of single images."""
+    if isinstance(images, (str, Path, Image.Image)):
+        return [images]
+    if isinstance(images, Tensor):
+        if images.ndim == 3:
+            return [images]
+        if images.ndim == 4:
+            return list(images.unbind(0))
+        raise ValueError(f"expected an image tensor [3, H, W] or [B, 3, H, W], got shape {list(images.shape)}")
+    return list(images)

@@ -1,0 +1,61 @@
+"""ResNet backbone with frozen BatchNorm returning multi-scale features and padding masks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+_CHANNELS = {
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+}
+_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def resample_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of a padding mask [B, H, W] bool to ``size`` (official rule)."""
+    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet (weights=None) with FrozenBatchNorm2d.
+
+    ``return_layers`` picks stages as the official ``return_interm_indices``: 0..3 = layer1..layer4
+    (strides 4, 8, 16, 32).  Stages before ``freeze_at`` (and the stem) get no gradient.
+    """
+
+    def __init__(self, name: str = "resnet50", return_layers: tuple[int, ...] = (1, 2, 3),
+                 dilation: bool = False, freeze_at: int = 1):
+        super().__init__()
+        if name not in _CHANNELS:
+            raise ValueError(f"unknown ResNet '{name}' (available: {', '.join(_CHANNELS)})")
+        kwargs = {"weights": None, "norm_layer": FrozenBatchNorm2d}
+        if name in ("resnet50", "resnet101"):
+            kwargs["replace_stride_with_dilation"] = [False, False, dilation]
+        body = getattr(torchvision.models, name)(**kwargs)
+        del body.fc, body.avgpool
+        self.body = body
+        self.return_layers = tuple(sorted(return_layers))
+        self.num_channels = [_CHANNELS[name][i] for i in self.return_layers]
+        self.strides = [2 ** (i + 2) for i in self.return_layers]
+        frozen = ["conv1", "bn1"] + list(_STAGES[:freeze_at])
+        for pname, p in self.body.named_parameters():
+            if pname.split(".")[0] in frozen:
+                p.requires_grad_(False)
+
+    def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """images [B, 3, H, W], mask [B, H, W] -> per returned stage (features [B, C_i, h_i, w_i], mask [B, h_i, w_i])."""
+        b = self.body
+        x = b.maxpool(b.relu(b.bn1(b.conv1(images))))
+        outs = []
+        for i, stage in enumerate(_STAGES):
+            x = getattr(b, stage)(x)
+            if i in self.return_layers:
+                outs.append((x, resample_mask(mask, x.shape[-2:])))
+            if i >= max(self.return_layers):
+                break
+        return outs

@@ -1,0 +1,110 @@
+"""Contrastive denoising (CDN) query construction for training.
+
+Ground-truth boxes and labels are noised into extra decoder queries: in every group a positive copy
+(small noise, must reconstruct its box) and a negative copy (larger noise, must predict "no
+object").  An attention mask keeps groups from seeing each other and the matching queries from
+seeing any of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..boxes import inverse_sigmoid
+from .outputs import DenoisingMeta
+
+
+@dataclass
+class DenoisingQueries:
+    content: Tensor  # [B, P, C] label embeddings (zeros in unused padding slots)
+    anchors_unsig: Tensor  # [B, P, 4] noised boxes, logit space (zeros in padding slots)
+    attn_mask: Tensor  # [P + Q, P + Q] bool, True = may not attend
+    meta: DenoisingMeta
+
+
+def num_denoising_groups(dn_number: int, max_targets: int) -> int:
+    """Official rule: 2 * dn_number queries shared out as positive+negative pairs per target."""
+    if max_targets == 0:
+        return 1
+    return max(1, (2 * dn_number) // (2 * max_targets)) if 2 * dn_number >= 100 else max(1, 2 * dn_number)
+
+
+def denoising_attn_mask(num_groups: int, group_size: int, num_queries: int, device=None) -> Tensor:
+    """[P + Q, P + Q] bool mask, True where attention is blocked.
+
+    Matching queries see only matching queries; each denoising group sees itself and the matching
+    queries.
+    """
+    pad = 2 * num_groups * group_size
+    size = pad + num_queries
+    mask = torch.zeros(size, size, dtype=torch.bool, device=device)
+    mask[pad:, :pad] = True
+    block = 2 * group_size
+    for g in range(num_groups):
+        rows = slice(g * block, (g + 1) * block)
+        mask[rows, : g * block] = True
+        mask[rows, (g + 1) * block: pad] = True
+    return mask
+
+
+class ContrastiveDenoising(nn.Module):
+    def __init__(self, num_classes: int, labelbook_size: int, hidden_dim: int, dn_number: int = 100,
+                 label_noise_ratio: float = 0.5, box_noise_scale: float = 0.4):
+        super().__init__()
+        # one extra row, as in the official label book
+        self.label_embed = nn.Embedding(labelbook_size + 1, hidden_dim)
+        self.num_classes = num_classes
+        self.dn_number = dn_number
+        self.label_noise_ratio = label_noise_ratio
+        self.box_noise_scale = box_noise_scale
+
+    def forward(self, targets: list[dict[str, Tensor]], num_queries: int) -> DenoisingQueries:
+        """targets: per image 'labels' int64 [n_i] and 'boxes' [n_i, 4] cxcywh 0..1."""
+        device, dtype = self.label_embed.weight.device, self.label_embed.weight.dtype
+        counts = [int(t["labels"].numel()) for t in targets]
+        batch = len(targets)
+        group_size = max(counts) if counts else 0
+        groups = num_denoising_groups(self.dn_number, group_size)
+        copies = 2 * groups
+        labels = torch.cat([t["labels"] for t in targets]).to(device).long()
+        boxes = torch.cat([t["boxes"] for t in targets]).to(device, dtype)
+        batch_idx = torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(counts)])
+        n_total = labels.numel()
+
+        # copy c of all targets (c even: positive of group c//2, odd: negative)
+        known_labels = labels.repeat(copies)
+        known_boxes = boxes.repeat(copies, 1)
+        known_bid = batch_idx.repeat(copies)
+
+        noised_labels = known_labels.clone()
+        if self.label_noise_ratio > 0:
+            p = torch.rand(noised_labels.shape, device=device)
+            chosen = torch.nonzero(p < self.label_noise_ratio * 0.5).view(-1)
+            new = torch.randint(0, self.num_classes, chosen.shape, device=device)
+            noised_labels.scatter_(0, chosen, new)
+
+        noised_boxes = known_boxes.clone()
+        if self.box_noise_scale > 0 and n_total > 0:
+            xyxy = torch.cat([known_boxes[:, :2] - known_boxes[:, 2:] / 2, known_boxes[:, :2] + known_boxes[:, 2:] / 2], 1)
+            half_wh = torch.cat([known_boxes[:, 2:] / 2, known_boxes[:, 2:] / 2], 1)
+            sign = torch.randint(0, 2, known_boxes.shape, device=device).to(dtype) * 2.0 - 1.0
+            part = torch.rand(known_boxes.shape, device=device, dtype=dtype)
+            negative = (torch.arange(copies, device=device) % 2 == 1).repeat_interleave(n_total)
+            part[negative] += 1.0  # negatives are pushed further away than any positive
+            xyxy = (xyxy + part * sign * half_wh * self.box_noise_scale).clamp(0.0, 1.0)
+            noised_boxes = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)
+
+        pad = copies * group_size
+        hidden = self.label_embed.weight.shape[1]
+        content = torch.zeros(batch, pad, hidden, device=device, dtype=dtype)
+        anchors = torch.zeros(batch, pad, 4, device=device, dtype=dtype)
+        if n_total:
+            within = torch.cat([torch.arange(n, device=device) for n in counts])
+            slots = (within.repeat(copies)
+                     + group_size * torch.arange(copies, device=device).repeat_interleave(n_total))
+            content[known_bid, slots] = self.label_embed(noised_labels)
+            anchors[known_bid, slots] = inverse_sigmoid(noised_boxes)
+        mask = denoising_attn_mask(groups, group_size, num_queries, device)
+        return DenoisingQueries(content, anchors, mask, DenoisingMeta(groups, group_size))

@@ -1,0 +1,121 @@
+"""The DINO detector: backbone -> deformable encoder -> query selection -> decoder -> heads."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..boxes import inverse_sigmoid
+from ..config import ModelConfig
+from .backbones import build_backbone
+from .backbones.resnet import resample_mask
+from .decoder import DeformableDecoder
+from .denoising import ContrastiveDenoising
+from .encoder import DeformableEncoder
+from .heads import box_head, class_head
+from .neck import InputProjection
+from .outputs import DINOOutput
+from .position import SinePositionEncoding
+from .query_selection import QuerySelection
+
+
+def valid_ratios(mask: Tensor) -> Tensor:
+    """mask [B, H, W] (True = padding) -> [B, 2] (w, h) fraction of the map that is image."""
+    _, h, w = mask.shape
+    valid_h = torch.sum(~mask[:, :, 0], 1)
+    valid_w = torch.sum(~mask[:, 0, :], 1)
+    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+
+
+class DINO(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_dim
+        self.backbone = build_backbone(cfg.backbone)
+        self.position = SinePositionEncoding(d // 2, cfg.pe_temperature_h, cfg.pe_temperature_w)
+        self.input_proj = InputProjection(self.backbone.num_channels, d, cfg.num_feature_levels)
+        self.level_embed = nn.Parameter(torch.empty(cfg.num_feature_levels, d))
+        self.encoder = DeformableEncoder(cfg.enc_layers, d, cfg.dim_feedforward, cfg.dropout,
+                                         cfg.num_feature_levels, cfg.num_heads, cfg.enc_n_points)
+        self.query_selection = QuerySelection(d, cfg.num_classes, cfg.num_queries, cfg.proposal_base_size)
+        self.denoising = ContrastiveDenoising(cfg.num_classes, cfg.labelbook_size, d, cfg.dn_number,
+                                              cfg.dn_label_noise_ratio, cfg.dn_box_noise_scale)
+        self.decoder = DeformableDecoder(cfg.dec_layers, d, cfg.dim_feedforward, cfg.dropout,
+                                         cfg.num_feature_levels, cfg.num_heads, cfg.dec_n_points)
+        # one class head and one box head shared by all decoder layers
+        self.class_head = class_head(d, cfg.num_classes)
+        self.box_head = box_head(d)
+        self._reset_transformer_parameters()
+
+    def _reset_transformer_parameters(self) -> None:
+        """Official initialisation: xavier for every matrix of the transformer, then the
+        deformable-attention defaults, normal level embeddings."""
+        for module in (self.encoder, self.decoder, self.query_selection.memory_proj,
+                       self.query_selection.content_queries):
+            for p in module.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if hasattr(m, "sampling_offsets"):
+                m.reset_parameters()
+        nn.init.normal_(self.level_embed)
+        # the encoder-output heads start as copies of the decoder heads, as officially
+        self.query_selection.class_head.load_state_dict(self.class_head.state_dict())
+        self.query_selection.box_head.load_state_dict(self.box_head.state_dict())
+
+    def forward(self, images: Tensor, mask: Tensor, targets: list[dict[str, Tensor]] | None = None, *,
+                enc_topk_index: Tensor | None = None) -> DINOOutput:
+        """
+        Args:
+            images: [B, 3, H, W] normalised, zero-padded batch; mask: [B, H, W] True on padding.
+            targets: training only, per image 'labels' int64 [n] (class index) and 'boxes' [n, 4]
+                cxcywh 0..1; enables the denoising queries when the model is in train mode.
+            enc_topk_index: parity-testing hook, see ``QuerySelection.forward``.
+        """
+        feats = self.backbone(images, mask)
+        srcs = self.input_proj([f for f, _ in feats])
+        masks = [m for _, m in feats]
+        for src in srcs[len(masks):]:
+            masks.append(resample_mask(mask, src.shape[-2:]))
+        spatial_shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
+
+        pos_flat = torch.cat([
+            (self.position(m).to(s.dtype).flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
+            for lvl, (s, m) in enumerate(zip(srcs, masks))
+        ], 1)
+        src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
+        mask_flat = torch.cat([m.flatten(1) for m in masks], 1)
+        ratios = torch.stack([valid_ratios(m) for m in masks], 1)  # [B, L, 2]
+
+        memory = self.encoder(src_flat, pos_flat, spatial_shapes, ratios, mask_flat)
+        sel = self.query_selection(memory, mask_flat, spatial_shapes, enc_topk_index)
+        num_queries = sel.content.shape[1]
+
+        content, anchors, attn_mask, dn_meta = sel.content, sel.anchors_unsig, None, None
+        if self.training and targets is not None and self.cfg.dn_number > 0:
+            dn = self.denoising(targets, num_queries)
+            if dn.meta.pad_size > 0:
+                content = torch.cat([dn.content, content], 1)
+                anchors = torch.cat([dn.anchors_unsig, anchors], 1)
+                attn_mask, dn_meta = dn.attn_mask, dn.meta
+
+        hidden, references = self.decoder(content, anchors, memory, mask_flat, spatial_shapes, ratios,
+                                          attn_mask, self.box_head)
+        # keep the label book in the graph even without targets (DDP needs every parameter used)
+        hidden = hidden + 0.0 * self.denoising.label_embed.weight[0, 0]
+        boxes = torch.stack([
+            (self.box_head(h) + inverse_sigmoid(ref)).sigmoid() for h, ref in zip(hidden, references[:-1])
+        ])
+        logits = torch.stack([self.class_head(h) for h in hidden])
+
+        dn_logits = dn_boxes = None
+        if dn_meta is not None:
+            p = dn_meta.pad_size
+            dn_logits, dn_boxes = logits[:, :, :p], boxes[:, :, :p]
+            logits, boxes = logits[:, :, p:], boxes[:, :, p:]
+        return DINOOutput(
+            logits=logits, boxes=boxes,
+            interm_logits=sel.interm_logits, interm_boxes=sel.interm_boxes,
+            enc_topk_index=sel.own_topk_index,
+            dn_logits=dn_logits, dn_boxes=dn_boxes, dn_meta=dn_meta,
+        )

@@ -1,0 +1,79 @@
+"""Deformable transformer encoder over the flattened multi-scale tokens."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import MultiScaleDeformableAttention
+
+
+class FeedForward(nn.Module):
+    """Post-norm residual FFN block: norm(x + linear2(dropout(relu(linear1(x)))))."""
+
+    def __init__(self, d_model: int, d_ffn: int, dropout: float):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x + self.dropout2(self.linear2(self.dropout1(F.relu(self.linear1(x))))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int):
+        super().__init__()
+        self.self_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, d_ffn, dropout)
+
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: list[tuple[int, int]],
+                padding_mask: Tensor) -> Tensor:
+        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask)
+        return self.ffn(self.norm(src + self.dropout(attn)))
+
+
+def encoder_reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
+    """Token-centre reference points.
+
+    Args:
+        spatial_shapes: L pairs (H_l, W_l); valid_ratios [B, L, 2] (w, h) fraction of unpadded area.
+    Returns:
+        [B, S, L, 2] (x, y): each token's centre, normalised by its level's valid size, then mapped
+        into every level's padded frame.
+    """
+    device = valid_ratios.device
+    refs = []
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        ref_y, ref_x = torch.meshgrid(
+            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
+            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+            indexing="ij",
+        )
+        ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
+        ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
+        refs.append(torch.stack((ref_x, ref_y), -1))
+    ref = torch.cat(refs, 1)
+    return ref[:, :, None] * valid_ratios[:, None]
+
+
+class DeformableEncoder(nn.Module):
+    def __init__(self, num_layers: int, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int,
+                 n_points: int):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            EncoderLayer(d_model, d_ffn, dropout, n_levels, n_heads, n_points) for _ in range(num_layers)
+        )
+
+    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor,
+                padding_mask: Tensor) -> Tensor:
+        """src, pos [B, S, C]; padding_mask [B, S] -> memory [B, S, C]."""
+        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+        out = src
+        for layer in self.layers:
+            out = layer(out, pos, reference_points, spatial_shapes, padding_mask)
+        return out

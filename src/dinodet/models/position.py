@@ -1,0 +1,57 @@
+"""Sine positional encodings: 2-d for feature maps, 4-d for anchor boxes."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class SinePositionEncoding(nn.Module):
+    """Normalised 2-d sine/cosine encoding of pixel positions inside the unpadded image.
+
+    Separate temperatures for y and x (DINO uses 20 for both, not the usual 10000).
+    Output channels: ``num_feats`` for y followed by ``num_feats`` for x.
+    """
+
+    def __init__(self, num_feats: int = 128, temperature_h: float = 20.0, temperature_w: float = 20.0):
+        super().__init__()
+        self.num_feats = num_feats
+        self.temperature_h = temperature_h
+        self.temperature_w = temperature_w
+        self.scale = 2 * math.pi
+
+    def _freqs(self, temperature: float, device: torch.device) -> Tensor:
+        dim = torch.arange(self.num_feats, dtype=torch.float32, device=device)
+        return temperature ** (2 * torch.div(dim, 2, rounding_mode="floor") / self.num_feats)
+
+    def forward(self, mask: Tensor) -> Tensor:
+        """mask [B, H, W] bool (True = padding) -> pos [B, 2*num_feats, H, W] float32."""
+        not_mask = ~mask
+        y = not_mask.cumsum(1, dtype=torch.float32)
+        x = not_mask.cumsum(2, dtype=torch.float32)
+        eps = 1e-6
+        y = y / (y[:, -1:, :] + eps) * self.scale
+        x = x / (x[:, :, -1:] + eps) * self.scale
+        pos_x = x[..., None] / self._freqs(self.temperature_w, mask.device)
+        pos_y = y[..., None] / self._freqs(self.temperature_h, mask.device)
+        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
+        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+def box_sine_embedding(boxes: Tensor, num_feats: int = 128, temperature: float = 10000.0) -> Tensor:
+    """Sine embedding of anchor boxes used to build decoder query positions.
+
+    boxes [..., 4] (cx, cy, w, h) in 0..1 -> [..., 4*num_feats] ordered (y, x, w, h).
+    """
+    scale = 2 * math.pi
+    dim = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
+    dim = temperature ** (2 * torch.div(dim, 2, rounding_mode="floor") / num_feats)
+
+    def embed(coord: Tensor) -> Tensor:
+        p = (coord * scale)[..., None] / dim
+        return torch.stack((p[..., 0::2].sin(), p[..., 1::2].cos()), dim=-1).flatten(-2)
+
+    x, y, w, h = boxes.unbind(-1)
+    return torch.cat((embed(y), embed(x), embed(w), embed(h)), dim=-1)

@@ -1,0 +1,47 @@
+"""Turn raw DINO predictions into scored, labelled, absolute-pixel detections (official PostProcess)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .boxes import box_cxcywh_to_xyxy
+
+
+class Detections(NamedTuple):
+    """Top-S detections per image, sorted by descending score."""
+
+    scores: Tensor  # [B, S] sigmoid class probabilities
+    labels: Tensor  # [B, S] int64 class indices (0..C-1)
+    boxes: Tensor  # [B, S, 4] (x0, y0, x1, y1) in pixels of the original image, not clamped
+
+
+@torch.no_grad()
+def postprocess(logits: Tensor, boxes: Tensor, orig_sizes: Tensor, num_select: int = 300) -> Detections:
+    """logits [B, Q, C], boxes [B, Q, 4] cxcywh in 0..1, orig_sizes int [B, 2] as (h, w).
+
+    Like the official PostProcess, every (query, class) pair competes: top-S over the flattened Q*C
+    sigmoid scores, so one query can yield several detections with different labels.
+    S = min(num_select, Q*C).
+    """
+    bs, _, num_classes = logits.shape
+    prob = logits.sigmoid()
+    num_select = min(num_select, prob[0].numel())
+    scores, flat_idx = torch.topk(prob.view(bs, -1), num_select, dim=1)
+    query_idx = flat_idx // num_classes
+    labels = flat_idx % num_classes
+    xyxy = box_cxcywh_to_xyxy(boxes)
+    xyxy = torch.gather(xyxy, 1, query_idx.unsqueeze(-1).repeat(1, 1, 4))
+    img_h, img_w = orig_sizes.to(boxes.device).unbind(1)
+    scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)  # [B, 4], kept integer like the official
+    return Detections(scores, labels, xyxy * scale[:, None, :])
+
+
+def filter_detections(dets: Detections, score_threshold: float) -> list[dict[str, Tensor]]:
+    """Per image {'scores' [k], 'labels' [k], 'boxes' [k, 4]} keeping detections with score > threshold."""
+    results = []
+    for scores, labels, boxes in zip(dets.scores, dets.labels, dets.boxes):
+        keep = scores > score_threshold
+        results.append({"scores": scores[keep], "labels": labels[keep], "boxes": boxes[keep]})
+    return results

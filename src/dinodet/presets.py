@@ -1,0 +1,65 @@
+"""Named, fully resolved configurations.
+
+``dino_r50_4scale`` / ``dino_r50_5scale`` reproduce the official ``DINO_4scale`` / ``DINO_5scale``
+configs (values in the official ``*.args.json``); ``tiny`` is a light CPU-friendly model for demos
+and tests.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+from .config import BackboneConfig, ConfigError, DINOConfig, LossConfig, ModelConfig
+
+
+def _r50_4scale() -> DINOConfig:
+    return DINOConfig(name="dino_r50_4scale", model=ModelConfig(), loss=LossConfig())
+
+
+def _r50_5scale() -> DINOConfig:
+    model = ModelConfig(backbone=BackboneConfig(return_layers=(0, 1, 2, 3)), num_feature_levels=5)
+    return DINOConfig(name="dino_r50_5scale", model=model, loss=LossConfig())
+
+
+def _r101_4scale() -> DINOConfig:
+    model = ModelConfig(backbone=BackboneConfig(name="resnet101"))
+    return DINOConfig(name="dino_r101_4scale", model=model, loss=LossConfig())
+
+
+def _tiny() -> DINOConfig:
+    model = ModelConfig(
+        backbone=BackboneConfig(name="resnet18", return_layers=(1, 2, 3), freeze_at=0),
+        hidden_dim=64,
+        num_heads=4,
+        num_feature_levels=4,
+        enc_layers=2,
+        dec_layers=3,
+        dim_feedforward=256,
+        num_queries=60,
+        dn_number=20,
+        num_select=60,
+    )
+    return DINOConfig(name="tiny", model=model, loss=LossConfig())
+
+
+_PRESETS: dict[str, Callable[[], DINOConfig]] = {
+    "dino_r50_4scale": _r50_4scale,
+    "dino_r50_5scale": _r50_5scale,
+    "dino_r101_4scale": _r101_4scale,
+    "tiny": _tiny,
+}
+
+
+def list_presets() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def get_preset(name: str, num_classes: int | None = None) -> DINOConfig:
+    """Return a fresh copy of preset ``name`` (optionally with another class count)."""
+    if name not in _PRESETS:
+        raise ConfigError(f"unknown preset '{name}' (available: {', '.join(list_presets())})")
+    cfg = copy.deepcopy(_PRESETS[name]())
+    if num_classes is not None:
+        cfg.model.num_classes = num_classes
+        cfg.model.dn_labelbook_size = None
+    return cfg

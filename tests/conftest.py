@@ -1,0 +1,70 @@
+"""Shared fixtures: the coco128 sample images and a tiny randomly initialised detector/checkpoint.
+
+Inference tests run the ``tiny`` preset at a reduced resolution (short side 160) so the whole suite
+stays fast on a 2-core CPU (at the official 800/1333 one tiny-model forward takes seconds there);
+the resize rule itself is tested at 800/1333 in test_transforms.py.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# shared/ sits next to the repository (../shared), in development and in CI alike.
+COCO128 = REPO_ROOT.parent / "shared" / "data" / "coco128"
+COCO128_IMAGES = COCO128 / "images" / "train2017"
+SAMPLE_NAMES = ("000000000009.jpg", "000000000086.jpg", "000000000030.jpg")  # (w x h) 640x480, 512x640 grey, 640x428
+TEST_SIZE, TEST_MAX_SIZE = 160, 256
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> list[Path]:
+    """Three coco128 images (one of them greyscale)."""
+    paths = [COCO128_IMAGES / n for n in SAMPLE_NAMES]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        pytest.fail(f"coco128 sample images not found (expected ../shared next to the repo): {missing}")
+    return paths
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path, sample_images: list[Path]) -> Path:
+    """A folder with the three sample images, a corrupt 'broken.jpg' and a non-image text file."""
+    d = tmp_path / "images"
+    d.mkdir()
+    for p in sample_images:
+        shutil.copy(p, d / p.name)
+    (d / "broken.jpg").write_bytes(b"this is not a JPEG")
+    (d / "notes.txt").write_text("not an image, must be ignored")
+    return d
+
+
+@pytest.fixture(scope="session")
+def size_args() -> list[str]:
+    """CLI arguments giving the reduced test resolution."""
+    return ["--size", str(TEST_SIZE), "--max-size", str(TEST_MAX_SIZE)]
+
+
+@pytest.fixture(scope="session")
+def tiny_detector():
+    from dinodet.inference import Detector
+
+    return Detector.from_random("tiny", size=TEST_SIZE, max_size=TEST_MAX_SIZE, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_detector) -> Path:
+    """The tiny_detector's weights saved as a dinodet checkpoint."""
+    from dinodet.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, tiny_detector.model, tiny_detector.config)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_predictions(tiny_detector, sample_images: list[Path]):
+    """tiny_detector's predictions (threshold 0) for the three sample images, computed once."""
+    return tiny_detector.predict(sample_images, threshold=0.0)

@@ -1,0 +1,138 @@
+"""``dinodet predict`` end to end (a real subprocess) and its one-line error reporting."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinodet.cli import main
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dinodet", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_one_line_error(stderr: str, *fragments: str) -> None:
+    lines = [ln for ln in stderr.splitlines() if not ln.startswith("dinodet: warning:")]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("dinodet: error: ") and "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0], stderr
+
+
+def check_outputs(out: Path, image_dir: Path, names: list[str], threshold: float) -> list[dict]:
+    """Annotated images and predictions.json are there and well-formed; returns the records."""
+    assert sorted(p.name for p in out.glob("*.jpg")) == sorted(names)
+    for name in names:
+        annotated, original = Image.open(out / name), Image.open(image_dir / name)
+        assert annotated.size == original.size
+    records = json.loads((out / "predictions.json").read_text())
+    assert isinstance(records, list) and records
+    sizes = {name: Image.open(image_dir / name).size for name in names}
+    for r in records:
+        assert set(r) == {"file_name", "category_id", "bbox", "score"}
+        assert r["file_name"] in names
+        # a random 91-slot model may pick any slot, including the unused (N/A) COCO ids
+        assert isinstance(r["category_id"], int) and 0 <= r["category_id"] < 91
+        x, y, w, h = r["bbox"]
+        width, height = sizes[r["file_name"]]
+        assert w >= 0 and h >= 0 and -width < x < 2 * width and -height < y < 2 * height
+        assert threshold < r["score"] <= 1
+    assert not list(out.glob("*.tmp"))  # the atomic write left nothing behind
+    return records
+
+
+def test_predict_end_to_end_with_checkpoint(
+    tmp_path: Path, image_dir: Path, sample_images: list[Path], tiny_checkpoint: Path, size_args: list[str]
+):
+    names = [p.name for p in sample_images]
+    out = tmp_path / "out"
+    result = run_cli("predict", image_dir, "--checkpoint", tiny_checkpoint, "--out", out,
+                     "--threshold", "0.01", "--batch-size", "2", *size_args)
+    assert result.returncode == 0, result.stderr
+    # the corrupt file is reported on one line and skipped; the text file is not an image suffix
+    warnings = [ln for ln in result.stderr.splitlines() if ln.startswith("dinodet: warning:")]
+    assert len(warnings) == 1 and "broken.jpg" in warnings[0] and "Traceback" not in result.stderr
+    assert "notes.txt" not in result.stderr
+    records = check_outputs(out, image_dir, names, threshold=0.01)
+    assert {r["file_name"] for r in records} == set(names)  # random scores ~0.05 > 0.01
+    # boxes were drawn: the annotated image differs from the original beyond JPEG noise
+    a = np.asarray(Image.open(out / names[0]), dtype=np.int16)
+    b = np.asarray(Image.open(image_dir / names[0]).convert("RGB"), dtype=np.int16)
+    assert (np.abs(a - b).max(axis=2) > 60).mean() > 0.001
+
+
+def test_predict_random_weights_in_process(tmp_path: Path, sample_images: list[Path], size_args: list[str], capsys):
+    out = tmp_path / "out"
+    rc = main(["predict", str(sample_images[0]), str(sample_images[2]),
+               "--random-weights", "--preset", "tiny", "--out", str(out), "--threshold", "0", *size_args])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "RANDOM weights" in captured.err and "meaningless" in captured.err
+    assert sorted(p.name for p in out.glob("*.jpg")) == sorted([sample_images[0].name, sample_images[2].name])
+    records = json.loads((out / "predictions.json").read_text())
+    assert len(records) == 2 * 60  # threshold 0 keeps all num_select=60 detections of the tiny preset
+
+
+def test_missing_checkpoint_subprocess(tmp_path: Path, image_dir: Path):
+    result = run_cli("predict", image_dir, "--checkpoint", tmp_path / "nope.pt", "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "nope.pt")
+    assert not (tmp_path / "out").exists()
+
+
+def _error_cases(tmp: Path, image_dir: Path, image: Path, ckpt: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """case -> (arguments after ``predict`` except --out/--size, fragments the error line must name)."""
+    rand = ["--random-weights", "--preset", "tiny"]
+    clash = tmp / "other" / image.name  # same stem as ``image``, another folder
+    return {
+        "wrong_preset": ([str(image), "--checkpoint", str(ckpt), "--preset", "dino_r50_4scale"], ["tiny.pt", "tiny"]),
+        "unknown_preset": ([str(image), "--random-weights", "--preset", "bogus"], ["bogus"]),
+        "unreadable_image": ([str(image_dir / "broken.jpg"), *rand], ["broken.jpg"]),
+        "missing_input": ([str(tmp / "missing.jpg"), *rand], ["missing.jpg"]),
+        "no_images": ([str(tmp / "empty"), *rand], ["no images", "empty"]),
+        "preset_needed": ([str(image), "--random-weights"], ["--preset"]),
+        "bad_device": ([str(image), *rand, "--device", "npu7"], ["npu7"]),
+        "stem_clash": ([str(image), str(clash), *rand], [image.stem]),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["wrong_preset", "unknown_preset", "unreadable_image", "missing_input", "no_images", "preset_needed",
+     "bad_device", "stem_clash"],
+)
+def test_errors_are_one_line_exit_2(
+    case: str, tmp_path: Path, image_dir: Path, sample_images: list[Path], tiny_checkpoint: Path, size_args, capsys
+):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / sample_images[0].name).write_bytes(b"")
+    argv, fragments = _error_cases(tmp_path, image_dir, sample_images[0], tiny_checkpoint)[case]
+    out = tmp_path / "out"
+    rc = main(["predict", *argv, "--out", str(out), *size_args])
+    assert rc == 2
+    assert_one_line_error(capsys.readouterr().err, *fragments)
+    assert not (out / "predictions.json").exists()
+
+
+def test_refuses_to_overwrite_inputs(image_dir: Path, size_args, capsys):
+    before = (image_dir / "000000000009.jpg").read_bytes()
+    rc = main(["predict", str(image_dir), "--random-weights", "--preset", "tiny", "--out", str(image_dir), *size_args])
+    assert rc == 2
+    assert_one_line_error(capsys.readouterr().err, "overwrite", str(image_dir))
+    assert (image_dir / "000000000009.jpg").read_bytes() == before
+
+
+def test_help_and_no_command(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["predict", "--help"])
+    assert info.value.code == 0 and "--random-weights" in capsys.readouterr().out
+    assert main([]) == 2

@@ -1,0 +1,109 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinodet.data.images import ImageLoadError, iter_image_paths, load_image
+
+EXIF_ORIENTATION = 0x0112
+
+
+def _two_tone(width: int, height: int) -> Image.Image:
+    """Left half red, right half blue."""
+    a = np.zeros((height, width, 3), np.uint8)
+    a[:, : width // 2, 0] = 255
+    a[:, width // 2 :, 2] = 255
+    return Image.fromarray(a)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # "rotate 90 degrees clockwise to display"
+    _two_tone(40, 20).save(path, exif=exif, quality=95)
+
+    im = load_image(path)
+    assert im.mode == "RGB"
+    assert im.size == (20, 40)  # (w, h) swapped
+    a = np.asarray(im).astype(int)
+    # turning clockwise moves the (red) left half to the top
+    assert a[5, 10, 0] > 200 and a[5, 10, 2] < 60
+    assert a[35, 10, 2] > 200 and a[35, 10, 0] < 60
+
+
+def test_grayscale_becomes_rgb(tmp_path: Path):
+    path = tmp_path / "gray.png"
+    Image.fromarray(np.full((8, 12), 77, np.uint8), mode="L").save(path)
+    im = load_image(path)
+    assert im.mode == "RGB" and im.size == (12, 8)
+    assert (np.asarray(im) == 77).all()
+
+
+def test_rgba_drops_alpha(tmp_path: Path):
+    path = tmp_path / "rgba.png"
+    Image.new("RGBA", (10, 6), (10, 20, 30, 0)).save(path)
+    im = load_image(path)
+    assert im.mode == "RGB" and im.size == (10, 6)
+    assert np.asarray(im)[0, 0].tolist() == [10, 20, 30]
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "P", "LA", "I;16"])
+def test_other_modes_become_rgb(tmp_path: Path, mode: str):
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    if mode == "I;16":
+        Image.fromarray(np.full((5, 7), 256 * 200, np.uint16)).save(path)
+    else:
+        Image.new("RGB", (7, 5), (200, 200, 200)).convert(mode).save(path)
+    im = load_image(path)
+    assert im.mode == "RGB" and im.size == (7, 5)
+    if mode == "I;16":  # 16-bit is scaled down, not clipped to white
+        assert (np.asarray(im) == 200).all()
+
+
+def test_real_grayscale_coco_image(sample_images: list[Path]):
+    im = load_image(sample_images[1])  # 000000000086.jpg is mode L
+    assert im.mode == "RGB" and im.size == (512, 640)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"this is not an image", b"", None],
+    ids=["garbage", "empty", "truncated"],
+)
+def test_unreadable_file_raises_one_line_error_naming_it(tmp_path: Path, sample_images: list[Path], content):
+    path = tmp_path / "bad image.jpg"
+    if content is None:
+        data = sample_images[0].read_bytes()
+        content = data[: len(data) // 2]
+    path.write_bytes(content)
+    with pytest.raises(ImageLoadError) as info:
+        load_image(path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_missing_file_and_directory(tmp_path: Path):
+    with pytest.raises(ImageLoadError, match="no such file"):
+        load_image(tmp_path / "nope.jpg")
+    with pytest.raises(ImageLoadError, match="directory"):
+        load_image(tmp_path)
+
+
+def test_iter_image_paths_expands_directories(tmp_path: Path):
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    for name in ["b.PNG", "a.jpg", "c.jpeg", "notes.txt"]:
+        (d / name).write_bytes(b"")
+    (d / "sub" / "nested.jpg").write_bytes(b"")  # not recursive
+    single = tmp_path / "z.weird"
+    single.write_bytes(b"")
+
+    paths = iter_image_paths([str(single), d])
+    assert paths == [single, d / "a.jpg", d / "b.PNG", d / "c.jpeg"]
+
+
+def test_iter_image_paths_missing_input(tmp_path: Path):
+    with pytest.raises(ImageLoadError, match="missing_dir"):
+        iter_image_paths([tmp_path / "missing_dir"])
