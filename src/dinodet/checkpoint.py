@@ -131,9 +131,25 @@ def _load_exact(model: nn.Module, state: dict[str, Tensor], path, name_of=lambda
 
 
 def build_model(cfg: DINOConfig) -> DINO:
+    """Instantiate ``cfg``; ImageNet backbone weights are loaded if ``cfg.model.backbone.checkpoint`` is set."""
     model = DINO(cfg.model)
     model.preset_name = cfg.name
+    if cfg.model.backbone.checkpoint:
+        load_backbone_weights(model, cfg.model.backbone.checkpoint)
     return model
+
+
+def load_backbone_weights(model: DINO, path: str | os.PathLike) -> None:
+    """Load an ImageNet classification checkpoint (torchvision ResNet layout, optionally under 'model'
+    or 'state_dict') into the backbone; the classifier head is ignored."""
+    obj = read_torch_file(path)
+    if isinstance(obj, dict) and not all(isinstance(v, Tensor) for v in obj.values()):
+        obj = obj.get("model", obj.get("state_dict", obj))
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: no state dict found")
+    state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, Tensor)}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    _load_exact(model.backbone.body, state, path)
 
 
 def is_official_state(state: dict[str, Any]) -> bool:

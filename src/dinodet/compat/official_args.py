@@ -13,6 +13,12 @@ def _require(args: dict[str, Any], key: str, allowed) -> None:
         raise ConfigError(f"official config uses {key}={args[key]!r}, which dinodet does not implement")
 
 
+def _labelbook(args: dict[str, Any]) -> int | None:
+    """None when the label book matches the class count (dinodet's default), else the stored size."""
+    size = int(args.get("dn_labelbook_size", args.get("num_classes", 91)))
+    return None if size == int(args.get("num_classes", 91)) else size
+
+
 def config_from_official_args(args: dict[str, Any]) -> DINOConfig:
     """Build the equivalent dinodet config from an official ``args`` dict (DINO_*scale*.py)."""
     _require(args, "modelname", ("dino",))
@@ -49,7 +55,7 @@ def config_from_official_args(args: dict[str, Any]) -> DINOConfig:
         dn_number=int(args.get("dn_number", 100)) if args.get("use_dn", True) else 0,
         dn_box_noise_scale=float(args.get("dn_box_noise_scale", 0.4)),
         dn_label_noise_ratio=float(args.get("dn_label_noise_ratio", 0.5)),
-        dn_labelbook_size=int(args.get("dn_labelbook_size", args.get("num_classes", 91))),
+        dn_labelbook_size=_labelbook(args),
         num_select=int(args.get("num_select", 300)),
     )
     loss = LossConfig(

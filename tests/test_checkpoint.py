@@ -1,0 +1,153 @@
+"""Checkpoint I/O: official key mapping, dinodet files, safety and clear errors."""
+import argparse
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinodet.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from dinodet.compat.official_args import config_from_official_args
+from dinodet.compat.official_keys import official_key_map, to_official
+from dinodet.presets import get_preset
+
+REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    return cfg, build_model(cfg)
+
+
+def _official(cfg, model):
+    return to_official(model.state_dict(), cfg.model.dec_layers, len(cfg.model.backbone.return_layers))
+
+
+def _assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("name", ["DINO_4scale", "DINO_5scale"])
+def test_official_key_names_match_reference_listing(name):
+    listing = REF / f"{name}.keys.tsv"
+    if not listing.exists():
+        pytest.skip("shared reference files not available")
+    rows = [line.split("\t") for line in listing.read_text().splitlines()[1:]]
+    preset = {"DINO_4scale": "dino_r50_4scale", "DINO_5scale": "dino_r50_5scale"}[name]
+    cfg = get_preset(preset)
+    model = build_model(cfg)
+    state = model.state_dict()
+    key_map = official_key_map(list(state), cfg.model.dec_layers, len(cfg.model.backbone.return_layers))
+    assert set(key_map) == {r[0] for r in rows}
+    for key, shape, _dtype, _alias in rows:
+        assert "x".join(map(str, state[key_map[key]].shape)) == shape, key
+
+
+@pytest.mark.parametrize("name", ["DINO_4scale", "DINO_5scale"])
+def test_official_args_give_the_preset(name):
+    path = REF / f"{name}.args.json"
+    if not path.exists():
+        pytest.skip("shared reference files not available")
+    cfg = config_from_official_args(json.loads(path.read_text()))
+    preset = get_preset({"DINO_4scale": "dino_r50_4scale", "DINO_5scale": "dino_r50_5scale"}[name])
+    assert cfg.model == preset.model
+    assert cfg.loss == preset.loss
+
+
+def test_official_round_trip(tmp_path, tiny_model):
+    cfg, model = tiny_model
+    path = tmp_path / "official.pth"
+    torch.save({"model": _official(cfg, model), "args": argparse.Namespace(num_classes=91), "epoch": 3}, path)
+    loaded = load_checkpoint(path, preset="tiny")
+    assert loaded.source == "official"
+    _assert_same_weights(loaded.model, model)
+    assert not loaded.model.training
+
+
+def test_official_missing_and_unknown_keys_are_named(tmp_path, tiny_model):
+    cfg, model = tiny_model
+    state = _official(cfg, model)
+    del state["transformer.enc_output_norm.weight"]
+    state["input_proj.1.1.mystery"] = state.pop("input_proj.1.1.bias")
+    path = tmp_path / "bad.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path, preset="tiny")
+    msg = str(e.value)
+    assert "transformer.enc_output_norm.weight" in msg and "input_proj.1.1.mystery" in msg
+    assert "\n" not in msg
+
+
+def test_shared_head_copies_must_agree(tmp_path, tiny_model):
+    cfg, model = tiny_model
+    state = _official(cfg, model)
+    state["class_embed.1.bias"] = state["class_embed.1.bias"] + 1
+    path = tmp_path / "alias.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointError, match="class_embed.1.bias"):
+        load_checkpoint(path, preset="tiny")
+
+
+def test_wrong_preset_is_reported(tmp_path):
+    cfg4 = get_preset("dino_r50_4scale")
+    model = build_model(cfg4)
+    path = tmp_path / "r50.pth"
+    torch.save({"model": _official(cfg4, model)}, path)
+    with pytest.raises(CheckpointError, match="input_proj.4"):
+        load_checkpoint(path, preset="dino_r50_5scale")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_dinodet_round_trip(tmp_path, tiny_model, suffix):
+    cfg, model = tiny_model
+    path = save_checkpoint(tmp_path / f"m{suffix}", model, cfg, class_names=["a", "b"], category_ids=[3, 7])
+    loaded = load_checkpoint(path)
+    assert loaded.config == cfg and loaded.source == "dinodet"
+    assert loaded.class_names == ["a", "b"] and loaded.category_ids == [3, 7]
+    _assert_same_weights(loaded.model, model)
+    with pytest.raises(CheckpointError, match="preset 'tiny'"):
+        load_checkpoint(path, preset="dino_r50_4scale")
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_arbitrary_pickles_are_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        torch.save({"model": {"x": torch.zeros(1)}, "payload": _Evil()}, f, pickle_protocol=2)
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_checkpoint(path)
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_missing_and_garbage_files(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pth"):
+        load_checkpoint(junk)
+
+
+def test_backbone_checkpoint_is_loaded(tmp_path):
+    import torchvision
+
+    torch.manual_seed(3)
+    ref = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(ref.state_dict(), path)
+    cfg = get_preset("tiny")
+    cfg.model.backbone.checkpoint = str(path)
+    model = build_model(cfg)
+    assert torch.equal(model.backbone.body.layer3[0].conv1.weight, ref.layer3[0].conv1.weight)
+    assert torch.equal(model.backbone.body.bn1.running_var, ref.bn1.running_var)

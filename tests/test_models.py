@@ -1,0 +1,155 @@
+"""Model-level behaviour on the tiny preset: shapes, masks, denoising layout, hooks."""
+import pytest
+import torch
+
+from dinodet.data.transforms import pad_batch
+from dinodet.models.denoising import denoising_attn_mask, num_denoising_groups
+from dinodet.models.dino import DINO
+from dinodet.models.position import SinePositionEncoding
+from dinodet.models.query_selection import encoder_proposals
+from dinodet.presets import get_preset
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    return cfg, DINO(cfg.model).eval()
+
+
+def _batch(sizes):
+    g = torch.Generator().manual_seed(1)
+    return pad_batch([torch.randn(3, h, w, generator=g) for h, w in sizes])
+
+
+def test_eval_output_shapes(tiny):
+    cfg, model = tiny
+    images, mask = _batch([(96, 130), (77, 64)])
+    with torch.no_grad():
+        out = model(images, mask)
+    m = cfg.model
+    assert out.logits.shape == (m.dec_layers, 2, m.num_queries, m.num_classes)
+    assert out.boxes.shape == (m.dec_layers, 2, m.num_queries, 4)
+    assert out.interm_logits.shape == (2, m.num_queries, m.num_classes)
+    assert out.enc_topk_index.shape == (2, m.num_queries)
+    assert out.dn_meta is None and out.dn_logits is None
+    assert torch.isfinite(out.logits).all()
+    assert ((out.boxes >= 0) & (out.boxes <= 1)).all()
+
+
+def test_backbone_masks_follow_padding(tiny):
+    _, model = tiny
+    images, mask = _batch([(64, 64), (33, 17)])
+    feats = model.backbone(images, mask)
+    assert [f.shape[-1] for f, _ in feats] == [8, 4, 2]
+    _, m8 = feats[0]
+    assert not m8[0].any()
+    # image 1 covers 33x17 of 64x64: at stride 8 rows >= 5 and cols >= 3 are padding (nearest resize)
+    assert m8[1, 5:, :].all() and m8[1, :, 3:].all() and not m8[1, :4, :2].any()
+
+
+def test_tiny_image_fewer_tokens_than_queries(tiny):
+    cfg, model = tiny
+    images, mask = _batch([(40, 40)])  # 5x5 + 3x3 + 2x2 + 1x1 = 39 tokens < 60 queries
+    with torch.no_grad():
+        out = model(images, mask)
+    assert out.logits.shape[2] == 39
+    assert torch.isfinite(out.pred_logits).all()
+
+
+def test_positional_encoding_is_normalised_to_valid_region():
+    pe = SinePositionEncoding(8, 20, 20)
+    mask = torch.zeros(1, 4, 6, dtype=torch.bool)
+    mask[:, :, 3:] = True
+    pos = pe(mask)
+    assert pos.shape == (1, 16, 4, 6)
+    # last valid column has x = 2*pi: sin(2*pi/1) of the first x channel is ~0
+    assert abs(pos[0, 8, 0, 2].item()) < 1e-5
+    # identical rows inside the valid region
+    assert torch.allclose(pos[0, 8:, 0, :3], pos[0, 8:, 3, :3])
+
+
+def test_encoder_proposals_invalid_tokens_are_inf():
+    mask = torch.zeros(1, 3 * 4, dtype=torch.bool)
+    mask.view(1, 3, 4)[:, :, 3] = True
+    props, valid = encoder_proposals(mask, [(3, 4)], 0.05)
+    assert torch.isinf(props.view(1, 3, 4, 4)[0, :, 3]).all()
+    assert valid.view(3, 4)[:, :3].all() and not valid.view(3, 4)[:, 3].any()
+    centre = props[0, 0].sigmoid()
+    assert torch.allclose(centre, torch.tensor([0.5 / 3, 0.5 / 3, 0.05, 0.05]))
+
+
+def test_denoising_group_rule_matches_official():
+    assert num_denoising_groups(100, 7) == 200 // 14
+    assert num_denoising_groups(100, 0) == 1
+    assert num_denoising_groups(100, 150) == 1
+    assert num_denoising_groups(20, 3) == 40  # official quirk: below 100 queries the count is not divided
+
+
+def test_denoising_attention_mask_layout():
+    m = denoising_attn_mask(num_groups=3, group_size=2, num_queries=5)
+    pad = 12
+    assert m.shape == (17, 17)
+    assert m[pad:, :pad].all() and not m[pad:, pad:].any()  # matching queries never see denoising
+    for g in range(3):
+        rows = slice(4 * g, 4 * g + 4)
+        assert not m[rows, 4 * g: 4 * g + 4].any()  # own group visible
+        assert not m[rows, pad:].any()  # matching part visible
+        others = torch.ones(pad, dtype=torch.bool)
+        others[4 * g: 4 * g + 4] = False
+        assert m[rows][:, :pad][:, others].all()
+
+
+def test_training_forward_with_denoising_and_zero_noise(tiny):
+    cfg, model = tiny
+    model = DINO(cfg.model)
+    model.load_state_dict(tiny[1].state_dict())
+    model.denoising.label_noise_ratio = 0.0
+    model.denoising.box_noise_scale = 0.0
+    images, mask = _batch([(96, 128), (80, 64)])
+    targets = [
+        {"labels": torch.tensor([1, 5, 7]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.1], [0.7, 0.6, 0.2, 0.2]])},
+        {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.5, 0.5, 0.5]])},
+    ]
+    model.train()
+    out = model(images, mask, targets)
+    meta = out.dn_meta
+    assert meta.group_size == 3 and meta.num_groups == num_denoising_groups(cfg.model.dn_number, 3)
+    assert out.dn_logits.shape[2] == meta.pad_size
+    # denoising queries are hidden from the matching queries: matching outputs equal eval outputs
+    model.eval()
+    with torch.no_grad():
+        ref = model(images, mask, enc_topk_index=out.enc_topk_index)
+    torch.testing.assert_close(out.logits.detach(), ref.logits, rtol=1e-4, atol=1e-4)
+    # with zero noise the first decoder layer starts exactly at the ground-truth boxes
+    model.train()
+    captured = {}
+    def keep_refs(module, inputs, output):
+        captured["refs"] = output[1]
+
+    h = model.decoder.register_forward_hook(keep_refs)
+    model(images, mask, targets)
+    h.remove()
+    start = captured["refs"][0]
+    torch.testing.assert_close(start[0, :3], targets[0]["boxes"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(start[1, 0], targets[1]["boxes"][0], atol=1e-6, rtol=0)
+    assert torch.equal(start[1, 1:3], torch.full((2, 4), 0.5))  # unused padding slots sit at sigmoid(0)
+
+
+def test_enc_topk_override_is_used(tiny):
+    _, model = tiny
+    images, mask = _batch([(64, 64)])
+    with torch.no_grad():
+        base = model(images, mask)
+        flipped = base.enc_topk_index.flip(1)
+        out = model(images, mask, enc_topk_index=flipped)
+    assert torch.equal(out.enc_topk_index, base.enc_topk_index)  # own selection still reported
+    torch.testing.assert_close(out.interm_logits, base.interm_logits.flip(1))
+
+
+def test_frozen_stages_get_no_gradient():
+    cfg = get_preset("dino_r50_4scale")
+    from dinodet.models.backbones.resnet import ResNetBackbone
+    bb = ResNetBackbone("resnet50", (1, 2, 3), freeze_at=cfg.model.backbone.freeze_at)
+    trainable = {n.split(".")[0] for n, p in bb.body.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4"}
