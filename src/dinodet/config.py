@@ -76,12 +76,52 @@ class LossConfig:
 
 
 @dataclass
+class DataConfig:
+    """Augmentation and evaluation resolution (official policy by default).
+
+    Training: random horizontal flip, then either a random resize with the short side drawn from
+    ``train_scales`` (long side <= ``max_size``) or resize to one of ``crop_resize_scales`` -> random
+    crop with sides in ``crop_size`` -> random resize as before.  Evaluation resizes the short side
+    to ``eval_size`` (long side <= ``max_size``).
+    """
+
+    train_scales: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    max_size: int = 1333
+    crop_resize_scales: tuple[int, ...] = (400, 500, 600)
+    crop_size: tuple[int, int] = (384, 600)
+    eval_size: int = 800
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation schedule (official DINO values for the 12-epoch schedule)."""
+
+    epochs: int = 12
+    batch_size: int = 2  # per process
+    accumulate: int = 1  # gradient accumulation steps (effective batch = batch_size * accumulate * world)
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    lr_drop: int = 11  # epoch after which the lr is multiplied by 0.1
+    clip_max_norm: float = 0.1
+    amp: str = "off"  # "off" | "bf16" | "fp16"
+    ema: bool = False
+    ema_decay: float = 0.9997
+    seed: int = 42
+    eval_every: int = 1  # epochs
+    eval_batch_size: int = 1
+
+
+@dataclass
 class DINOConfig:
-    """A complete detector description: architecture plus losses."""
+    """A complete detector description: architecture, losses, data policy and schedule."""
 
     name: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

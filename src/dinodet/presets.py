@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
-from .config import BackboneConfig, ConfigError, DINOConfig, LossConfig, ModelConfig
+from .config import BackboneConfig, ConfigError, DataConfig, DINOConfig, LossConfig, ModelConfig, TrainConfig
 
 
 def _r50_4scale() -> DINOConfig:
@@ -39,7 +39,20 @@ def _tiny() -> DINOConfig:
         dn_number=20,
         num_select=60,
     )
-    return DINOConfig(name="tiny", model=model, loss=LossConfig())
+    data = DataConfig(train_scales=(224, 256, 288, 320), max_size=512, crop_resize_scales=(200, 250, 300),
+                      crop_size=(192, 300), eval_size=320, num_workers=0)
+    train = TrainConfig(epochs=12, batch_size=4, lr=2e-4, lr_backbone=2e-5, lr_drop=10)
+    return DINOConfig(name="tiny", model=model, loss=LossConfig(), data=data, train=train)
+
+
+def _schedule(base: Callable[[], DINOConfig], epochs: int, lr_drop: int, suffix: str) -> Callable[[], DINOConfig]:
+    def make() -> DINOConfig:
+        cfg = base()
+        cfg.name = f"{cfg.name}_{suffix}"
+        cfg.train.epochs, cfg.train.lr_drop = epochs, lr_drop
+        return cfg
+
+    return make
 
 
 _PRESETS: dict[str, Callable[[], DINOConfig]] = {
@@ -48,6 +61,9 @@ _PRESETS: dict[str, Callable[[], DINOConfig]] = {
     "dino_r101_4scale": _r101_4scale,
     "tiny": _tiny,
 }
+for _base in ("dino_r50_4scale", "dino_r50_5scale"):
+    _PRESETS[f"{_base}_24ep"] = _schedule(_PRESETS[_base], 24, 20, "24ep")
+    _PRESETS[f"{_base}_36ep"] = _schedule(_PRESETS[_base], 36, 30, "36ep")
 
 
 def list_presets() -> list[str]:
