@@ -45,7 +45,56 @@ def ms_deform_attn_pytorch(
     return out.transpose(1, 2).contiguous()
 
 
-_BACKENDS: dict[str, MSDAFunction] = {"pytorch": ms_deform_attn_pytorch}
+def _bilinear_gather(value: Tensor, h: int, w: int, grid: Tensor) -> Tensor:
+    """Bilinear sampling with zero padding written as index arithmetic + gather.
+
+    Equivalent to ``F.grid_sample(..., align_corners=False, padding_mode="zeros")`` but made only of
+    Floor/Gather/Mul/Add, which export to plain ONNX ops (TensorRT mis-builds GridSample for some
+    DETR-family models).
+
+    Args:
+        value: [N, D, h*w] flattened map; grid: [N, Lq, P, 2] (x, y) in 0..1.
+    Returns:
+        [N, D, Lq, P].
+    """
+    n, d, _ = value.shape
+    lq, p = grid.shape[1], grid.shape[2]
+    x = grid[..., 0] * w - 0.5  # pixel coordinates, pixel centres at integers
+    y = grid[..., 1] * h - 0.5
+    x0, y0 = torch.floor(x), torch.floor(y)
+    out = value.new_zeros((n, d, lq * p))
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        xi, yi = x0 + dx, y0 + dy
+        wx = (x - x0) if dx else (1 - (x - x0))
+        wy = (y - y0) if dy else (1 - (y - y0))
+        inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
+        weight = (wx * wy * inside.to(value.dtype)).reshape(n, 1, lq * p)
+        index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).to(torch.int64).reshape(n, 1, lq * p)
+        out = out + torch.gather(value, 2, index.expand(n, d, lq * p)) * weight
+    return out.view(n, d, lq, p)
+
+
+def ms_deform_attn_gather(
+    value: Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """MSDA with gather-based bilinear sampling (same shapes and results as the reference)."""
+    b, _, m, d = value.shape
+    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
+    values = value.split([h * w for h, w in spatial_shapes], dim=1)
+    sampled = []
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        v = values[lvl].flatten(2).transpose(1, 2).reshape(b * m, d, h * w)
+        g = sampling_locations[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # [B*M, Lq, P, 2]
+        sampled.append(_bilinear_gather(v, h, w, g))
+    weights = attention_weights.transpose(1, 2).reshape(b * m, 1, lq, n_levels * n_points)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(b, m * d, lq)
+    return out.transpose(1, 2).contiguous()
+
+
+_BACKENDS: dict[str, MSDAFunction] = {"pytorch": ms_deform_attn_pytorch, "gather": ms_deform_attn_gather}
 
 
 def register_backend(name: str, fn: MSDAFunction) -> None:

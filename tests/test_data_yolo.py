@@ -1,0 +1,92 @@
+"""YOLO-format loading: coco128's txt labels against its COCO json, names files, layouts, bad lines."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import COCO128
+from dinodet.config import DataConfig
+from dinodet.data.coco import build_dataset
+from dinodet.data.yolo import _parse_simple_yaml, label_dir_for, read_names, resolve_yolo_paths
+from test_data_coco import SMALL, self_eval_ap
+
+
+@pytest.fixture(scope="module")
+def coco128_yolo():
+    return build_dataset(str(COCO128), "train", "yolo", train=False, data_cfg=SMALL)
+
+
+def test_coco128_yolo_matches_coco_json(coco128_yolo):
+    ds = coco128_yolo
+    data = json.loads((COCO128 / "annotations" / "instances_train2017.json").read_text())
+    # README: the json is derived from these labels, so counts must agree image by image
+    assert len(ds) == 128 and ds.report.boxes == 929 and ds.report.images_without_boxes == 2
+    assert ds.report.orphan_annotations == 0 and ds.report.ok
+    assert ds.image_ids == sorted(im["id"] for im in data["images"])  # numeric file names = COCO ids
+    yolo_counts = Counter(a["image_id"] for a in ds.coco.dataset["annotations"])
+    json_counts = Counter(a["image_id"] for a in data["annotations"])
+    assert yolo_counts == json_counts
+    # YOLO category id = class index; names from names.txt
+    assert ds.label_map.category_ids == list(range(80))
+    assert ds.label_map.class_names[:3] == ["person", "bicycle", "car"]
+    coco_name = {c["id"]: c["name"] for c in data["categories"]}
+    sizes = {im["id"]: (im["width"], im["height"]) for im in ds.coco.dataset["images"]}
+    assert sizes == {im["id"]: (im["width"], im["height"]) for im in data["images"]}
+    # same boxes (json rounded to 0.01 px) and the same class names, image by image
+    for iid in (9, 30, 86):
+        ya = sorted(ds.coco.imgToAnns[iid], key=lambda a: a["bbox"])
+        ja = sorted((a for a in data["annotations"] if a["image_id"] == iid), key=lambda a: a["bbox"])
+        assert [ds.label_map.class_names[a["category_id"]] for a in ya] == [coco_name[a["category_id"]] for a in ja]
+        np.testing.assert_allclose([a["bbox"] for a in ya], [a["bbox"] for a in ja], atol=0.02)
+
+
+def test_coco128_yolo_ground_truth_evaluates(coco128_yolo):
+    assert self_eval_ap(coco128_yolo.coco) == [1.0, 1.0, 1.0]
+    image, target = coco128_yolo[0]
+    assert target["boxes"].shape[0] == target["labels"].shape[0] > 0
+
+
+def test_yaml_names_and_split_dirs(tmp_path: Path):
+    (tmp_path / "data.yaml").write_text("path: .\ntrain: imgs/tr\nval: imgs/va\nnames:\n  0: cat\n  1: dog\n")
+    (tmp_path / "imgs" / "tr").mkdir(parents=True)
+    assert read_names(tmp_path / "data.yaml") == ["cat", "dog"]
+    images, labels, names_file = resolve_yolo_paths(tmp_path, "train")
+    assert images == tmp_path / "imgs" / "tr" and labels == images and names_file == tmp_path / "data.yaml"
+    (tmp_path / "list.yaml").write_text("names: ['a', 'b c']\n")
+    assert read_names(tmp_path / "list.yaml") == ["a", "b c"]
+    # the fallback parser (used without PyYAML) reads the usual forms
+    assert _parse_simple_yaml("names:\n  - x\n  - y  # comment\nnc: 2\n") == {"names": ["x", "y"], "nc": "2"}
+    assert _parse_simple_yaml("names:\n  0: x\n  1: 'y'\n")["names"] == {"0": "x", "1": "y"}
+    assert label_dir_for(Path("/d/images/train2017")) == Path("/d/labels/train2017")
+    assert label_dir_for(Path("/d/train/images")) == Path("/d/train/labels")
+
+
+def test_roboflow_layout_polygons_and_bad_lines(tmp_path: Path):
+    img_dir, lbl_dir = tmp_path / "valid" / "images", tmp_path / "valid" / "labels"
+    img_dir.mkdir(parents=True)
+    lbl_dir.mkdir(parents=True)
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    for name in ("x1.png", "x2.png", "x3.png"):
+        Image.new("RGB", (100, 50)).save(img_dir / name)
+    (lbl_dir / "x1.txt").write_text(
+        "0 0.5 0.5 0.2 0.4\n"          # ok
+        "1 0.1 0.1 0.3 0.1 0.3 0.5\n"  # polygon -> box (0.1..0.3, 0.1..0.5)
+        "1 0.5 0.5 0.2\n"              # too few fields
+        "a b c d e\n"                  # not numbers
+        "7 0.5 0.5 0.1 0.1\n"          # class 7 not in names
+        "0 0.95 0.5 0.2 0.2\n")        # extends past the right edge -> clipped
+    (lbl_dir / "x2.txt").write_text("")  # empty label file: a negative
+    (lbl_dir / "orphan.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    ds = build_dataset(str(tmp_path), "val", "yolo", train=False, data_cfg=DataConfig(eval_size=50, max_size=100))
+    r = ds.report
+    assert (r.images, r.boxes, r.images_without_boxes) == (3, 3, 2)
+    assert (r.invalid_annotations, r.unknown_category, r.boxes_clipped, r.orphan_annotations) == (2, 1, 1, 1)
+    # file names are not numbers: ids 1..N in name order
+    assert ds.image_ids == [1, 2, 3]
+    boxes = sorted(a["bbox"] for a in ds.coco.imgToAnns[1])
+    np.testing.assert_allclose(boxes, [[10, 5, 20, 20], [40, 15, 20, 20], [85, 20, 15, 10]], atol=1e-4)
