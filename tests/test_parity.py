@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 REF = ROOT.parent / "shared" / "reference"
 FIXTURES = sorted(p.name for p in REF.glob("fixture_*.pt") if not p.name.endswith(".debug.pt")) if REF.exists() else []
-SUPPORTED = ("fixture_4scale", "fixture_5scale")  # Swin fixtures arrive with the Swin backbone
+SUPPORTED = ("fixture_4scale", "fixture_5scale", "fixture_swinl_4scale", "fixture_swinl_5scale")
 
 
 @pytest.mark.slow

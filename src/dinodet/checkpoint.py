@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from .compat.official_args import config_from_official_args
-from .compat.official_keys import official_key_map
+from .compat.official_keys import official_key_map, original_backbone_name
 from .config import ConfigError, DINOConfig
+from .models.backbones import backbone_family
 from .models.dino import DINO
 from .presets import get_preset
 
@@ -140,16 +142,78 @@ def build_model(cfg: DINOConfig) -> DINO:
 
 
 def load_backbone_weights(model: DINO, path: str | os.PathLike) -> None:
-    """Load an ImageNet classification checkpoint (torchvision ResNet layout, optionally under 'model'
-    or 'state_dict') into the backbone; the classifier head is ignored."""
+    """Load an ImageNet classification checkpoint into the backbone (``--backbone-checkpoint``).
+
+    The weights may sit at the top level or under 'model' / 'state_dict' (as in the original Swin and
+    ConvNeXt releases, e.g. ``swin_large_patch4_window12_384_22k.pth``); a 'module.' prefix is
+    dropped.  Accepted layouts: torchvision ResNet; original Swin (microsoft/Swin-Transformer) or
+    timm Swin; original ConvNeXt (facebookresearch/ConvNeXt) or timm ConvNeXt.  The classifier
+    (``head.*``, ``fc.*``), the final classification norm (``norm.*``) and Swin's cached ``attn_mask``
+    buffers are ignored; DINO's per-stage output norms ``norm{i}`` are not part of ImageNet
+    checkpoints and keep their initialisation.  Anything else missing, unexpected or of the wrong
+    shape is a CheckpointError naming the keys.
+    """
     obj = read_torch_file(path)
     if isinstance(obj, dict) and not all(isinstance(v, Tensor) for v in obj.values()):
         obj = obj.get("model", obj.get("state_dict", obj))
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: no state dict found")
     state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, Tensor)}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
-    _load_exact(model.backbone.body, state, path)
+    if not state:
+        raise CheckpointError(f"{path}: no tensors found")
+    if is_official_state(state):
+        raise CheckpointError(f"{path}: this is a complete DINO checkpoint, not an ImageNet backbone checkpoint "
+                              "(load it as the detector checkpoint instead)")
+    bcfg = model.cfg.backbone
+    family = backbone_family(bcfg.name)
+    if family == "resnet":
+        state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+        _load_exact(model.backbone.body, state, path)
+        return
+    _load_imagenet_trunk(model.backbone.body, state, path, family, bcfg)
+
+
+def _load_imagenet_trunk(body: nn.Module, state: dict[str, Tensor], path, family: str, bcfg) -> None:
+    """Swin / ConvNeXt ImageNet weights (original or timm layout) -> ``backbone.body``."""
+    ours = body.state_dict()
+    from_original = {original_backbone_name(k): k for k in ours}
+    if family == "swin" and not any(re.match(r"layers\.0\.downsample\.", k) for k in state) \
+            and any(re.match(r"layers\.[1-9]\.downsample\.", k) for k in state):
+        # timm layout: the patch merging opens the next stage instead of closing the previous one
+        state = {re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", k): v
+                 for k, v in state.items()}
+    ignore = [r"^head\.", r"^fc\.", r"^norm\.", r"^norm_pre\.", r"\.attn_mask$"]
+    may_miss = [r"^norm\d+\.", r"\.relative_position_index$"]  # DINO's output norms; a fixed index buffer
+    if family == "swin" and bcfg.dilation:
+        # as the official build: the dilated last stage has other shapes and is trained from scratch
+        ignore += [r"^layers\.3\.", r"^layers\.2\.downsample\."]
+        may_miss += [r"^layers\.3\."]
+    mapped: dict[str, Tensor] = {}
+    names: dict[str, str] = {}
+    unexpected = []
+    for k, v in state.items():
+        if any(re.search(p, k) for p in ignore):
+            continue
+        target = from_original.get(k, k if k in ours else None)
+        if target is None:
+            unexpected.append(k)
+            continue
+        mapped[target], names[target] = v, k
+    missing = [k for k in ours if k not in mapped and not any(re.search(p, k) for p in may_miss)]
+    what = f"backbone '{bcfg.name}'" + (f" (window_size {bcfg.window_size})" if family == "swin" else "")
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_summarise([original_backbone_name(k) for k in missing])}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_summarise(unexpected)}")
+        raise CheckpointError(f"{path}: does not fit {what}: " + "; ".join(parts))
+    for k, v in mapped.items():
+        if tuple(v.shape) != tuple(ours[k].shape):
+            hint = " (another window size?)" if "relative_position" in k else ""
+            raise CheckpointError(f"{path}: {names[k]} has shape {tuple(v.shape)} but {what} expects "
+                                  f"{tuple(ours[k].shape)}{hint}")
+    body.load_state_dict(mapped, strict=False)
 
 
 def is_official_state(state: dict[str, Any]) -> bool:

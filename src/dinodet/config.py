@@ -17,16 +17,24 @@ from typing import Any
 class BackboneConfig:
     """Convolutional / transformer feature extractor.
 
-    ``return_layers`` are the backbone stages whose outputs feed the transformer, counted like the
-    official ``return_interm_indices`` (0 = stride 4, 1 = stride 8, 2 = stride 16, 3 = stride 32).
+    ``name``: ``resnet18/34/50/101``, ``swin_t/s/b/l`` (patch 4; ``window_size`` 7 or 12) or
+    ``convnext_tiny/small/base/large/xlarge``.  ``return_layers`` are the backbone stages whose outputs
+    feed the transformer, counted like the official ``return_interm_indices`` (0 = stride 4,
+    1 = stride 8, 2 = stride 16, 3 = stride 32).
     """
 
     name: str = "resnet50"
     return_layers: tuple[int, ...] = (1, 2, 3)
-    dilation: bool = False
-    # stages 0..freeze_at-1 are frozen (0 = stem only, 1 = stem + layer1 as in the official recipe)
+    dilation: bool = False  # ResNet: dilated layer4; Swin: no patch merging before stage 3 (stride 16)
+    # ResNet: stages 0..freeze_at-1 are frozen (0 = stem only, 1 = stem + layer1 as in the official recipe)
     freeze_at: int = 1
     checkpoint: str | None = None  # optional path to ImageNet weights; nothing is ever downloaded
+    # --- Swin / ConvNeXt only ---
+    window_size: int = 7  # Swin attention window (7 for the 224 releases, 12 for the 384 ones)
+    drop_path_rate: float | None = None  # stochastic depth at the last block; None: official default (Swin 0.2, ConvNeXt 0)
+    use_checkpoint: bool = False  # activation checkpointing per block (memory for compute; same outputs)
+    # -1: train everything (official); 0: freeze the patch embedding / stem; k >= 1: also stages 0..k-1
+    frozen_stages: int = -1
 
 
 @dataclass

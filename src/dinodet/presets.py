@@ -1,8 +1,10 @@
 """Named, fully resolved configurations.
 
 ``dino_r50_4scale`` / ``dino_r50_5scale`` reproduce the official ``DINO_4scale`` / ``DINO_5scale``
-configs (values in the official ``*.args.json``); ``tiny`` is a light CPU-friendly model for demos
-and tests.
+configs (values in the official ``*.args.json``), ``dino_swinl_4scale`` / ``dino_swinl_5scale`` the
+official ``DINO_4scale_swin`` (and its 5-scale variant); ``dino_convnext_{t,s,b,l,xl}_4scale`` (and
+``dino_convnext_xl_5scale``) put a ConvNeXt backbone under the same detector; ``tiny`` is a light
+CPU-friendly model for demos and tests.
 """
 from __future__ import annotations
 
@@ -24,6 +26,36 @@ def _r50_5scale() -> DINOConfig:
 def _r101_4scale() -> DINOConfig:
     model = ModelConfig(backbone=BackboneConfig(name="resnet101"))
     return DINOConfig(name="dino_r101_4scale", model=model, loss=LossConfig())
+
+
+def _swinl(levels: int) -> Callable[[], DINOConfig]:
+    """Official DINO_4scale_swin / DINO_5scale_swin: Swin-L, window 12 (the 384-pretrained 22k release),
+    stochastic depth 0.2, activation checkpointing on."""
+    def make() -> DINOConfig:
+        backbone = BackboneConfig(name="swin_l", return_layers=(1, 2, 3) if levels == 4 else (0, 1, 2, 3),
+                                  window_size=12, drop_path_rate=0.2, use_checkpoint=True)
+        cfg = DINOConfig(name=f"dino_swinl_{levels}scale", model=ModelConfig(backbone=backbone, num_feature_levels=levels),
+                         loss=LossConfig())
+        if levels == 5:
+            cfg.train.batch_size = 1  # as the official 5-scale configs
+        return cfg
+
+    return make
+
+
+_CONVNEXT_SIZES = {"t": "convnext_tiny", "s": "convnext_small", "b": "convnext_base", "l": "convnext_large",
+                   "xl": "convnext_xlarge"}
+
+
+def _convnext(size: str, levels: int) -> Callable[[], DINOConfig]:
+    """DINO_4scale with a ConvNeXt backbone (the official code ships ConvNeXt-XL 22k), no stochastic depth."""
+    def make() -> DINOConfig:
+        backbone = BackboneConfig(name=_CONVNEXT_SIZES[size], return_layers=(1, 2, 3) if levels == 4 else (0, 1, 2, 3),
+                                  drop_path_rate=0.0)
+        return DINOConfig(name=f"dino_convnext_{size}_{levels}scale",
+                          model=ModelConfig(backbone=backbone, num_feature_levels=levels), loss=LossConfig())
+
+    return make
 
 
 def _tiny() -> DINOConfig:
@@ -59,9 +91,13 @@ _PRESETS: dict[str, Callable[[], DINOConfig]] = {
     "dino_r50_4scale": _r50_4scale,
     "dino_r50_5scale": _r50_5scale,
     "dino_r101_4scale": _r101_4scale,
+    "dino_swinl_4scale": _swinl(4),
+    "dino_swinl_5scale": _swinl(5),
+    **{f"dino_convnext_{s}_4scale": _convnext(s, 4) for s in _CONVNEXT_SIZES},
+    "dino_convnext_xl_5scale": _convnext("xl", 5),
     "tiny": _tiny,
 }
-for _base in ("dino_r50_4scale", "dino_r50_5scale"):
+for _base in ("dino_r50_4scale", "dino_r50_5scale", "dino_swinl_4scale", "dino_swinl_5scale"):
     _PRESETS[f"{_base}_24ep"] = _schedule(_PRESETS[_base], 24, 20, "24ep")
     _PRESETS[f"{_base}_36ep"] = _schedule(_PRESETS[_base], 36, 30, "36ep")
 

@@ -6,6 +6,34 @@ from typing import Any
 from ..config import BackboneConfig, ConfigError, DINOConfig, LossConfig, ModelConfig
 
 _RESNETS = ("resnet50", "resnet101")
+# official backbone name -> (dinodet name, window size); the official build never sets a drop-path rate,
+# so Swin keeps its constructor default 0.2 and ConvNeXt 0.0
+_SWINS = {
+    "swin_T_224_1k": ("swin_t", 7),
+    "swin_B_224_22k": ("swin_b", 7),
+    "swin_B_384_22k": ("swin_b", 12),
+    "swin_L_224_22k": ("swin_l", 7),
+    "swin_L_384_22k": ("swin_l", 12),
+}
+_CONVNEXTS = {"convnext_xlarge_22k": "convnext_xlarge"}
+
+
+def _backbone_config(args: dict[str, Any]) -> BackboneConfig:
+    backbone = args.get("backbone", "resnet50")
+    levels = tuple(args.get("return_interm_indices", [1, 2, 3]))
+    dilation = bool(args.get("dilation", False))
+    if backbone in _RESNETS:
+        return BackboneConfig(name=backbone, return_layers=levels, dilation=dilation)
+    _require(args, "backbone_freeze_keywords", (None, []))
+    if backbone in _SWINS:
+        name, window = _SWINS[backbone]
+        return BackboneConfig(name=name, return_layers=levels, dilation=dilation, window_size=window,
+                              drop_path_rate=0.2, use_checkpoint=bool(args.get("use_checkpoint", False)))
+    if backbone in _CONVNEXTS:
+        # the official ConvNeXt build ignores dilation and use_checkpoint
+        return BackboneConfig(name=_CONVNEXTS[backbone], return_layers=levels, drop_path_rate=0.0)
+    supported = ", ".join([*_RESNETS, *_SWINS, *_CONVNEXTS])
+    raise ConfigError(f"official backbone '{backbone}' is not supported (supported: {supported})")
 
 
 def _require(args: dict[str, Any], key: str, allowed) -> None:
@@ -33,11 +61,8 @@ def config_from_official_args(args: dict[str, Any]) -> DINOConfig:
     _require(args, "num_patterns", (0,))
     _require(args, "dec_layer_number", (None,))
     backbone = args.get("backbone", "resnet50")
-    if backbone not in _RESNETS:
-        raise ConfigError(f"official backbone '{backbone}' is not supported yet (supported: {', '.join(_RESNETS)})")
-    levels = list(args.get("return_interm_indices", [1, 2, 3]))
     model = ModelConfig(
-        backbone=BackboneConfig(name=backbone, return_layers=tuple(levels), dilation=bool(args.get("dilation", False))),
+        backbone=_backbone_config(args),
         num_classes=int(args.get("num_classes", 91)),
         hidden_dim=int(args.get("hidden_dim", 256)),
         num_heads=int(args.get("nheads", 8)),

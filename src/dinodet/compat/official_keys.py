@@ -3,6 +3,10 @@
 The official model stores the shared class/box heads once per decoder layer and once more under
 ``transformer.decoder`` (all aliases of one tensor); dinodet stores each head once.  This module is
 the only place that knows the official names.
+
+Backbones: the ResNet trunk is ``backbone.0.body.*`` officially; Swin and ConvNeXt (and their
+per-stage output norms ``norm{i}``) sit directly under ``backbone.0.*`` with the names of their
+original ImageNet releases.  dinodet's ConvNeXt uses timm's names, translated here.
 """
 from __future__ import annotations
 
@@ -14,7 +18,18 @@ from torch import Tensor
 # (dinodet regex, official template(s)); templates use \1.. groups of the dinodet regex.
 # Per-layer head aliases are expanded separately (they depend on the number of decoder layers).
 _RULES: list[tuple[str, str]] = [
-    (r"^backbone\.body\.(.+)$", r"backbone.0.body.\1"),
+    # ResNet: the torchvision trunk sits under backbone.0.body
+    (r"^backbone\.body\.((?:conv1|bn1|layer[1-4])\..+)$", r"backbone.0.body.\1"),
+    # Swin (same names as the original Swin release) and the per-stage output norms of Swin / ConvNeXt
+    (r"^backbone\.body\.((?:patch_embed|layers|norm\d+)\..+)$", r"backbone.0.\1"),
+    # ConvNeXt: timm layout (dinodet) -> original / official layout
+    (r"^backbone\.body\.stem\.(\d+)\.(.+)$", r"backbone.0.downsample_layers.0.\1.\2"),
+    (r"^backbone\.body\.stages\.(\d+)\.downsample\.(\d+)\.(.+)$", r"backbone.0.downsample_layers.\1.\2.\3"),
+    (r"^backbone\.body\.stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.(.+)$", r"backbone.0.stages.\1.\2.dwconv.\3"),
+    (r"^backbone\.body\.stages\.(\d+)\.blocks\.(\d+)\.norm\.(.+)$", r"backbone.0.stages.\1.\2.norm.\3"),
+    (r"^backbone\.body\.stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.(.+)$", r"backbone.0.stages.\1.\2.pwconv1.\3"),
+    (r"^backbone\.body\.stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.(.+)$", r"backbone.0.stages.\1.\2.pwconv2.\3"),
+    (r"^backbone\.body\.stages\.(\d+)\.blocks\.(\d+)\.gamma$", r"backbone.0.stages.\1.\2.gamma"),
     (r"^level_embed$", r"transformer.level_embed"),
     (r"^encoder\.layers\.(\d+)\.self_attn\.(.+)$", r"transformer.encoder.layers.\1.self_attn.\2"),
     (r"^encoder\.layers\.(\d+)\.norm\.(.+)$", r"transformer.encoder.layers.\1.norm1.\2"),
@@ -55,6 +70,14 @@ def official_names(key: str, num_dec_layers: int, num_backbone_levels: int) -> l
         if re.match(pattern, key):
             return [re.sub(pattern, template, key)]
     raise KeyError(f"no official name for dinodet parameter '{key}'")
+
+
+def original_backbone_name(body_key: str) -> str:
+    """Name of backbone parameter ``body_key`` (relative to ``backbone.body``) in the original ImageNet
+    release of that network: torchvision ResNet, Swin (microsoft/Swin-Transformer) or ConvNeXt
+    (facebookresearch/ConvNeXt).  These are the official DINO names without ``backbone.0.[body.]``."""
+    (official,) = official_names(f"backbone.body.{body_key}", 0, 0)
+    return re.sub(r"^backbone\.0\.(?:body\.)?", "", official)
 
 
 def official_key_map(dinodet_keys: list[str], num_dec_layers: int, num_backbone_levels: int) -> "OrderedDict[str, str]":
