@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dinodet {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_predict(subparsers)
+    _add_train(subparsers)
+    _add_eval(subparsers)
+    _add_check_data(subparsers)
+    _add_demo(subparsers)
     return parser
 
 
@@ -46,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dinodet`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = None if argv is None else list(argv)  # what --slurm resubmits
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -65,8 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _user_errors() -> tuple[type[Exception], ...]:
     """The package's error types whose messages are meant for users (one line, naming the file)."""
     from .checkpoint import CheckpointError  # deferred: imports the model code
+    from .data.report import DatasetError
+    from .engine.train import TrainingError
 
-    return (CheckpointError, ConfigError, ImageLoadError)
+    return (CheckpointError, ConfigError, ImageLoadError, DatasetError, TrainingError)
 
 
 def _error(message: str) -> None:
@@ -236,6 +243,331 @@ def _records(
         {"file_name": file_name, "category_id": int(c), "bbox": [round(v, 2) for v in b], "score": round(s, 5)}
         for c, b, s in zip(category_ids, bboxes, scores)
     ]
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train (or fine-tune) a detector on a COCO or YOLO dataset",
+        description=(
+            "Train DINO on --data (train split; evaluated on the val split if there is one, else on "
+            "the training images).  RUN_DIR (--out) receives checkpoint.pt (resumable), "
+            "checkpoint_best.pt, metrics.jsonl, tb/ (TensorBoard), curves.png, config.json and, at the "
+            "end, metrics.json (final COCO evaluation).  The number of classes comes from the dataset.  "
+            "The same command runs distributed under `torchrun --nproc_per_node N` (or --slurm)."
+        ),
+    )
+    _add_data_args(p)
+    p.add_argument("--preset", metavar="NAME",
+                   help=f"model + schedule ({', '.join(list_presets())}); required unless --resume")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created if needed)")
+    p.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
+    p.add_argument("--batch-size", type=int, help="images per process per step (train.batch_size)")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), help="mixed precision (train.amp)")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt (same end state as an "
+                   "uninterrupted run); the stored config is used, --set/--epochs/... still apply")
+    p.add_argument("--finetune-from", metavar="CKPT", help="start from an official or dinodet checkpoint; the "
+                   "class heads are re-initialised when its classes differ from the dataset's")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. train.lr=2e-4 or data.eval_size=512 (repeatable)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) (default cpu)")
+    p.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps in total (smoke tests)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s = p.add_argument_group("SLURM (needs the submitit package)")
+    s.add_argument("--slurm", action="store_true", help="submit this command as a SLURM job instead of running it")
+    s.add_argument("--slurm-nodes", type=int, default=1, metavar="N")
+    s.add_argument("--slurm-gpus-per-node", type=int, default=1, metavar="N", help="also processes per node")
+    s.add_argument("--slurm-cpus-per-task", type=int, default=8, metavar="N")
+    s.add_argument("--slurm-time", type=int, default=24 * 60, metavar="MIN", help="time limit in minutes")
+    s.add_argument("--slurm-partition", metavar="NAME")
+    p.set_defaults(func=_run_train)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, metavar="DIR", help="dataset folder (COCO or YOLO layout)")
+    p.add_argument("--format", choices=("coco", "yolo"), default="coco", help="dataset layout (default coco)")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .engine.distributed import dist_info_from_env
+    from .engine.train import CHECKPOINT, DataSpec, TrainOptions, build_train_datasets, train
+
+    _check_train_args(args)
+    run_dir = Path(args.out)
+    if args.slurm:
+        return _submit_slurm(args, run_dir)
+    cfg, label_map = _train_config(args, run_dir / CHECKPOINT)
+    if (run_dir / CHECKPOINT).is_file() and not args.resume:
+        raise ConfigError(f"'{run_dir}' already holds a run ({CHECKPOINT}); pass --resume to continue it "
+                          "or choose another --out")
+    info = dist_info_from_env()
+    train_set, val_set = build_train_datasets(DataSpec(args.data, args.format), cfg, label_map, info)
+    if info.is_main:
+        print(f"dinodet: training '{cfg.name}' on {len(train_set)} images, {train_set.label_map.num_classes} "
+              f"classes; evaluating on {len(val_set)} images -> {run_dir}", file=sys.stderr)
+    opts = TrainOptions(run_dir=run_dir, device=_checked_device(args.device), resume=args.resume,
+                        finetune_from=args.finetune_from, max_steps=args.max_steps,
+                        progress=not args.no_progress)
+    metrics = train(cfg, train_set, val_set, opts)
+    if info.is_main:
+        _print_metrics(metrics)
+        print(f"dinodet: final metrics -> {run_dir / 'metrics.json'}")
+    return 0
+
+
+def _check_train_args(args: argparse.Namespace) -> None:
+    for name in ("epochs", "batch_size", "max_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not args.resume and not args.preset:
+        raise ConfigError("--preset NAME is required for a new run (e.g. --preset tiny)")
+    if args.resume and args.finetune_from:
+        raise ConfigError("--resume and --finetune-from exclude each other (a resumed run has its own weights)")
+
+
+def _train_config(args: argparse.Namespace, checkpoint: Path) -> tuple[Any, Any]:
+    """(config, label map or None): a resumed run's stored config (and classes), else the preset;
+    then --set and the explicit flags."""
+    from .config import DINOConfig, apply_overrides
+    from .presets import get_preset
+
+    label_map = None
+    if args.resume and checkpoint.is_file():
+        from .checkpoint import CheckpointError
+        from .data.labels import LabelMap
+        from .engine.train import read_train_state
+
+        state = read_train_state(checkpoint)
+        try:
+            cfg = DINOConfig.from_json(state["config"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{checkpoint}: invalid stored config ({e})") from None
+        if args.preset and args.preset != cfg.name:
+            raise ConfigError(f"{checkpoint} was trained with preset '{cfg.name}', not '{args.preset}'")
+        label_map = LabelMap(state["class_names"], state["category_ids"])
+    else:
+        cfg = get_preset(args.preset)
+    flags = [f"train.epochs={args.epochs}" if args.epochs else None,
+             f"train.batch_size={args.batch_size}" if args.batch_size else None,
+             f'train.amp="{args.amp}"' if args.amp else None]
+    from .engine.train import check_train_config
+
+    cfg = apply_overrides(cfg, list(args.overrides) + [f for f in flags if f])
+    check_train_config(cfg.train)  # before the (possibly slow) dataset indexing
+    return cfg, label_map
+
+
+def _checked_device(device: str) -> str:
+    from .inference import resolve_device
+
+    return str(resolve_device(device))
+
+
+def _submit_slurm(args: argparse.Namespace, run_dir: Path) -> int:
+    from .engine.distributed import SlurmOptions, submit_slurm
+
+    argv = _strip_slurm_args(sys.argv[1:] if args.argv is None else args.argv)
+    opts = SlurmOptions(nodes=args.slurm_nodes, gpus_per_node=args.slurm_gpus_per_node,
+                        cpus_per_task=args.slurm_cpus_per_task, timeout_min=args.slurm_time,
+                        partition=args.slurm_partition)
+    try:
+        job_id = submit_slurm(argv, run_dir, opts)
+    except ImportError:
+        raise ConfigError("--slurm needs the 'submitit' package: pip install submitit") from None
+    print(f"dinodet: submitted SLURM job {job_id} ({opts.nodes} node(s) x {opts.gpus_per_node} GPU(s)); "
+          f"logs in {run_dir / opts.folder}")
+    return 0
+
+
+def _strip_slurm_args(argv: Sequence[str]) -> list[str]:
+    """The command line without the --slurm* options (the job runs the rest as is)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--slurm" or (a.startswith("--slurm-") and "=" in a):
+            continue
+        if a.startswith("--slurm-"):
+            skip = True
+            continue
+        out.append(a)
+    return out
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    from .engine.evaluate import format_metrics
+
+    print(format_metrics(metrics))
+
+
+# -------------------------------------------------------------------------------------------- eval
+
+
+def _add_eval(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="COCO-evaluate a checkpoint on a dataset split",
+        description=(
+            "Evaluate a dinodet or official DINO checkpoint on a split of --data with pycocotools: "
+            "prints AP, AP50, AP75, APs/m/l; with --out also writes metrics.json (fractions) and "
+            "predictions.json (COCO results).  Images are resized as the checkpoint's config says "
+            "(data.eval_size / data.max_size; change with --set).  EMA weights are used when the "
+            "checkpoint has them.  Runs distributed under torchrun."
+        ),
+    )
+    _add_data_args(p)
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="dinodet or official DINO checkpoint")
+    p.add_argument("--preset", metavar="NAME", help="architecture of an official checkpoint without stored args")
+    p.add_argument("--split", help="split to evaluate (default: val, or train with a warning when there is no val)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per loader batch (AP does not depend on it)")
+    p.add_argument("--out", metavar="DIR", help="write metrics.json and predictions.json here")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision (default off)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. data.eval_size=512 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .config import apply_overrides
+    from .data.coco import build_dataset
+    from .engine.distributed import cleanup_distributed, init_distributed
+    from .engine.evaluate import category_mapping, evaluate
+    from .engine.train import DataSpec, split_exists
+    from .engine.train import write_json_atomic as write_json_pretty
+    from .inference import default_label_map
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = _checked_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, preset=args.preset)
+    cfg = apply_overrides(ckpt.config, args.overrides)
+    model = ckpt.model
+    ema = (ckpt.extra or {}).get("ema")
+    if ema:
+        model.load_state_dict(ema["module"])
+    split = args.split or "val"
+    if args.split is None and not split_exists(DataSpec(args.data, args.format), split):
+        _warn(f"no 'val' split in '{args.data}'; evaluating the 'train' split")
+        split = "train"
+    dataset = build_dataset(args.data, split, args.format, train=False, data_cfg=cfg.data)
+    names, ids = default_label_map(cfg.model.num_classes, ckpt.class_names, ckpt.category_ids)
+    lm = dataset.label_map
+    try:
+        mapping, how = category_mapping(names, ids, lm.class_names, lm.category_ids)
+    except ValueError as e:
+        raise ConfigError(f"{args.checkpoint} on {args.data}: {e}") from None
+    if how == "name":
+        _warn("the checkpoint's category ids differ from the dataset's; classes matched by name "
+              f"({sum(m is not None for m in mapping)} of {len(mapping)} matched)")
+    info, dev = init_distributed(device)
+    try:
+        result = evaluate(model.to(dev), dataset, mapping, device=dev, batch_size=args.batch_size,
+                          num_select=cfg.model.num_select, amp=args.amp, dist_info=info,
+                          num_workers=cfg.data.num_workers, progress=not args.no_progress)
+    finally:
+        cleanup_distributed()
+    if not info.is_main:
+        return 0
+    metrics = {**result.metrics, "split": split, "checkpoint": str(args.checkpoint), "ema_weights": bool(ema)}
+    print(f"dinodet: {len(dataset)} images of '{split}', {len(result.records)} detections"
+          + (" (EMA weights)" if ema else ""))
+    _print_metrics(metrics)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_pretty(out / "metrics.json", metrics)
+        write_json_atomic(out / "predictions.json", result.records)
+        print(f"dinodet: metrics -> {out / 'metrics.json'}, detections -> {out / 'predictions.json'}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- check-data
+
+
+def _add_check_data(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "check-data",
+        help="scan a dataset for problems before training",
+        description="Check every annotation and image header of the train and val splits (or --split) and "
+                    "print what training would skip or fix.  Exit status 1 when a split has no usable image.",
+    )
+    _add_data_args(p)
+    p.add_argument("--split", action="append", help="split(s) to check (default: train and val when present)")
+    p.add_argument("--decode", action="store_true", help="also decode every image (slower; finds truncated files)")
+    p.set_defaults(func=_run_check_data)
+
+
+def _run_check_data(args: argparse.Namespace) -> int:
+    from .data.checks import check_dataset, format_report
+    from .engine.train import DataSpec, split_exists
+
+    spec = DataSpec(args.data, args.format)
+    splits = args.split or [s for s in ("train", "val") if s == "train" or split_exists(spec, s)]
+    status = 0
+    for split in splits:
+        report = check_dataset(args.data, args.format, split, decode=args.decode)
+        print(f"[{split}]")
+        print(format_report(report))
+        if report.images == 0:
+            status = 1
+    return status
+
+
+# -------------------------------------------------------------------------------------------- demo
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="generate a synthetic shapes dataset, train the tiny preset on it (CPU) and evaluate",
+        description=(
+            "End-to-end demo: writes a synthetic COCO dataset to RUN_DIR/data, trains the 'tiny' preset, "
+            "evaluates on its val split and writes RUN_DIR/val_predictions/*.jpg, curves.png, "
+            "metrics.jsonl and metrics.json (AP, AP50, ...).  Defaults live in dinodet.engine.demo; "
+            "change them with --set (train.epochs=3, data.eval_size=96, demo.num_train=100, ...)."
+        ),
+    )
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created if needed)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (demo.* keys for the dataset) (repeatable)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .data.coco import build_dataset
+    from .engine.demo import PREDICTIONS_DIR, demo_config, make_demo_data, write_prediction_pictures
+    from .engine.train import CHECKPOINT, Trainer, TrainOptions
+
+    settings, cfg = demo_config(args.overrides)
+    run_dir = Path(args.out)
+    if (run_dir / CHECKPOINT).is_file() and not args.resume:
+        raise ConfigError(f"'{run_dir}' already holds a run ({CHECKPOINT}); pass --resume or choose another --out")
+    device = _checked_device(args.device)
+    print(f"dinodet: generating {settings.num_train} + {settings.num_val} synthetic images in {run_dir / 'data'}",
+          file=sys.stderr)
+    data = make_demo_data(run_dir, settings)
+    train_set = build_dataset(data, "train", train=True, data_cfg=cfg.data)
+    val_set = build_dataset(data, "val", train=False, data_cfg=cfg.data, label_map=train_set.label_map)
+    trainer = Trainer(cfg, train_set, val_set, TrainOptions(run_dir=run_dir, device=device, resume=args.resume,
+                                                            progress=not args.no_progress))
+    metrics = trainer.fit()
+    assert trainer.last_eval is not None
+    n = write_prediction_pictures(val_set, trainer.last_eval.records, run_dir / PREDICTIONS_DIR,
+                                  settings.picture_threshold, settings.max_pictures)
+    _print_metrics(metrics)
+    print(f"dinodet: {n} annotated val images -> {run_dir / PREDICTIONS_DIR}; metrics -> {run_dir / 'metrics.json'}")
+    return 0
 
 
 def _json_lines(data: Any) -> str:

@@ -1,0 +1,47 @@
+"""Exponential moving average of model weights (the official DINO ``ModelEma``).
+
+After every optimizer step ``ema = decay * ema + (1 - decay) * weights`` for every floating-point
+entry of the state dict (parameters AND buffers, as officially); integer buffers are copied.
+Evaluation then uses ``ema.module``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ModelEMA:
+    def __init__(self, model: nn.Module, decay: float = 0.9997):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        # a full copy (not just tensors) so the EMA weights can be evaluated like any model
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Blend ``model``'s current weights into the average (``model`` unwrapped, not DDP)."""
+        current = model.state_dict()
+        for name, avg in self.module.state_dict().items():
+            value = current[name].detach()
+            if avg.dtype.is_floating_point:
+                # decay * e + (1 - decay) * m, in the official operation order
+                avg.copy_(self.decay * avg + (1.0 - self.decay) * value)
+            else:
+                avg.copy_(value)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "updates": self.updates,
+                "module": {k: v.detach().cpu() for k, v in self.module.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay = float(state["decay"])
+        self.updates = int(state["updates"])
+        self.module.load_state_dict(state["module"])

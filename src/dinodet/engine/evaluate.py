@@ -1,0 +1,220 @@
+"""COCO-style evaluation: predict a dataset, then pycocotools' COCOeval on the dataset's own GT.
+
+Batch-size independence.  DINO is not exactly invariant to zero padding (the backbone convolutions
+and the GroupNorm of the input projection see the padded border), and even a batch of equally
+sized images is not bit-identical to running them one by one (matrix-multiply kernels block the
+rows differently; logits differ by ~1e-6, enough to reorder near-tied scores in COCOeval).  So,
+like the official evaluation (a val loader of batch size 1), every image is forwarded on its own,
+unpadded: an image's detections never depend on which images share its loader batch and AP is
+identical for every evaluation batch size.  The batch size only sets how many images the loader
+prepares at a time.  ``batch_same_size=True`` trades that exactness for throughput: equally sized
+images of a loader batch then run as one unpadded batch (results equal up to float noise).
+
+Distributed: every rank predicts a strided shard of the images (no padding or duplicates, unlike
+DistributedSampler), the COCO records are gathered to rank 0, which runs COCOeval, and the metrics
+are broadcast so every rank returns the same dict.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..boxes import box_xyxy_to_xywh
+from ..postprocess import postprocess
+from .distributed import DistInfo, all_gather_objects, broadcast_object
+
+#: COCOeval.stats in order; the AP* entries are the headline metrics written to metrics.json.
+COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+HEADLINE = COCO_STATS[:6]
+
+
+@dataclass
+class EvalResult:
+    """COCO metrics (fractions in 0..1; -1 where the split has no GT in that size range, as in
+    pycocotools) and the COCO result records they were computed from (rank 0 only)."""
+
+    metrics: dict[str, float]
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def amp_autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """torch.autocast for ``amp`` in {"off", "bf16", "fp16"} (a null context for "off")."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in dtypes:
+        raise ValueError(f"amp must be one of off, bf16, fp16; got '{amp}'")
+    return torch.autocast(device_type=device.type, dtype=dtypes[amp])
+
+
+def _as_list(batch: list[Any]) -> list[Any]:
+    return batch  # keep images unpadded; grouping by size happens in predict_dataset
+
+
+def same_size_groups(items: Sequence[tuple[Tensor, dict[str, Tensor]]]) -> list[list[int]]:
+    """Indices of ``items`` grouped by image size (first-appearance order, input order within)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (image, _) in enumerate(items):
+        groups.setdefault(tuple(image.shape[-2:]), []).append(i)
+    return list(groups.values())
+
+
+def coco_records(det_scores: Tensor, det_labels: Tensor, det_boxes: Tensor, image_id: int,
+                 category_ids: Sequence[int | None]) -> list[dict[str, Any]]:
+    """COCO result records of one image: boxes xyxy (original pixels) -> xywh; class index ->
+    dataset category id (classes mapped to None are dropped)."""
+    xywh = box_xyxy_to_xywh(det_boxes.float()).tolist()
+    records = []
+    for score, label, box in zip(det_scores.tolist(), det_labels.tolist(), xywh):
+        cat = category_ids[label]
+        if cat is not None:
+            records.append({"image_id": image_id, "category_id": int(cat), "bbox": box, "score": float(score)})
+    return records
+
+
+@torch.inference_mode()
+def predict_dataset(
+    model: nn.Module,
+    dataset: Dataset,
+    category_ids: Sequence[int | None],
+    *,
+    device: torch.device,
+    batch_size: int = 1,
+    num_select: int = 300,
+    amp: str = "off",
+    dist_info: DistInfo = DistInfo(),
+    num_workers: int = 0,
+    progress: bool = False,
+    batch_same_size: bool = False,
+) -> list[dict[str, Any]]:
+    """COCO result records for every readable image of ``dataset`` (all ranks' records, on rank 0;
+    an empty list on the others)."""
+    was_training = model.training
+    model.eval()
+    shard = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
+    # an own generator: creating a loader iterator draws a seed from it, and must not advance the
+    # global torch RNG (training continues from it; resume equality depends on that)
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_as_list, generator=torch.Generator().manual_seed(0))
+    records: list[dict[str, Any]] = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(shard), desc="eval", unit="img", file=sys.stderr, leave=False,
+               disable=not (progress and dist_info.is_main))
+    try:
+        for batch in loader:
+            items = [x for x in batch if x is not None]  # unreadable images count as missed GT
+            groups = same_size_groups(items) if batch_same_size else [[i] for i in range(len(items))]
+            for group in groups:
+                records.extend(_predict_group([items[i] for i in group], model, category_ids,
+                                              device, num_select, amp))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+    gathered = all_gather_objects(records, dist_info)
+    return [r for part in gathered for r in part] if dist_info.is_main else []
+
+
+def _predict_group(items: list[tuple[Tensor, dict[str, Tensor]]], model: nn.Module,
+                   category_ids: Sequence[int | None], device: torch.device, num_select: int,
+                   amp: str) -> list[dict[str, Any]]:
+    images = torch.stack([im for im, _ in items]).to(device, non_blocking=True)
+    mask = torch.zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool, device=device)
+    with amp_autocast(device, amp):
+        out = model(images, mask)
+    orig_sizes = torch.stack([t["orig_size"] for _, t in items]).to(device)
+    det = postprocess(out.pred_logits.float(), out.pred_boxes.float(), orig_sizes, num_select)
+    records = []
+    for i, (_, target) in enumerate(items):
+        records.extend(coco_records(det.scores[i].cpu(), det.labels[i].cpu(), det.boxes[i].cpu(),
+                                    int(target["image_id"]), category_ids))
+    return records
+
+
+def coco_metrics(coco_gt: Any, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """COCOeval (bbox) of ``records`` against ``coco_gt`` (a pycocotools COCO); every GT image
+    counts, so images without predictions are misses.  pycocotools' printing is swallowed."""
+    from pycocotools.cocoeval import COCOeval
+
+    if not records:  # loadRes cannot take an empty list; nothing detected means AP 0
+        return {k: 0.0 for k in COCO_STATS}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes([dict(r) for r in records])  # loadRes edits the dicts it gets
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {k: float(v) for k, v in zip(COCO_STATS, evaluator.stats)}
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    category_ids: Sequence[int | None],
+    *,
+    device: torch.device,
+    batch_size: int = 1,
+    num_select: int = 300,
+    amp: str = "off",
+    dist_info: DistInfo = DistInfo(),
+    num_workers: int = 0,
+    progress: bool = False,
+) -> EvalResult:
+    """Predict ``dataset`` (a DetectionDataset with eval transforms and a ``.coco`` GT) and score it.
+
+    ``category_ids[k]`` is the dataset category id of model class k (None: ignore that class).
+    Every rank gets the metrics; the records are kept on rank 0 only.
+    """
+    records = predict_dataset(model, dataset, category_ids, device=device, batch_size=batch_size,
+                              num_select=num_select, amp=amp, dist_info=dist_info,
+                              num_workers=num_workers, progress=progress)
+    metrics = coco_metrics(dataset.coco, records) if dist_info.is_main else {}
+    metrics = broadcast_object(metrics, dist_info)
+    metrics["num_images"] = float(len(dataset))
+    return EvalResult(metrics=metrics, records=records)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """Human-readable AP lines, e.g. for the CLI."""
+    labels = {"AP": "AP @[.50:.95]", "AP50": "AP @.50", "AP75": "AP @.75",
+              "APs": "AP small", "APm": "AP medium", "APl": "AP large"}
+    lines = []
+    for key in HEADLINE:
+        v = metrics.get(key)
+        if v is None:
+            continue
+        lines.append(f"{labels[key]:<14} {'n/a (no GT of that size)' if v < 0 else f'{v:.4f}'}")
+    return "\n".join(lines)
+
+
+def category_mapping(
+    class_names: Sequence[str], category_ids: Sequence[int], dataset_names: Sequence[str],
+    dataset_ids: Sequence[int],
+) -> tuple[list[int | None], str]:
+    """Map a model's classes onto a dataset's categories for evaluation.
+
+    By category id when the model knows every dataset category under the same id and name (a model
+    trained on this dataset, or an official COCO model on COCO-format data); otherwise by class
+    name (case-insensitive), e.g. a COCO model on YOLO-format data whose ids are 0..79.  Model
+    classes without a counterpart map to None (their detections are dropped).
+
+    Returns (mapping, how) where ``how`` is "id" or "name".
+    Raises ValueError when no class matches at all.
+    """
+    by_id = {int(c): n for c, n in zip(category_ids, class_names)}
+    if all(by_id.get(int(c), "").lower() == n.lower() for c, n in zip(dataset_ids, dataset_names)):
+        return [int(c) for c in category_ids], "id"
+    by_name = {n.lower(): int(c) for c, n in zip(dataset_ids, dataset_names)}
+    mapping = [by_name.get(n.lower()) for n in class_names]
+    if not any(m is not None for m in mapping):
+        raise ValueError("none of the model's classes matches the dataset's categories (by id or by name)")
+    return mapping, "name"

@@ -1,0 +1,675 @@
+"""The DINO training loop (official recipe) with resumable, reproducible, distributed runs.
+
+Recipe (official ``main.py`` / ``engine.py``): AdamW with the backbone at ``lr_backbone`` and
+everything else at ``lr``; StepLR dropping the lr by 0.1 after ``lr_drop`` epochs (stepped once per
+epoch); gradient clipping at ``clip_max_norm`` over all parameters; the criterion supplies the
+Hungarian-matched focal / L1 / GIoU losses of every decoder layer, the encoder proposals and the
+denoising groups with the official weights.  Additions: mixed precision (bf16 autocast, or fp16
+with a GradScaler), an optional weight EMA (evaluated instead of the raw weights), and gradient
+accumulation.
+
+Gradient accumulation reproduces the bigger batch: the criterion divides each micro-batch's loss
+by that micro-batch's box count, so micro-batch i is weighted by max(N_i, W) / max(N, W) (N_i its
+box count over all W processes, N the window's) instead of a flat 1/accumulate; the sum of the
+weighted gradients is then exactly the gradient of the whole window as one batch (up to float
+rounding; the denoising losses still differ because the number of denoising groups depends on the
+largest image of each micro-batch).
+
+Reproducibility: model initialisation uses ``train.seed`` on every rank; training randomness
+(denoising noise, augmentation) uses ``seed + rank``.  The data order comes from a
+DistributedSampler (also for one process) whose permutation depends only on (seed, epoch), so W
+processes x batch B sees the same global batches as 1 process x batch W*B.  A checkpoint stores
+every rank's RNG states, taken before the evaluation (which runs with the RNG state preserved), so
+a resumed run continues exactly like an uninterrupted one (with ``data.num_workers=0``; worker
+processes keep private RNG streams that cannot be captured).
+
+Files in RUN_DIR (rank 0 only): checkpoint.pt (everything needed to resume), checkpoint_best.pt
+(the evaluated weights with the best AP: the EMA weights when EMA is on), metrics.jsonl,
+tb/ (TensorBoard), curves.png, config.json (the resolved config) and, at the end, metrics.json
+(the final evaluation).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
+from ..checkpoint import FORMAT_TAG, CheckpointError, build_model, load_checkpoint, read_torch_file, save_checkpoint
+from ..config import ConfigError, DINOConfig, TrainConfig
+from ..criterion import SetCriterion, build_criterion
+from ..models.outputs import DINOOutput
+from .distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_gather_tensor,
+    all_reduce_sum,
+    cleanup_distributed,
+    get_rng_state,
+    init_distributed,
+    preserved_rng,
+    seed_everything,
+    set_rng_state,
+)
+from .ema import ModelEMA
+from .evaluate import HEADLINE, EvalResult, amp_autocast, evaluate
+from .logging import RunLogger
+from .plots import plot_curves
+
+CHECKPOINT = "checkpoint.pt"
+BEST_CHECKPOINT = "checkpoint_best.pt"
+FINAL_METRICS = "metrics.json"
+CURVES = "curves.png"
+RESOLVED_CONFIG = "config.json"
+AMP_MODES = ("off", "bf16", "fp16")
+TRAIN_STATE_VERSION = 1
+
+# Loss terms logged besides the weighted total: final layer, final-layer denoising, encoder proposals.
+LOGGED_LOSSES = ("loss_ce", "loss_bbox", "loss_giou", "class_error",
+                 "loss_ce_dn", "loss_bbox_dn", "loss_giou_dn",
+                 "loss_ce_interm", "loss_bbox_interm", "loss_giou_interm")
+# Parameters of the class heads: re-initialised when fine-tuning onto another class set.
+CLASS_HEAD_PREFIXES = ("class_head.", "query_selection.class_head.")
+LABEL_BOOK_PREFIX = "denoising.label_embed."
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); one-line message."""
+
+
+@dataclass
+class TrainOptions:
+    """How to run (as opposed to what to train, which is the DINOConfig)."""
+
+    run_dir: Path
+    device: str = "cpu"
+    resume: bool = False  # continue RUN_DIR/checkpoint.pt (starts fresh, with a warning, if there is none)
+    finetune_from: str | None = None  # initial weights: an official or dinodet checkpoint
+    max_steps: int | None = None  # stop after this many optimizer steps in total (smoke tests)
+    progress: bool = True  # tqdm bars (rank 0)
+    tensorboard: bool = True
+
+
+# ------------------------------------------------------------------------------------ building blocks
+
+
+def resolve_config(cfg: DINOConfig, num_classes: int) -> DINOConfig:
+    """A copy of ``cfg`` whose class count comes from the dataset (and the denoising label book
+    with it), after checking the training settings."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.num_classes = int(num_classes)
+    cfg.model.dn_labelbook_size = None
+    check_train_config(cfg.train)
+    return cfg
+
+
+def check_train_config(t: TrainConfig) -> None:
+    if t.amp not in AMP_MODES:
+        raise ConfigError(f"train.amp must be one of {', '.join(AMP_MODES)}, got '{t.amp}'")
+    for name in ("epochs", "batch_size", "accumulate", "eval_every", "eval_batch_size"):
+        if not isinstance(getattr(t, name), int) or getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} must be an integer >= 1, got {getattr(t, name)!r}")
+    if not 0.0 <= t.ema_decay <= 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1], got {t.ema_decay}")
+    if t.lr_drop < 1:
+        raise ConfigError(f"train.lr_drop must be >= 1, got {t.lr_drop}")
+
+
+def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with two parameter groups (official ``get_param_dict``, type 'default'): 'main' at
+    ``lr`` and 'backbone' (names starting with ``backbone.``) at ``lr_backbone``; frozen parameters
+    are left out."""
+    main, backbone = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone if name.startswith("backbone.") else main).append(p)
+    groups = [{"params": main, "lr": t.lr, "name": "main"},
+              {"params": backbone, "lr": t.lr_backbone, "name": "backbone"}]
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig) -> torch.optim.lr_scheduler.StepLR:
+    """lr x 0.1 after every ``lr_drop`` epochs; ``step()`` once per completed epoch."""
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_drop, gamma=0.1)
+
+
+def build_grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling against gradient underflow; bf16 (float32's exponent range) does not."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+
+def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    return {("lr" if g.get("name", "main") == "main" else f"lr_{g['name']}"): float(g["lr"])
+            for g in optimizer.param_groups}
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose current epoch can start after the first ``start`` samples, so a
+    run stopped mid-epoch resumes with exactly the batches it had not seen yet."""
+
+    start = 0
+
+    def set_start(self, start: int) -> None:
+        self.start = max(0, int(start))
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
+
+
+def window_weights(box_counts: Tensor, world_size: int) -> tuple[Tensor, Tensor]:
+    """Accumulation weights of one window from every rank's per-micro-batch box counts.
+
+    Args:
+        box_counts: int [W, k] boxes of micro-batch i on rank r; -1 where a rank's micro-batch was
+            entirely unreadable (then every rank skips it, keeping the collectives in step).
+    Returns:
+        (valid bool [k], weight float64 [k]): weight_i = max(N_i, W) / max(N, W) for the valid ones.
+    """
+    valid = (box_counts >= 0).all(0)
+    per_batch = box_counts.clamp(min=0).sum(0).double()
+    total = per_batch[valid].sum()
+    w = float(world_size)
+    weights = torch.where(valid, per_batch.clamp(min=w) / total.clamp(min=w), torch.zeros_like(per_batch))
+    return valid, weights
+
+
+def float_output(out: DINOOutput) -> DINOOutput:
+    """Losses are computed in float32 even when the model ran under autocast."""
+    def f(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.float()
+
+    return replace(out, logits=f(out.logits), boxes=f(out.boxes), interm_logits=f(out.interm_logits),
+                   interm_boxes=f(out.interm_boxes), dn_logits=f(out.dn_logits), dn_boxes=f(out.dn_boxes))
+
+
+def load_finetune_weights(model: nn.Module, path: str | os.PathLike, class_names: list[str],
+                          category_ids: list[int]) -> list[str]:
+    """Initialise ``model`` from any checkpoint (official or dinodet) for fine-tuning.
+
+    Everything is loaded except, when the checkpoint's classes differ from ``(class_names,
+    category_ids)``, the class heads (``class_head``, ``query_selection.class_head``), which keep
+    their fresh initialisation, and the denoising label book when its size differs.  Any other
+    missing, unexpected or mis-shaped key means another architecture: CheckpointError.
+
+    Returns the names of the parameters left at their initialisation.
+    """
+    from ..inference import default_label_map
+
+    src, num_classes, src_names, src_ids = _checkpoint_weights(model, path)
+    src_names, src_ids = default_label_map(num_classes, src_names, src_ids)
+    same_classes = src_ids == list(category_ids) and src_names == list(class_names)
+    ours = model.state_dict()
+    load, kept = {}, []
+    for k, v in src.items():
+        if k not in ours:
+            raise CheckpointError(f"{path}: unexpected parameter {k} (another architecture than preset '{model_name(model)}'?)")
+        reinit = (not same_classes and k.startswith(CLASS_HEAD_PREFIXES)) or (
+            k.startswith(LABEL_BOOK_PREFIX) and v.shape != ours[k].shape)
+        if reinit:
+            kept.append(k)
+            continue
+        if v.shape != ours[k].shape:
+            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} but preset '{model_name(model)}' expects "
+                                  f"{tuple(ours[k].shape)}")
+        load[k] = v
+    missing = [k for k in ours if k not in load and k not in kept]
+    if missing:
+        raise CheckpointError(f"{path}: lacks {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} "
+                              f"(another architecture than preset '{model_name(model)}'?)")
+    model.load_state_dict(load, strict=False)
+    return kept
+
+
+def _checkpoint_weights(model: nn.Module, path: str | os.PathLike
+                        ) -> tuple[dict[str, Tensor], int, list[str] | None, list[int] | None]:
+    """(dinodet-named state dict, class count, class names, category ids) of a checkpoint.
+
+    dinodet files go through ``load_checkpoint``.  Official files are read into ``model``'s own
+    architecture (the --preset of the fine-tuning run, whatever args the file carries) with the
+    checkpoint's class count, so e.g. an official DINO-4scale COCO model fine-tunes any dataset with
+    ``--preset dino_r50_4scale``; all official keys must be accounted for (``load_official_state``).
+    """
+    from ..checkpoint import is_official_state, load_official_state
+    from ..compat.official_keys import official_key_map
+    from ..models.dino import DINO
+
+    obj = read_torch_file(path) if Path(path).suffix != ".safetensors" else None
+    state = None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and is_official_state(obj["model"]):
+        state = obj["model"]
+    elif isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()) and is_official_state(obj):
+        state = obj
+    if state is None:
+        ckpt = load_checkpoint(path)
+        return ckpt.model.state_dict(), ckpt.config.model.num_classes, ckpt.class_names, ckpt.category_ids
+    mcfg = copy.deepcopy(model.cfg)
+    ours = {v: k for k, v in official_key_map(list(model.state_dict()), mcfg.dec_layers,
+                                               len(mcfg.backbone.return_layers)).items()}
+    try:
+        mcfg.num_classes = int(state[ours["class_head.bias"]].shape[0])
+        mcfg.dn_labelbook_size = int(state[ours[LABEL_BOOK_PREFIX + "weight"]].shape[0]) - 1
+    except KeyError as e:
+        raise CheckpointError(f"{path}: official checkpoint without {e}; not a DINO model?") from None
+    source = DINO(mcfg)
+    source.preset_name = model_name(model)
+    load_official_state(source, state, path)
+    return source.state_dict(), mcfg.num_classes, None, None
+
+
+def model_name(model: nn.Module) -> str:
+    return getattr(model, "preset_name", None) or "custom"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    """The raw content of a training checkpoint (RUN_DIR/checkpoint.pt), validated."""
+    obj = read_torch_file(path)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT_TAG or "optimizer" not in obj:
+        raise CheckpointError(f"{path}: not a dinodet training checkpoint (no optimizer state); "
+                              "use --finetune-from to start from plain weights")
+    return obj
+
+
+def _warn(message: str, info: DistInfo) -> None:
+    if info.is_main:
+        from tqdm import tqdm
+
+        tqdm.write(f"dinodet: warning: {message}", file=sys.stderr)
+
+
+def _say(message: str, info: DistInfo) -> None:
+    if info.is_main:
+        from tqdm import tqdm
+
+        tqdm.write(f"dinodet: {message}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Counters:
+    epoch: int = 0  # index of the epoch to run next (or in progress)
+    batches_done: int = 0  # micro-batches of that epoch already consumed (per rank)
+    step: int = 0  # optimizer steps so far
+    best_ap: float = -math.inf
+
+
+class Trainer:
+    """Owns the model, optimisation state and files of one run; ``fit()`` runs it."""
+
+    def __init__(self, cfg: DINOConfig, train_set: Any, val_set: Any, opts: TrainOptions):
+        self.opts = opts
+        self.label_map = train_set.label_map
+        self.cfg = resolve_config(cfg, self.label_map.num_classes)
+        self.train_set, self.val_set = train_set, val_set
+        self.info, self.device = init_distributed(opts.device)
+        self.run_dir = Path(opts.run_dir)
+        t = self.cfg.train
+
+        ckpt_path = self.run_dir / CHECKPOINT
+        state = None
+        if opts.resume and ckpt_path.is_file():
+            state = read_train_state(ckpt_path)
+        elif opts.resume:
+            _warn(f"--resume: no {ckpt_path} yet; starting a new run", self.info)
+        elif ckpt_path.is_file():
+            raise ConfigError(f"'{self.run_dir}' already holds a run ({CHECKPOINT}); pass --resume to continue it "
+                              "or choose another --out")
+
+        seed_everything(t.seed)  # the same initial weights on every rank
+        self.model = build_model(self.cfg).to(self.device)
+        if opts.finetune_from and state is None:
+            kept = load_finetune_weights(self.model, opts.finetune_from, self.label_map.class_names,
+                                         self.label_map.category_ids)
+            _say(f"fine-tuning from {opts.finetune_from}"
+                 + (f" ({len(kept)} class-head tensors re-initialised for the new classes)" if kept else ""), self.info)
+        self.criterion: SetCriterion = build_criterion(self.cfg.model.num_classes, self.cfg.loss,
+                                                       self.cfg.model.dec_layers).to(self.device)
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = build_scheduler(self.optimizer, t)
+        self.scaler = build_grad_scaler(self.device, t.amp)
+        self.ema = ModelEMA(self.model, t.ema_decay) if t.ema else None
+        self.counters = _Counters()
+
+        self.sampler = ResumableSampler(train_set, num_replicas=self.info.world_size, rank=self.info.rank,
+                                        shuffle=True, seed=t.seed, drop_last=False)
+        from ..data.loader import build_loader
+
+        self.loader = build_loader(train_set, t.batch_size, train=True, num_workers=self.cfg.data.num_workers,
+                                   sampler=self.sampler, seed=t.seed + self.info.rank)
+        if state is not None:
+            self._restore(state)
+        else:
+            seed_everything(t.seed + self.info.rank)  # training randomness differs between ranks
+        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                    if self.info.enabled else self.model)
+        self.logger = RunLogger(self.run_dir, enabled=self.info.is_main,
+                                resume_step=self.counters.step if state is not None else None,
+                                tensorboard=opts.tensorboard)
+        if self.info.is_main:
+            write_json_atomic(self.run_dir / RESOLVED_CONFIG, self.cfg.to_dict())
+        self.last_eval: EvalResult | None = None
+        # completed epochs, fractional after a max_steps stop mid-epoch
+        self.epochs_done = self.counters.epoch + self.counters.batches_done / max(self._epoch_batches(), 1)
+
+    # ---------------------------------------------------------------- checkpoint state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        path = self.run_dir / CHECKPOINT
+        stored = (state.get("class_names"), state.get("category_ids"))
+        if stored != (self.label_map.class_names, self.label_map.category_ids):
+            raise CheckpointError(f"{path}: the run was trained on other classes than this dataset's "
+                                  f"({len(stored[1] or [])} vs {self.label_map.num_classes}); use --finetune-from")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: does not fit the configured model ({first})") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if state.get("ema"):
+                self.ema.load_state_dict(state["ema"])
+            else:
+                _warn("EMA enabled on resume but the checkpoint has none; starting it from the current weights",
+                      self.info)
+        self.counters = _Counters(int(state["epoch"]), int(state["batches_done"]), int(state["step"]),
+                                  float(state.get("best_ap", -math.inf)))
+        rng, gens = state.get("rng") or [], state.get("loader_generator") or []
+        if len(rng) == self.info.world_size and len(gens) == self.info.world_size:
+            set_rng_state(rng[self.info.rank])
+            if self.loader.generator is not None:
+                self.loader.generator.set_state(gens[self.info.rank])
+        else:
+            _warn(f"checkpoint written by {len(rng)} process(es), resuming with {self.info.world_size}: "
+                  "the random streams restart (the run is not bit-identical to an uninterrupted one)", self.info)
+            seed_everything(self.cfg.train.seed + self.info.rank + 1000 * self.counters.epoch)
+        _say(f"resuming from {path} (epoch {self.counters.epoch}, step {self.counters.step})", self.info)
+
+    def _training_state(self) -> dict[str, Any]:
+        """Everything besides the weights needed to continue; collective (every rank must call)."""
+        rng = all_gather_objects(get_rng_state(), self.info)
+        gen = self.loader.generator.get_state() if self.loader.generator is not None else None
+        gens = all_gather_objects(gen, self.info)
+        c = self.counters
+        return {
+            "train_state_version": TRAIN_STATE_VERSION,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "epoch": c.epoch, "batches_done": c.batches_done, "step": c.step, "best_ap": c.best_ap,
+            "world_size": self.info.world_size,
+            "rng": rng, "loader_generator": gens,
+            "label_map": self.label_map.to_dict(),
+        }
+
+    def _save(self, train_state: dict[str, Any], result: EvalResult | None) -> None:
+        """checkpoint.pt always; checkpoint_best.pt (the evaluated weights) when AP improved."""
+        improved = result is not None and result.metrics["AP"] > self.counters.best_ap
+        if improved:
+            assert result is not None
+            self.counters.best_ap = train_state["best_ap"] = result.metrics["AP"]
+        if not self.info.is_main:
+            return
+        lm = self.label_map
+        extra = {**train_state, "metrics": result.metrics if result else None}
+        save_checkpoint(self.run_dir / CHECKPOINT, self.model, self.cfg, lm.class_names, lm.category_ids, extra)
+        if improved:
+            assert result is not None
+            save_checkpoint(self.run_dir / BEST_CHECKPOINT, self.eval_model, self.cfg, lm.class_names,
+                            lm.category_ids, {"epoch": self.counters.epoch, "step": self.counters.step,
+                                              "metrics": result.metrics, "ema_weights": self.ema is not None})
+
+    # ---------------------------------------------------------------- training
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def _epoch_batches(self) -> int:
+        """Micro-batches per rank in a full epoch (the sampler pads ranks to equal length)."""
+        return math.ceil(self.sampler.num_samples / self.cfg.train.batch_size)
+
+    def _train_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
+        """One epoch, or what is left of it after a resume.  Returns (mean losses, stopped early by
+        max_steps)."""
+        from tqdm import tqdm
+
+        t, c, info = self.cfg.train, self.counters, self.info
+        self.model.train()
+        self.criterion.train()
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start(c.batches_done * t.batch_size)
+        sums = torch.zeros(len(LOGGED_LOSSES) + 2, dtype=torch.float64, device=self.device)  # terms, total, count
+        bar = tqdm(total=self._epoch_batches(), initial=c.batches_done, desc=f"epoch {epoch + 1}/{t.epochs}",
+                   unit="batch", file=sys.stderr, dynamic_ncols=True,
+                   disable=not (self.opts.progress and info.is_main))
+        batches = iter(self.loader)
+        try:
+            while True:
+                window = list(itertools.islice(batches, t.accumulate))
+                if not window:
+                    return self._mean_losses(sums), False
+                if self._train_window(window, sums):
+                    bar.set_postfix(loss=f"{sums[-2].item() / max(sums[-1].item(), 1):.3f}",
+                                    lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                c.batches_done += len(window)
+                bar.update(len(window))
+                if self._max_steps_reached() and c.batches_done < self._epoch_batches():
+                    return self._mean_losses(sums), True
+        finally:
+            bar.close()
+
+    def _train_window(self, window: list[Any], sums: Tensor) -> bool:
+        """Forward/backward each micro-batch of an accumulation window, then one optimizer step.
+        Returns whether a step was taken."""
+        t, info = self.cfg.train, self.info
+        counts = torch.tensor([-1 if b is None else sum(len(x["labels"]) for x in b[2]) for b in window],
+                              dtype=torch.int64, device=self.device)
+        valid, weights = window_weights(all_gather_tensor(counts, info).cpu(), info.world_size)
+        if not valid.any():
+            return False
+        last = int(valid.nonzero()[-1])
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(window):
+            if not valid[i]:
+                continue
+            images, mask, targets = batch
+            images, mask = images.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+            targets = [{k: v.to(self.device) for k, v in tg.items()} for tg in targets]
+            # gradients are all-reduced once per window, at its last micro-batch
+            sync = nullcontext() if (i == last or not info.enabled) else self.ddp.no_sync()
+            with sync:
+                with amp_autocast(self.device, t.amp):
+                    out = self.ddp(images, mask, targets)
+                losses = self.criterion(float_output(out), targets)
+                loss = self.criterion.total_loss(losses)
+                if not torch.isfinite(loss):
+                    bad = {k: round(v.item(), 4) for k, v in losses.items() if not torch.isfinite(v)}
+                    raise TrainingError(f"loss is {loss.item()} at step {self.counters.step + 1} "
+                                        f"(non-finite terms: {bad or 'none, the sum overflowed'}); "
+                                        "try a lower train.lr or train.amp=off")
+                scaled = loss * float(weights[i])
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            # summed on the device: no host sync per micro-batch for logging
+            zero = loss.new_zeros(())
+            logged = [losses.get(k, zero).detach() for k in LOGGED_LOSSES] + [loss.detach(), zero + 1]
+            sums += torch.stack(logged).to(sums.dtype)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
+        if t.clip_max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_max_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.counters.step += 1
+        if self.info.is_main:
+            self.logger.log_scalars(self.counters.step, {"loss": loss.item(), **current_lrs(self.optimizer)},
+                                    prefix="train_step/")
+        return True
+
+    def _mean_losses(self, sums: Tensor) -> dict[str, float]:
+        """Epoch means over every micro-batch of every rank."""
+        total = all_reduce_sum(sums, self.info).cpu()
+        n = max(total[-1].item(), 1.0)
+        means = {f"train_{k}": total[i].item() / n for i, k in enumerate(LOGGED_LOSSES)}
+        return {"train_loss": total[-2].item() / n, **means}
+
+    # ---------------------------------------------------------------- evaluation
+
+    def evaluate(self) -> EvalResult:
+        t = self.cfg.train
+        with preserved_rng():
+            return evaluate(self.eval_model, self.val_set, self.label_map.category_ids, device=self.device,
+                            batch_size=t.eval_batch_size, num_select=self.cfg.model.num_select, amp=t.amp,
+                            dist_info=self.info, num_workers=self.cfg.data.num_workers, progress=self.opts.progress)
+
+    # ---------------------------------------------------------------- the loop
+
+    def fit(self) -> dict[str, float]:
+        """Train to ``train.epochs`` (or ``max_steps``), evaluating and checkpointing as configured;
+        returns the final evaluation (also written to RUN_DIR/metrics.json)."""
+        t, c = self.cfg.train, self.counters
+        start = time.time()
+        try:
+            while c.epoch < t.epochs and not self._max_steps_reached():
+                epoch_start = time.time()
+                epoch = c.epoch
+                losses, stopped = self._train_epoch(epoch)
+                progress = epoch + (c.batches_done / self._epoch_batches() if stopped else 1.0)
+                self.epochs_done = progress
+                if not stopped:
+                    self.scheduler.step()  # per epoch, as officially
+                    c.epoch, c.batches_done = epoch + 1, 0
+                train_state = self._training_state()  # RNG captured before evaluating
+                last = c.epoch >= t.epochs or self._max_steps_reached()
+                result = self.evaluate() if (last or c.epoch % t.eval_every == 0) else None
+                self._save(train_state, result)
+                self._log_epoch(progress, losses, result, time.time() - epoch_start, time.time() - start)
+                if result is not None:
+                    self.last_eval = result
+            if self.last_eval is None:  # e.g. resuming a finished run: evaluate its final weights
+                self.last_eval = self.evaluate()
+            return self._finish()
+        finally:
+            self.logger.close()
+
+    def _max_steps_reached(self) -> bool:
+        return self.opts.max_steps is not None and self.counters.step >= self.opts.max_steps
+
+    def _log_epoch(self, epoch: float, losses: dict[str, float], result: EvalResult | None, seconds: float,
+                   elapsed: float) -> None:
+        if not self.info.is_main:
+            return
+        record: dict[str, Any] = {"epoch": round(epoch, 4), "step": self.counters.step, **current_lrs(self.optimizer),
+                                  **losses}
+        if result is not None:
+            record.update({f"eval_{k}": v for k, v in result.metrics.items()})
+        record.update(time_s=round(seconds, 2), elapsed_s=round(elapsed, 2))
+        self.logger.log_record(record)
+        plot_curves(self.logger.records, self.run_dir / CURVES)
+        line = f"epoch {epoch:g}/{self.cfg.train.epochs}: loss {losses['train_loss']:.4f}"
+        if result is not None:
+            line += f", AP {result.metrics['AP']:.4f}, AP50 {result.metrics['AP50']:.4f}"
+        _say(line + f" ({seconds:.1f} s)", self.info)
+
+    def _finish(self) -> dict[str, float]:
+        assert self.last_eval is not None
+        metrics = {k: self.last_eval.metrics[k] for k in HEADLINE}
+        metrics.update({k: v for k, v in self.last_eval.metrics.items() if k not in metrics})
+        metrics.update(epoch=round(self.epochs_done, 4), step=self.counters.step, ema_weights=self.ema is not None,
+                       best_AP=max(self.counters.best_ap, metrics["AP"]))
+        if self.info.is_main:
+            write_json_atomic(self.run_dir / FINAL_METRICS, metrics)
+            plot_curves(self.logger.records, self.run_dir / CURVES)
+        return metrics
+
+
+def train(cfg: DINOConfig, train_set: Any, val_set: Any, opts: TrainOptions) -> dict[str, float]:
+    """Run training (see the module docstring); ``val_set`` is evaluated with ``train_set``'s label map.
+
+    Joins the process group described by the environment (torchrun / SLURM) and leaves it at the end.
+    """
+    was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    try:
+        return Trainer(cfg, train_set, val_set, opts).fit()
+    finally:
+        if not was_initialised:
+            cleanup_distributed()
+
+
+# ------------------------------------------------------------------------------------ datasets
+
+
+@dataclass
+class DataSpec:
+    """Where the data is: a folder in COCO or YOLO layout (see ``dinodet.data.coco``)."""
+
+    root: str
+    format: str = "coco"
+    train_split: str = "train"
+    val_split: str = "val"
+
+
+def split_exists(spec: DataSpec, split: str) -> bool:
+    """Whether ``split`` can be located (its annotations/images found; not yet parsed)."""
+    from ..data.coco import resolve_coco_paths
+    from ..data.report import DatasetError
+    from ..data.yolo import resolve_yolo_paths
+
+    try:
+        if spec.format == "yolo":
+            resolve_yolo_paths(spec.root, split)
+        else:
+            resolve_coco_paths(spec.root, split)
+    except DatasetError:
+        return False
+    return True
+
+
+def build_train_datasets(spec: DataSpec, cfg: DINOConfig, label_map: Any = None,
+                         info: DistInfo = DistInfo()) -> tuple[Any, Any]:
+    """(training set with augmentation, evaluation set): the val split if there is one, else the
+    training images with evaluation transforms (with a warning).  Both share one label map:
+    ``label_map`` if given (resume / fine-tuning onto a stored class set), else the training split's."""
+    from ..data.coco import build_dataset
+
+    train_set = build_dataset(spec.root, spec.train_split, spec.format, train=True, data_cfg=cfg.data,
+                              label_map=label_map)
+    split = spec.val_split
+    if not split_exists(spec, split):
+        _warn(f"no '{split}' split in '{spec.root}'; evaluating on the training images", info)
+        split = spec.train_split
+    val_set = build_dataset(spec.root, split, spec.format, train=False, data_cfg=cfg.data,
+                            label_map=train_set.label_map)
+    return train_set, val_set
+

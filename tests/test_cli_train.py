@@ -1,0 +1,184 @@
+"""``dinodet train / eval / check-data / demo`` through the command line.
+
+The end-to-end run is a real subprocess on coco128 (tiny preset, 96 px, 2 steps); argument errors
+and the small demo run go through ``main()`` in-process to save the interpreter start-up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinodet.cli import _strip_slurm_args, main
+
+COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
+SMALL = ["--set", "data.train_scales=[96]", "--set", "data.max_size=128", "--set", "data.crop_resize_scales=[96]",
+         "--set", "data.crop_size=[64,96]", "--set", "data.eval_size=96", "--set", "model.num_queries=20",
+         "--set", "model.num_select=20"]
+HEADLINE = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 spinning threads on a shared 2-core box are slower
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "dinodet", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def check_metrics(path: Path) -> dict:
+    metrics = json.loads(path.read_text())
+    for key in HEADLINE:
+        value = metrics[key]
+        assert isinstance(value, float) and (0.0 <= value <= 1.0 or value == -1.0), (key, value)
+    return metrics
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("dinodet: warning:")]
+    assert len(err) == 1 and err[0].startswith("dinodet: error: "), err
+    return err[0]
+
+
+@pytest.mark.slow
+def test_train_then_eval_on_coco128(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "--data", COCO128, "--preset", "tiny", "--out", run_dir, "--max-steps", "2",
+                     "--batch-size", "2", "--no-progress", *SMALL)
+    assert result.returncode == 0, result.stderr
+    assert "no 'val' split" in result.stderr  # coco128 has only train2017: evaluated on it, with a warning
+    assert "AP @.50" in result.stdout
+    for name in ("checkpoint.pt", "checkpoint_best.pt", "metrics.jsonl", "curves.png", "config.json", "tb"):
+        assert (run_dir / name).exists(), name
+    metrics = check_metrics(run_dir / "metrics.json")
+    assert metrics["step"] == 2 and metrics["num_images"] == 128
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 2 and "train_loss" in records[-1] and "eval_AP" in records[-1]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"]["num_classes"] == 80 and config["model"]["dn_labelbook_size"] is None
+
+    out = tmp_path / "eval"
+    result = run_cli("eval", "--data", COCO128, "--checkpoint", run_dir / "checkpoint.pt", "--batch-size", "4",
+                     "--out", out, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "AP @[.50:.95]" in result.stdout
+    ev = check_metrics(out / "metrics.json")
+    assert ev["split"] == "train"
+    assert ev["AP"] == metrics["AP"]  # same weights, same images: the training run's final evaluation
+    detections = json.loads((out / "predictions.json").read_text())
+    coco_ids = {c["id"] for c in json.loads((COCO128 / "annotations" / "instances_train2017.json").read_text())["categories"]}
+    assert detections and {d["category_id"] for d in detections} <= coco_ids  # the dataset's own ids
+
+    # the trained checkpoint carries its label map into the prediction API
+    from dinodet.inference import Detector
+
+    det = Detector.from_checkpoint(run_dir / "checkpoint_best.pt", size=96, max_size=128)
+    pred = det.predict(COCO128 / "images" / "train2017" / "000000000009.jpg", threshold=0.0)[0]
+    assert set(pred.category_ids.tolist()) <= coco_ids and "person" in det.class_names
+
+
+def test_demo_small_run(tmp_path: Path, capsys):
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        status = main(["demo", "--out", str(tmp_path / "demo"), "--no-progress",
+                       "--set", "demo.num_train=4", "--set", "demo.num_val=2", "--set", "demo.image_size=64",
+                       "--set", "train.epochs=1", "--set", "data.train_scales=[64]", "--set", "data.max_size=64",
+                       "--set", "data.crop_resize_scales=[64]", "--set", "data.crop_size=[32,64]",
+                       "--set", "data.eval_size=64"])
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert status == 0
+    run_dir = tmp_path / "demo"
+    metrics = check_metrics(run_dir / "metrics.json")
+    assert metrics["num_images"] == 2
+    assert len(list((run_dir / "val_predictions").glob("*.jpg"))) == 2
+    assert (run_dir / "curves.png").is_file() and (run_dir / "data" / "annotations").is_dir()
+    assert "AP @.50" in capsys.readouterr().out
+
+
+def test_check_data_prints_the_report(capsys):
+    assert main(["check-data", "--data", str(COCO128)]) == 0
+    out = capsys.readouterr().out
+    assert "[train]" in out and "128 images" in out and "result: OK" in out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--data", "D", "--out", "R"], "--preset NAME is required"),
+    (["train", "--data", str(COCO128), "--preset", "tiny", "--out", "R", "--set", "train.nope=1"],
+     "unknown config key: train.nope"),
+    (["train", "--data", str(COCO128), "--preset", "nope", "--out", "R"], "unknown preset 'nope'"),
+    (["train", "--data", "D", "--preset", "tiny", "--out", "R", "--epochs", "0"], "--epochs must be >= 1"),
+    (["train", "--data", "D", "--out", "R", "--resume", "--finetune-from", "x.pt"], "exclude each other"),
+    (["train", "--data", "/nonexistent/data", "--preset", "tiny", "--out", "R"], "/nonexistent/data"),
+    (["train", "--data", str(COCO128), "--preset", "tiny", "--out", "R", "--set", "train.amp=fp8"], "train.amp"),
+    (["eval", "--data", str(COCO128), "--checkpoint", "/nonexistent.pt"], "checkpoint not found"),
+    (["check-data", "--data", "/nonexistent/data"], "/nonexistent/data"),
+    (["demo", "--out", "R", "--set", "demo.nope=3"], "unknown config key: demo.nope"),
+    (["demo", "--out", "R", "--set", "model.nope=3"], "unknown config key: model.nope"),
+])
+def test_user_errors_are_one_line(capsys, tmp_path: Path, monkeypatch, argv, fragment):
+    monkeypatch.chdir(tmp_path)
+    assert fragment in one_line_error(capsys, *argv)
+
+
+def test_train_refuses_an_existing_run_without_resume(capsys, tmp_path: Path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    msg = one_line_error(capsys, "train", "--data", str(COCO128), "--preset", "tiny", "--out", str(tmp_path))
+    assert "--resume" in msg
+
+
+def test_slurm_needs_submitit(capsys, tmp_path: Path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
+    msg = one_line_error(capsys, "train", "--data", str(COCO128), "--preset", "tiny", "--out", str(tmp_path),
+                         "--slurm")
+    assert "submitit" in msg
+
+
+def test_slurm_arguments_are_stripped_from_the_job_command():
+    argv = ["train", "--data", "D", "--slurm", "--slurm-nodes", "2", "--slurm-partition=gpu", "--out", "R"]
+    assert _strip_slurm_args(argv) == ["train", "--data", "D", "--out", "R"]
+
+
+def test_slurm_submission_with_a_stand_in_submitit(capsys, tmp_path: Path, monkeypatch):
+    """What would reach SLURM: executor parameters, the command without --slurm*, and a
+    requeue that adds --resume (submitit itself is not installed here)."""
+    import types
+
+    submitted = {}
+
+    class Executor:
+        def __init__(self, folder):
+            submitted["folder"] = folder
+
+        def update_parameters(self, **params):
+            submitted["params"] = params
+
+        def submit(self, job):
+            submitted["job"] = job
+            return types.SimpleNamespace(job_id="1234")
+
+    class DelayedSubmission:
+        def __init__(self, fn):
+            self.fn = fn
+
+    fake = types.ModuleType("submitit")
+    fake.AutoExecutor = Executor
+    fake.helpers = types.SimpleNamespace(DelayedSubmission=DelayedSubmission)
+    monkeypatch.setitem(sys.modules, "submitit", fake)
+    argv = ["train", "--data", str(COCO128), "--preset", "tiny", "--out", str(tmp_path), "--device", "cuda",
+            "--slurm", "--slurm-nodes", "2", "--slurm-gpus-per-node", "4", "--slurm-partition", "gpu"]
+    assert main(argv) == 0
+    assert "submitted SLURM job 1234" in capsys.readouterr().out
+    assert submitted["folder"] == str(tmp_path / "slurm")
+    p = submitted["params"]
+    assert (p["nodes"], p["tasks_per_node"], p["gpus_per_node"], p["slurm_partition"]) == (2, 4, 4, "gpu")
+    job = submitted["job"]
+    assert job.argv == argv[:9]
+    assert job.checkpoint().fn.argv == [*argv[:9], "--resume"]

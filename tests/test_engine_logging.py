@@ -1,0 +1,88 @@
+"""Run logs (metrics.jsonl, TensorBoard), curves, RNG-state round trips and distributed helpers."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dinodet.engine.distributed import (
+    DistInfo,
+    dist_info_from_env,
+    get_rng_state,
+    preserved_rng,
+    seed_everything,
+    set_rng_state,
+)
+from dinodet.engine.logging import METRICS_LOG, TB_DIR, RunLogger, read_metrics_log
+from dinodet.engine.plots import plot_curves
+
+
+def _draws() -> tuple[float, float, float]:
+    return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path: Path):
+    seed_everything(3)
+    _draws()
+    state = get_rng_state()
+    expected = _draws()
+    torch.save({"rng": state}, tmp_path / "s.pt")
+    seed_everything(99)
+    set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
+    assert _draws() == expected
+
+
+def test_preserved_rng_leaves_the_streams_untouched():
+    seed_everything(5)
+    with preserved_rng():
+        _draws()
+    after = _draws()
+    seed_everything(5)
+    assert _draws() == after
+
+
+def test_dist_info_from_env(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert dist_info_from_env() == DistInfo(0, 1, 0) and dist_info_from_env().is_main
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    info = dist_info_from_env()
+    assert info == DistInfo(3, 4, 1) and info.enabled and not info.is_main
+
+
+def test_run_logger_writes_jsonl_and_tensorboard_and_truncates_on_resume(tmp_path: Path):
+    log = RunLogger(tmp_path)
+    for epoch in (1, 2, 3):
+        log.log_record({"epoch": epoch, "step": 10 * epoch, "train_loss": 5.0 / epoch, "eval_AP": 0.1 * epoch,
+                        "lr": 1e-4, "nan": float("nan")})
+    log.log_scalars(30, {"loss": 1.0}, prefix="train_step/")
+    log.close()
+    records = read_metrics_log(tmp_path / METRICS_LOG)
+    assert [r["step"] for r in records] == [10, 20, 30] and records[0]["nan"] is None  # strict JSON
+    assert list((tmp_path / TB_DIR).glob("events.out.tfevents.*"))
+
+    # a run resumed from its step-20 checkpoint drops what the killed run logged afterwards
+    resumed = RunLogger(tmp_path, resume_step=20, tensorboard=False)
+    resumed.log_record({"epoch": 3, "step": 30, "train_loss": 1.5})
+    resumed.close()
+    lines = (tmp_path / METRICS_LOG).read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [10, 20, 30]
+    assert json.loads(lines[-1])["train_loss"] == 1.5
+
+    silent = RunLogger(tmp_path / "other", enabled=False)  # ranks > 0
+    silent.log_record({"epoch": 1, "step": 1})
+    assert not (tmp_path / "other").exists()
+
+
+def test_plot_curves_writes_a_png(tmp_path: Path):
+    records = [{"epoch": e, "step": e, "train_loss": 10 / e, "train_loss_ce": 1 / e, "eval_AP": 0.1 * e,
+                "eval_AP50": 0.2 * e} for e in (1, 2, 3)]
+    path = plot_curves(records, tmp_path / "curves.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot_curves([], tmp_path / "empty.png")  # nothing logged yet: still a (blank) figure
+    assert (tmp_path / "empty.png").is_file()
