@@ -86,6 +86,14 @@ def _summarise(keys: list[str], limit: int = 12) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _key_problems(missing: list[str], unexpected: list[str]) -> str:
+    """'missing keys: ...; unexpected keys: ...' (only the parts that apply)."""
+    parts = [f"missing keys: {_summarise(missing)}"] if missing else []
+    if unexpected:
+        parts.append(f"unexpected keys: {_summarise(unexpected)}")
+    return "; ".join(parts)
+
+
 def load_official_state(model: DINO, state: dict[str, Tensor], path: str | os.PathLike = "checkpoint") -> None:
     """Load an official-format state dict into ``model``; every key must be accounted for."""
     cfg = model.cfg
@@ -93,12 +101,8 @@ def load_official_state(model: DINO, state: dict[str, Tensor], path: str | os.Pa
     missing = [k for k in key_map if k not in state]
     unexpected = [k for k in state if k not in key_map]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_summarise(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_summarise(unexpected)}")
-        raise CheckpointError(f"{path}: does not match preset '{cfg_name(model)}': " + "; ".join(parts))
+        problems = _key_problems(missing, unexpected)
+        raise CheckpointError(f"{path}: does not match preset '{cfg_name(model)}': {problems}")
     ours: dict[str, Tensor] = {}
     for off, k in key_map.items():
         v = state[off]
@@ -124,12 +128,8 @@ def _load_exact(model: nn.Module, state: dict[str, Tensor], path, name_of=lambda
                 f"(wrong --preset or class count for this checkpoint?)")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        parts = []
-        if result.missing_keys:
-            parts.append(f"missing keys: {_summarise([name_of(k) for k in result.missing_keys])}")
-        if result.unexpected_keys:
-            parts.append(f"unexpected keys: {_summarise(list(result.unexpected_keys))}")
-        raise CheckpointError(f"{path}: " + "; ".join(parts))
+        missing = [name_of(k) for k in result.missing_keys]
+        raise CheckpointError(f"{path}: " + _key_problems(missing, list(result.unexpected_keys)))
 
 
 def build_model(cfg: DINOConfig) -> DINO:
@@ -202,12 +202,8 @@ def _load_imagenet_trunk(body: nn.Module, state: dict[str, Tensor], path, family
     missing = [k for k in ours if k not in mapped and not any(re.search(p, k) for p in may_miss)]
     what = f"backbone '{bcfg.name}'" + (f" (window_size {bcfg.window_size})" if family == "swin" else "")
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_summarise([original_backbone_name(k) for k in missing])}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_summarise(unexpected)}")
-        raise CheckpointError(f"{path}: does not fit {what}: " + "; ".join(parts))
+        problems = _key_problems([original_backbone_name(k) for k in missing], unexpected)
+        raise CheckpointError(f"{path}: does not fit {what}: " + problems)
     for k, v in mapped.items():
         if tuple(v.shape) != tuple(ours[k].shape):
             hint = " (another window size?)" if "relative_position" in k else ""
