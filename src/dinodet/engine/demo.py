@@ -35,10 +35,11 @@ class DemoSettings:
     picture_threshold: float = 0.3
 
 
-# Training schedule / resolution for a ~15 min CPU run; tuned for the demo's 128 px images.
+# Training schedule / resolution for a CPU run of just under 15 min on 2 cores (13:50 measured, reaching
+# AP50 0.36 / AP 0.23 on the 40 val images; the AP50 >= 0.7 target is not reached yet).
 DEMO_OVERRIDES: tuple[str, ...] = (
-    "train.epochs=12",
-    "train.lr_drop=10",
+    "train.epochs=20",
+    "train.lr_drop=17",
     "train.batch_size=4",
     "train.lr=1e-3",
     "train.lr_backbone=1e-4",
