@@ -182,3 +182,13 @@ def test_slurm_submission_with_a_stand_in_submitit(capsys, tmp_path: Path, monke
     job = submitted["job"]
     assert job.argv == argv[:9]
     assert job.checkpoint().fn.argv == [*argv[:9], "--resume"]
+
+
+def test_missing_backbone_checkpoint_is_one_clear_line(tmp_path: Path):
+    missing = tmp_path / "swin_large_patch4_window12_384_22k.pth"
+    result = run_cli("train", "--data", COCO128, "--preset", "tiny", "--out", tmp_path / "run", "--max-steps", "1",
+                     "--backbone-checkpoint", missing, "--no-progress", *SMALL)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dinodet: error:")]
+    assert len(lines) == 1 and str(missing) in lines[0] and "not found" in lines[0]

@@ -271,6 +271,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
                    "uninterrupted run); the stored config is used, --set/--epochs/... still apply")
     p.add_argument("--finetune-from", metavar="CKPT", help="start from an official or dinodet checkpoint; the "
                    "class heads are re-initialised when its classes differ from the dataset's")
+    p.add_argument("--backbone-checkpoint", metavar="PATH", help="ImageNet weights for the backbone (original "
+                   "ResNet/Swin/ConvNeXt release or timm layout; model.backbone.checkpoint)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. train.lr=2e-4 or data.eval_size=512 (repeatable)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) (default cpu)")
@@ -353,7 +355,8 @@ def _train_config(args: argparse.Namespace, checkpoint: Path) -> tuple[Any, Any]
         cfg = get_preset(args.preset)
     flags = [f"train.epochs={args.epochs}" if args.epochs else None,
              f"train.batch_size={args.batch_size}" if args.batch_size else None,
-             f'train.amp="{args.amp}"' if args.amp else None]
+             f'train.amp="{args.amp}"' if args.amp else None,
+             f"model.backbone.checkpoint={json.dumps(args.backbone_checkpoint)}" if args.backbone_checkpoint else None]
     from .engine.train import check_train_config
 
     cfg = apply_overrides(cfg, list(args.overrides) + [f for f in flags if f])
