@@ -68,3 +68,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_detector) -> 
 def sample_predictions(tiny_detector, sample_images: list[Path]):
     """tiny_detector's predictions (threshold 0) for the three sample images, computed once."""
     return tiny_detector.predict(sample_images, threshold=0.0)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads can be ~10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

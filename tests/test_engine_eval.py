@@ -24,12 +24,7 @@ COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco
 NUM_IMAGES = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
