@@ -61,6 +61,9 @@ class ModelConfig:
     dn_labelbook_size: int | None = None  # None: equal to num_classes
     # post-processing
     num_select: int = 300
+    # multi-scale deformable attention kernel: auto (Triton on CUDA, PyTorch elsewhere) | pytorch | gather | triton;
+    # $DINODET_MSDA overrides it
+    msda_backend: str = "auto"
 
     @property
     def labelbook_size(self) -> int:

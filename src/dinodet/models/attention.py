@@ -18,7 +18,7 @@ class MultiScaleDeformableAttention(nn.Module):
     """
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
-                 backend: str = "pytorch"):
+                 backend: str = "auto"):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
@@ -79,3 +79,10 @@ class MultiScaleDeformableAttention(nn.Module):
             raise ValueError(f"reference_points must end in 2 or 4, got {reference_points.shape[-1]}")
         out = ms_deform_attn(v, spatial_shapes, locations, weights, backend=self.backend)
         return self.output_proj(out)
+
+
+def set_msda_backend(model: nn.Module, backend: str) -> None:
+    """Use MSDA ``backend`` (see ``ops.msda.resolve_backend``) in every deformable attention of ``model``."""
+    for module in model.modules():
+        if isinstance(module, MultiScaleDeformableAttention):
+            module.backend = backend

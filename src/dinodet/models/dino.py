@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from ..boxes import inverse_sigmoid
 from ..config import ModelConfig
+from .attention import set_msda_backend
 from .backbones import build_backbone
 from .backbones.resnet import resample_mask
 from .decoder import DeformableDecoder
@@ -13,6 +14,7 @@ from .denoising import ContrastiveDenoising
 from .encoder import DeformableEncoder
 from .heads import box_head, class_head
 from .neck import InputProjection
+from .ops.msda import available_backends
 from .outputs import DINOOutput
 from .position import SinePositionEncoding
 from .query_selection import QuerySelection
@@ -45,6 +47,10 @@ class DINO(nn.Module):
         # one class head and one box head shared by all decoder layers
         self.class_head = class_head(d, cfg.num_classes)
         self.box_head = box_head(d)
+        if cfg.msda_backend not in available_backends():
+            raise ValueError(f"unknown model.msda_backend '{cfg.msda_backend}' "
+                             f"(available: {', '.join(available_backends())})")
+        set_msda_backend(self, cfg.msda_backend)
         self._reset_transformer_parameters()
 
     def _reset_transformer_parameters(self) -> None:

@@ -1,11 +1,15 @@
 """Multi-scale deformable attention (MSDA) sampling op.
 
 ``ms_deform_attn`` is the backend-independent entry point; the pure PyTorch implementation here
-(bilinear ``grid_sample`` per level) is the reference and runs on every device.  Faster backends can
-be registered behind the same signature.
+(bilinear ``grid_sample`` per level) is the reference and runs on every device; ``gather`` computes the
+same with index arithmetic (it exports to plain ONNX ops).  Faster backends (the Triton kernel in
+``msda_triton``) register behind the same signature; ``resolve_backend`` picks one by device, dtype,
+the model config (``model.msda_backend``) and ``$DINODET_MSDA``.
 """
 from __future__ import annotations
 
+import importlib
+import os
 from typing import Callable
 
 import torch
@@ -95,6 +99,9 @@ def ms_deform_attn_gather(
 
 
 _BACKENDS: dict[str, MSDAFunction] = {"pytorch": ms_deform_attn_pytorch, "gather": ms_deform_attn_gather}
+# Backends living in their own modules, imported on first use (they may need optional packages / CUDA).
+_LAZY_BACKENDS: dict[str, str] = {"triton": "dinodet.models.ops.msda_triton"}
+ENV_VAR = "DINODET_MSDA"
 
 
 def register_backend(name: str, fn: MSDAFunction) -> None:
@@ -102,7 +109,44 @@ def register_backend(name: str, fn: MSDAFunction) -> None:
 
 
 def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    """Every backend name ``ms_deform_attn`` accepts (``auto`` picks one by device and dtype)."""
+    return sorted(set(_BACKENDS) | set(_LAZY_BACKENDS) | {"auto"})
+
+
+def _load(name: str) -> MSDAFunction | None:
+    if name not in _BACKENDS and name in _LAZY_BACKENDS:
+        try:
+            importlib.import_module(_LAZY_BACKENDS[name])  # registers itself
+        except Exception:  # noqa: BLE001 - a missing optional dependency just makes the backend unusable
+            return None
+    return _BACKENDS.get(name)
+
+
+def _usable(name: str, device: torch.device) -> bool:
+    # the Triton kernel is CUDA-only; everything else runs anywhere
+    return not (name == "triton" and device.type != "cuda")
+
+
+def resolve_backend(requested: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The backend that will actually run for ``requested`` on ``device``.
+
+    ``$DINODET_MSDA`` (when set) overrides ``requested``.  ``auto`` means the Triton kernel on CUDA
+    when it imports, else the PyTorch reference.  A named backend that cannot run here (Triton on
+    CPU, or without the ``triton`` package) falls back to the reference, so one config runs on every
+    machine; ``resolve_backend`` is how callers find out what ran.
+
+    Raises:
+        ValueError: an unknown backend name.
+    """
+    name = os.environ.get(ENV_VAR, "").strip() or requested
+    if name not in available_backends():
+        raise ValueError(f"unknown MSDA backend '{name}' (available: {', '.join(available_backends())})")
+    device = torch.device(device)
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "pytorch"
+    if not _usable(name, device) or _load(name) is None:
+        return "pytorch"
+    return name
 
 
 def ms_deform_attn(
@@ -112,9 +156,7 @@ def ms_deform_attn(
     attention_weights: Tensor,
     backend: str = "pytorch",
 ) -> Tensor:
-    """Dispatch to an MSDA backend (see ``ms_deform_attn_pytorch`` for shapes)."""
-    try:
-        fn = _BACKENDS[backend]
-    except KeyError:
-        raise ValueError(f"unknown MSDA backend '{backend}' (available: {', '.join(available_backends())})") from None
+    """Dispatch to an MSDA backend (see ``ms_deform_attn_pytorch`` for shapes and ``resolve_backend``
+    for how ``backend`` is chosen)."""
+    fn = _BACKENDS[resolve_backend(backend, value.device, value.dtype)]
     return fn(value, spatial_shapes, sampling_locations, attention_weights)
