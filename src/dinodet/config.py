@@ -26,8 +26,10 @@ class BackboneConfig:
     name: str = "resnet50"
     return_layers: tuple[int, ...] = (1, 2, 3)
     dilation: bool = False  # ResNet: dilated layer4; Swin: no patch merging before stage 3 (stride 16)
-    # ResNet: stages 0..freeze_at-1 are frozen (0 = stem only, 1 = stem + layer1 as in the official recipe)
+    # ResNet: stages 0..freeze_at-1 are frozen (0 = stem only, 1 = stem + layer1 as in the official recipe,
+    # -1 = nothing, for training from scratch)
     freeze_at: int = 1
+    norm: str = "frozen_bn"  # ResNet only: frozen_bn (official) | bn | gn (GroupNorm; for training from scratch)
     checkpoint: str | None = None  # optional path to ImageNet weights; nothing is ever downloaded
     # --- Swin / ConvNeXt only ---
     window_size: int = 7  # Swin attention window (7 for the 224 releases, 12 for the 384 ones)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..boxes import box_xyxy_to_xywh
+from ..modes import autocast as amp_autocast
 from ..postprocess import postprocess
 from .distributed import DistInfo, all_gather_objects, broadcast_object
 
@@ -43,16 +44,6 @@ class EvalResult:
 
     metrics: dict[str, float]
     records: list[dict[str, Any]] = field(default_factory=list)
-
-
-def amp_autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """torch.autocast for ``amp`` in {"off", "bf16", "fp16"} (a null context for "off")."""
-    if amp == "off":
-        return contextlib.nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in dtypes:
-        raise ValueError(f"amp must be one of off, bf16, fp16; got '{amp}'")
-    return torch.autocast(device_type=device.type, dtype=dtypes[amp])
 
 
 def _as_list(batch: list[Any]) -> list[Any]:

@@ -39,7 +39,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ from torch.utils.data import DistributedSampler
 from ..checkpoint import FORMAT_TAG, CheckpointError, build_model, load_checkpoint, read_torch_file, save_checkpoint
 from ..config import ConfigError, DINOConfig, TrainConfig
 from ..criterion import SetCriterion, build_criterion
-from ..models.outputs import DINOOutput
 from .distributed import (
     DistInfo,
     all_gather_objects,
@@ -187,15 +186,6 @@ def window_weights(box_counts: Tensor, world_size: int) -> tuple[Tensor, Tensor]
     w = float(world_size)
     weights = torch.where(valid, per_batch.clamp(min=w) / total.clamp(min=w), torch.zeros_like(per_batch))
     return valid, weights
-
-
-def float_output(out: DINOOutput) -> DINOOutput:
-    """Losses are computed in float32 even when the model ran under autocast."""
-    def f(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.float()
-
-    return replace(out, logits=f(out.logits), boxes=f(out.boxes), interm_logits=f(out.interm_logits),
-                   interm_boxes=f(out.interm_boxes), dn_logits=f(out.dn_logits), dn_boxes=f(out.dn_boxes))
 
 
 def load_finetune_weights(model: nn.Module, path: str | os.PathLike, class_names: list[str],
@@ -507,7 +497,7 @@ class Trainer:
             with sync:
                 with amp_autocast(self.device, t.amp):
                     out = self.ddp(images, mask, targets)
-                losses = self.criterion(float_output(out), targets)
+                losses = self.criterion(out.float(), targets)
                 loss = self.criterion.total_loss(losses)
                 if not torch.isfinite(loss):
                     bad = {k: round(v.item(), 4) for k, v in losses.items() if not torch.isfinite(v)}

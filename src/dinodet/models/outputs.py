@@ -1,7 +1,7 @@
 """Typed outputs of the DINO model."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor
 
@@ -50,3 +50,11 @@ class DINOOutput:
     def pred_boxes(self) -> Tensor:
         """[B, Q, 4] final-layer boxes, cxcywh in 0..1."""
         return self.boxes[-1]
+
+    def float(self) -> DINOOutput:
+        """The same output in float32 (losses are computed in float32 even when the model ran under autocast)."""
+        def f(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.float()
+
+        return replace(self, logits=f(self.logits), boxes=f(self.boxes), interm_logits=f(self.interm_logits),
+                       interm_boxes=f(self.interm_boxes), dn_logits=f(self.dn_logits), dn_boxes=f(self.dn_boxes))

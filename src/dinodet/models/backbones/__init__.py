@@ -34,7 +34,9 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     if family == "resnet":
         if cfg.frozen_stages != -1 or cfg.use_checkpoint:
             raise ValueError("frozen_stages / use_checkpoint apply to Swin and ConvNeXt; ResNet uses freeze_at")
-        return ResNetBackbone(cfg.name, cfg.return_layers, cfg.dilation, cfg.freeze_at)
+        return ResNetBackbone(cfg.name, cfg.return_layers, cfg.dilation, cfg.freeze_at, cfg.norm)
+    if cfg.norm != "frozen_bn":
+        raise ValueError("backbone.norm applies to ResNet backbones only")
     rate = _DEFAULT_DROP_PATH[family] if cfg.drop_path_rate is None else cfg.drop_path_rate
     if family == "swin":
         return SwinBackbone(cfg.name, cfg.return_layers, cfg.window_size, rate, cfg.use_checkpoint,

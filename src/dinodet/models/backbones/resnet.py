@@ -1,5 +1,8 @@
-"""ResNet backbone with frozen BatchNorm returning multi-scale features and padding masks."""
+"""ResNet backbone (frozen BatchNorm as the official recipe, or trainable norms for training from scratch)
+returning multi-scale features and padding masks."""
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +17,10 @@ _CHANNELS = {
     "resnet101": (256, 512, 1024, 2048),
 }
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
+# frozen_bn: official (ImageNet statistics kept fixed).  A randomly initialised network needs real
+# normalisation to train: gn (GroupNorm, 32 groups) does not depend on the batch, so results stay
+# independent of batch size and of the number of DDP processes; bn is plain BatchNorm.
+NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": partial(nn.GroupNorm, 32)}
 
 
 def resample_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
@@ -22,18 +29,21 @@ def resample_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 class ResNetBackbone(nn.Module):
-    """torchvision ResNet (weights=None) with FrozenBatchNorm2d.
+    """torchvision ResNet (weights=None) with ``norm`` layers (see ``NORMS``; official: frozen_bn).
 
     ``return_layers`` picks stages as the official ``return_interm_indices``: 0..3 = layer1..layer4
-    (strides 4, 8, 16, 32).  Stages before ``freeze_at`` (and the stem) get no gradient.
+    (strides 4, 8, 16, 32).  Stages before ``freeze_at`` and the stem get no gradient; ``freeze_at=-1``
+    trains everything, the stem included (for training from scratch).
     """
 
     def __init__(self, name: str = "resnet50", return_layers: tuple[int, ...] = (1, 2, 3),
-                 dilation: bool = False, freeze_at: int = 1):
+                 dilation: bool = False, freeze_at: int = 1, norm: str = "frozen_bn"):
         super().__init__()
         if name not in _CHANNELS:
             raise ValueError(f"unknown ResNet '{name}' (available: {', '.join(_CHANNELS)})")
-        kwargs = {"weights": None, "norm_layer": FrozenBatchNorm2d}
+        if norm not in NORMS:
+            raise ValueError(f"unknown ResNet norm '{norm}' (available: {', '.join(NORMS)})")
+        kwargs = {"weights": None, "norm_layer": NORMS[norm]}
         if name in ("resnet50", "resnet101"):
             kwargs["replace_stride_with_dilation"] = [False, False, dilation]
         body = getattr(torchvision.models, name)(**kwargs)
@@ -42,7 +52,7 @@ class ResNetBackbone(nn.Module):
         self.return_layers = tuple(sorted(return_layers))
         self.num_channels = [_CHANNELS[name][i] for i in self.return_layers]
         self.strides = [2 ** (i + 2) for i in self.return_layers]
-        frozen = ["conv1", "bn1"] + list(_STAGES[:freeze_at])
+        frozen = [] if freeze_at < 0 else ["conv1", "bn1"] + list(_STAGES[:freeze_at])
         for pname, p in self.body.named_parameters():
             if pname.split(".")[0] in frozen:
                 p.requires_grad_(False)

@@ -1,0 +1,207 @@
+"""``dinodet bench``: inference / training speed of every mode against the reference, in one process.
+
+Random weights and random images: speed does not depend on what the model learned.  Every record
+is measured in the same run as its baseline (``reference`` for inference, ``reference`` for
+training), so the speed-up column compares like with like on the machine at hand.
+
+Record fields: ``mode``, ``task`` (infer | train), ``ms`` (per image for infer, per step for
+train), ``img_per_s``, ``peak_mem_gb`` (CUDA peak allocated memory; None on CPU, where PyTorch
+keeps no allocator statistics), ``speedup`` (reference ms / this ms).
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from .config import DINOConfig
+from .criterion import build_criterion
+from .models.attention import set_msda_backend
+from .models.dino import DINO
+from .models.ops.msda import resolve_backend
+from .modes import ModeRunner, autocast, supported_modes
+from .presets import get_preset
+
+#: Training-step recipes: (MSDA backend, amp, channels_last, fused AdamW).
+TRAIN_MODES: dict[str, tuple[str, str, bool, bool]] = {
+    "reference": ("pytorch", "off", False, False),
+    "exact": ("auto", "off", False, True),
+    "bf16": ("auto", "bf16", True, True),
+}
+
+
+@dataclass
+class BenchRecord:
+    mode: str
+    task: str
+    ms: float
+    img_per_s: float
+    peak_mem_gb: float | None
+    speedup: float
+    msda: str = ""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'800x1199' -> (800, 1199) (height x width)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must look like 800x1199 (height x width), got '{text}'") from None
+    if h < 32 or w < 32:
+        raise ValueError(f"size must be at least 32x32, got '{text}'")
+    return h, w
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _peak_memory(device: torch.device, out: list[float | None]):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    yield
+    out.append(torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+
+
+def _time(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds per call after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_batch(batch: int, size: tuple[int, int], device: torch.device, num_boxes: int = 7,
+                 num_classes: int = 91, seed: int = 0) -> tuple[Tensor, Tensor, list[dict[str, Tensor]]]:
+    """Normalised random images [B, 3, H, W], an all-valid mask and ``num_boxes`` random targets each."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, *size, generator=g)
+    mask = torch.zeros(batch, *size, dtype=torch.bool)
+    targets = []
+    for _ in range(batch):
+        cxcy = 0.2 + 0.6 * torch.rand(num_boxes, 2, generator=g)
+        wh = 0.05 + 0.3 * torch.rand(num_boxes, 2, generator=g)
+        targets.append({"labels": torch.randint(0, num_classes, (num_boxes,), generator=g).to(device),
+                        "boxes": torch.cat([cxcy, wh], 1).to(device)})
+    return images.to(device), mask.to(device), targets
+
+
+def bench_inference(model: DINO, device: torch.device, size: tuple[int, int], batch: int, modes: Sequence[str],
+                    warmup: int, iters: int) -> list[BenchRecord]:
+    images, mask, _ = random_batch(batch, size, device)
+    return _with_speedups([_infer_one(model, name, device, images, mask, warmup, iters) for name in modes])
+
+
+def _infer_one(model: DINO, name: str, device: torch.device, images: Tensor, mask: Tensor, warmup: int,
+               iters: int) -> BenchRecord:
+    # one function per mode: its model copy is freed on return, before the next mode's peak is measured
+    runner = ModeRunner(model, name, device)
+    peak: list[float | None] = []
+    with _peak_memory(device, peak):
+        sec = _time(lambda: runner(images, mask), device, warmup, iters)
+    return _record(name, "infer", sec, images.shape[0], peak[0],
+                   resolve_backend(runner.mode.msda_backend, device, images.dtype))
+
+
+def bench_training(cfg: DINOConfig, device: torch.device, size: tuple[int, int], batch: int, modes: Sequence[str],
+                   warmup: int, iters: int) -> list[BenchRecord]:
+    images, mask, targets = random_batch(batch, size, device, num_classes=cfg.model.num_classes)
+    return _with_speedups([_train_one(cfg, name, device, images, mask, targets, warmup, iters) for name in modes])
+
+
+def _train_one(cfg: DINOConfig, name: str, device: torch.device, images: Tensor, mask: Tensor,
+               targets: list[dict[str, Tensor]], warmup: int, iters: int) -> BenchRecord:
+    backend, amp, channels_last, fused = TRAIN_MODES[name]
+    criterion = build_criterion(cfg.model.num_classes, cfg.loss, cfg.model.dec_layers)
+    torch.manual_seed(0)
+    model = DINO(cfg.model).to(device).train()
+    set_msda_backend(model, backend)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=fused or None)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            out = model(images, mask, targets)
+        losses = criterion(out.float(), targets)
+        criterion.total_loss(losses).backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.1)
+        opt.step()
+
+    peak: list[float | None] = []
+    with _peak_memory(device, peak):
+        sec = _time(step, device, warmup, iters)
+    return _record(name, "train", sec, images.shape[0], peak[0], resolve_backend(backend, device, images.dtype),
+                   per_image=False)
+
+
+def _record(mode: str, task: str, sec: float, batch: int, peak: float | None, msda: str,
+            per_image: bool = True) -> BenchRecord:
+    ms = 1000 * sec / batch if per_image else 1000 * sec
+    return BenchRecord(mode, task, round(ms, 2), round(batch / sec, 3), None if peak is None else round(peak, 3),
+                       1.0, msda)
+
+
+def _with_speedups(records: list[BenchRecord]) -> list[BenchRecord]:
+    base = records[0].ms
+    for r in records:
+        r.speedup = round(base / r.ms, 3)
+    return records
+
+
+def run_bench(preset: str = "dino_r50_4scale", device: str = "cpu", size: tuple[int, int] = (800, 1199),
+              batch: int = 1, task: str = "infer", modes: Sequence[str] | None = None, train_batch: int | None = None,
+              warmup: int = 1, iters: int = 3) -> list[BenchRecord]:
+    """Benchmark ``preset`` (random weights); the first mode of each task is the baseline (``reference``)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # exact float32, as the official timings
+        torch.backends.cudnn.allow_tf32 = False
+    cfg = get_preset(preset)
+    records: list[BenchRecord] = []
+    if task in ("infer", "both"):
+        names = _ordered(modes or supported_modes(dev), supported_modes(dev))
+        torch.manual_seed(0)
+        records += bench_inference(DINO(cfg.model), dev, size, batch, names, warmup, iters)
+    if task in ("train", "both"):
+        names = _ordered(modes or list(TRAIN_MODES), list(TRAIN_MODES))
+        records += bench_training(cfg, dev, size, train_batch or max(batch, 2), names, warmup, iters)
+    return records
+
+
+def _ordered(requested: Sequence[str], known: Sequence[str]) -> list[str]:
+    """``reference`` first (the baseline), then the requested modes this task knows, in their order."""
+    names = ["reference"] + [m for m in requested if m != "reference" and m in known]
+    return list(dict.fromkeys(names))
+
+
+def format_table(records: Sequence[BenchRecord]) -> str:
+    head = f"{'task':<6} {'mode':<10} {'msda':<8} {'ms':>10} {'img/s':>8} {'peak GB':>8} {'speed-up':>9}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        mem = "-" if r.peak_mem_gb is None else f"{r.peak_mem_gb:.2f}"
+        unit = "/img" if r.task == "infer" else "/step"
+        lines.append(f"{r.task:<6} {r.mode:<10} {r.msda:<8} {r.ms:>6.1f}{unit:<4} {r.img_per_s:>8.2f} {mem:>8} "
+                     f"{r.speedup:>8.2f}x")
+    return "\n".join(lines)
+
+
+def records_json(records: Sequence[BenchRecord]) -> list[dict]:
+    return [asdict(r) for r in records]

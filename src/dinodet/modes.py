@@ -1,0 +1,121 @@
+"""Inference modes: the exact float32 path and the fast ones, and what each of them changes.
+
+A mode is a small recipe applied to a built model: which MSDA backend its deformable attentions
+use, whether it runs under bf16/fp16 autocast, whether weights and activations are channels_last
+(oneDNN / cuDNN pick faster convolution kernels for that layout) and whether it goes through
+``torch.compile``.  ``reference`` is the official numerics (float32, PyTorch grid_sample MSDA);
+``exact`` is float32 with the fastest MSDA kernel for the device (within the parity tolerances);
+the others trade precision for speed and are checked by their detections agreeing with ``exact``.
+
+Compiled models see a few padded sizes only: ``compile`` pads every batch up to a multiple of
+``COMPILE_BUCKET`` pixels (the padding mask keeps the detections those of the unpadded image up to
+the backbone's view of the border), so a stream of differently sized images does not recompile.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .models.attention import set_msda_backend
+from .models.outputs import DINOOutput
+
+COMPILE_BUCKET = 128  # pixels; padded sizes per side under ``compile``
+
+
+@dataclass(frozen=True)
+class InferenceMode:
+    name: str
+    amp: str = "off"  # off | bf16 | fp16
+    msda_backend: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    description: str = ""
+
+
+MODES: dict[str, InferenceMode] = {
+    m.name: m
+    for m in (
+        InferenceMode("reference", msda_backend="pytorch", description="float32, PyTorch grid_sample MSDA (parity path)"),
+        InferenceMode("exact", description="float32, fastest MSDA kernel for the device"),
+        InferenceMode("channels_last", channels_last=True, description="float32, channels_last convolutions"),
+        InferenceMode("bf16", amp="bf16", channels_last=True, description="bf16 autocast, channels_last"),
+        InferenceMode("fp16", amp="fp16", channels_last=True, description="fp16 autocast, channels_last (CUDA)"),
+        InferenceMode("compile", channels_last=True, compile=True,
+                      description="float32 + torch.compile, inputs padded to 128-pixel buckets"),
+        InferenceMode("compile_bf16", amp="bf16", channels_last=True, compile=True,
+                      description="bf16 autocast + torch.compile, 128-pixel buckets (CUDA)"),
+    )
+}
+_CUDA_ONLY = ("fp16", "compile_bf16")
+
+
+def get_mode(name: str) -> InferenceMode:
+    try:
+        return MODES[name]
+    except KeyError:
+        raise ValueError(f"unknown inference mode '{name}' (available: {', '.join(MODES)})") from None
+
+
+def supported_modes(device: torch.device | str) -> list[str]:
+    """Modes offered on ``device``.  fp16 and compiled bf16 are CUDA-only: CPUs without native half
+    arithmetic emulate it (on the 2-core AMD EPYC dev machine, with AVX2 and no AVX-512/BF16, bf16
+    autocast is 3-4x slower than float32; ``bf16`` stays available there to show that)."""
+    device = torch.device(device)
+    return [n for n in MODES if device.type == "cuda" or n not in _CUDA_ONLY]
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """torch.autocast for ``amp`` in {"off", "bf16", "fp16"} (a null context for "off")."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in dtypes:
+        raise ValueError(f"amp must be one of off, bf16, fp16; got '{amp}'")
+    return torch.autocast(device_type=device.type, dtype=dtypes[amp])
+
+
+def pad_to_bucket(images: Tensor, mask: Tensor, bucket: int = COMPILE_BUCKET) -> tuple[Tensor, Tensor]:
+    """Zero-pad images [B, 3, H, W] (and mark the padding in mask [B, H, W]) up to multiples of ``bucket``."""
+    h, w = images.shape[-2:]
+    ph, pw = -h % bucket, -w % bucket
+    if ph == 0 and pw == 0:
+        return images, mask
+    return F.pad(images, (0, pw, 0, ph)), F.pad(mask, (0, pw, 0, ph), value=True)
+
+
+class ModeRunner:
+    """``runner(images [B, 3, H, W], mask [B, H, W]) -> DINOOutput`` for one inference mode.
+
+    The runner owns a copy of the model when the mode changes it (MSDA backend, memory format,
+    compilation), so the caller's model stays as it was.
+    """
+
+    def __init__(self, model: nn.Module, mode: InferenceMode | str, device: torch.device | str):
+        self.mode = get_mode(mode) if isinstance(mode, str) else mode
+        self.device = torch.device(device)
+        if self.mode.name not in supported_modes(self.device):
+            raise ValueError(f"inference mode '{self.mode.name}' is not available on {self.device.type}")
+        model = copy.deepcopy(model).to(self.device).eval()
+        set_msda_backend(model, self.mode.msda_backend)
+        if self.mode.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self._forward: Callable[[Tensor, Tensor], DINOOutput] = model
+        if self.mode.compile:
+            self._forward = torch.compile(model, dynamic=False)
+
+    @torch.inference_mode()
+    def __call__(self, images: Tensor, mask: Tensor) -> DINOOutput:
+        images, mask = images.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+        if self.mode.compile:
+            images, mask = pad_to_bucket(images, mask)
+        if self.mode.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.mode.amp):
+            return self._forward(images, mask)

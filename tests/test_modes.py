@@ -1,0 +1,75 @@
+"""Inference modes: each one runs, leaves the caller's model alone, and agrees with the exact path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dinodet.models.attention import MultiScaleDeformableAttention
+from dinodet.models.dino import DINO
+from dinodet.modes import COMPILE_BUCKET, MODES, ModeRunner, get_mode, pad_to_bucket, supported_modes
+from dinodet.presets import get_preset
+
+
+@pytest.fixture(scope="module")
+def model_and_batch():
+    torch.manual_seed(0)
+    model = DINO(get_preset("tiny").model).eval()
+    images = torch.randn(2, 3, 96, 120)
+    mask = torch.zeros(2, 96, 120, dtype=torch.bool)
+    mask[1, :, 100:] = True  # second image is narrower: padded on the right
+    return model, images, mask
+
+
+def test_modes_on_cpu():
+    assert supported_modes("cpu") == ["reference", "exact", "channels_last", "bf16", "compile"]
+    assert {"fp16", "compile_bf16"} <= set(supported_modes("cuda"))
+    with pytest.raises(ValueError, match="unknown inference mode 'turbo'"):
+        get_mode("turbo")
+    with pytest.raises(ValueError, match="not available on cpu"):
+        ModeRunner(torch.nn.Identity(), "fp16", "cpu")
+
+
+def test_exact_mode_equals_reference_on_cpu(model_and_batch, one_thread):
+    model, images, mask = model_and_batch
+    ref = ModeRunner(model, "reference", "cpu")(images, mask)
+    exact = ModeRunner(model, "exact", "cpu")(images, mask)
+    torch.testing.assert_close(exact.pred_logits, ref.pred_logits, rtol=0, atol=0)
+    torch.testing.assert_close(exact.pred_boxes, ref.pred_boxes, rtol=0, atol=0)
+
+
+def test_runner_does_not_change_the_callers_model(model_and_batch):
+    model, _, _ = model_and_batch
+    backends = {m.backend for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)}
+    runner = ModeRunner(model, "bf16", "cpu")
+    assert runner.model is not model
+    assert {m.backend for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)} == backends
+    conv = model.backbone.body.conv1.weight
+    assert conv.is_contiguous() and not runner.model.backbone.body.conv1.weight.is_contiguous()
+
+
+def test_bf16_mode_detections_close_to_exact(model_and_batch, one_thread):
+    model, images, mask = model_and_batch
+    exact = ModeRunner(model, "exact", "cpu")(images, mask)
+    fast = ModeRunner(model, "bf16", "cpu")(images, mask)
+    assert fast.pred_boxes.shape == exact.pred_boxes.shape
+    # bf16 may reorder near-tied encoder proposals (random weights tie a lot), so compare the box sets:
+    # nearly every exact box has a bf16 box within 0.02 (L1, normalised coordinates)
+    nearest = torch.cdist(exact.pred_boxes, fast.pred_boxes.float(), p=1).min(-1).values
+    assert nearest.quantile(0.9, dim=1).max() < 0.02
+    top_exact = exact.pred_logits.sigmoid().flatten(1).topk(10).values
+    top_fast = fast.pred_logits.float().sigmoid().flatten(1).topk(10).values
+    torch.testing.assert_close(top_fast, top_exact, rtol=0, atol=0.05)
+
+
+def test_pad_to_bucket_marks_padding():
+    images, mask = torch.ones(1, 3, 100, 130), torch.zeros(1, 100, 130, dtype=torch.bool)
+    padded, pmask = pad_to_bucket(images, mask)
+    assert padded.shape[-2:] == (COMPILE_BUCKET, 2 * COMPILE_BUCKET)
+    assert pmask[0, :100, :130].logical_not().all() and pmask[0, 100:].all() and pmask[0, :, 130:].all()
+    assert padded[0, :, 100:].abs().sum() == 0
+    same, smask = pad_to_bucket(padded, pmask)
+    assert same is padded and smask is pmask
+
+
+def test_every_mode_has_a_description():
+    assert all(m.description for m in MODES.values())
