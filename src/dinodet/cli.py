@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(subparsers)
     _add_check_data(subparsers)
     _add_demo(subparsers)
+    _add_bench(subparsers)
     return parser
 
 
@@ -570,6 +571,63 @@ def _run_demo(args: argparse.Namespace) -> int:
                                   settings.picture_threshold, settings.max_pictures)
     _print_metrics(metrics)
     print(f"dinodet: {n} annotated val images -> {run_dir / PREDICTIONS_DIR}; metrics -> {run_dir / 'metrics.json'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- bench
+
+
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="time inference / training of every speed mode against the reference path",
+        description=(
+            "Times the reference path (float32, PyTorch MSDA) and every fast mode in the same process on random "
+            "weights and images, prints mode, ms/img (ms/step for training), img/s, peak memory and the "
+            "speed-up over the reference, and writes the same records with --json."
+        ),
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--preset", default="dino_r50_4scale", help="model preset (default dino_r50_4scale)")
+    p.add_argument("--size", default="800x1199", help="image size HEIGHTxWIDTH (default 800x1199)")
+    p.add_argument("--batch", type=int, default=1, help="inference batch size (training uses at least 2)")
+    p.add_argument("--task", choices=("infer", "train", "both"), default="infer", help="what to time (default infer)")
+    p.add_argument("--modes", default=None,
+                   help="comma-separated modes (default: all for the device; the reference always runs first)")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations per mode (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations per mode")
+    p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the records as JSON")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench import format_table, parse_size, records_json, run_bench
+    from .modes import MODES
+    from .presets import get_preset
+
+    device = _checked_device(args.device)
+    try:
+        size = parse_size(args.size)
+        get_preset(args.preset)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if args.batch < 1 or args.iters < 1 or args.warmup < 0:
+        raise ConfigError("--batch and --iters must be >= 1 and --warmup >= 0")
+    modes = None
+    if args.modes:
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        unknown = [m for m in modes if m not in MODES]
+        if unknown:
+            raise ConfigError(f"unknown mode(s) {', '.join(unknown)} (available: {', '.join(MODES)})")
+    print(f"dinodet: benchmarking {args.preset} at {size[0]}x{size[1]} on {device} "
+          f"({args.warmup} warm-up + {args.iters} timed iterations per mode)", file=sys.stderr)
+    records = run_bench(args.preset, device, size, args.batch, args.task, modes, warmup=args.warmup, iters=args.iters)
+    print(format_table(records))
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out, records_json(records))
+        print(f"dinodet: records -> {out}", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,51 @@
+"""``dinodet bench``: records, table and JSON (speed itself is measured in benchmarks/, not tested)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dinodet.bench import parse_size, run_bench
+from dinodet.cli import main
+
+
+def test_bench_cli_writes_records_for_both_tasks(tmp_path, capsys, one_thread):
+    out = tmp_path / "bench" / "records.json"
+    rc = main(["bench", "--preset", "tiny", "--size", "64x80", "--task", "both", "--modes", "exact,channels_last",
+               "--iters", "1", "--warmup", "0", "--json", str(out)])
+    assert rc == 0
+    records = json.loads(out.read_text())
+    assert [(r["task"], r["mode"]) for r in records] == [
+        ("infer", "reference"), ("infer", "exact"), ("infer", "channels_last"),
+        ("train", "reference"), ("train", "exact")]
+    for r in records:
+        assert {"mode", "task", "ms", "img_per_s", "peak_mem_gb", "speedup"} <= set(r)
+        assert r["ms"] > 0 and r["img_per_s"] > 0 and r["peak_mem_gb"] is None  # no allocator stats on CPU
+        assert r["msda"] == "pytorch"  # what ran on CPU, whatever the mode asked for
+    assert records[0]["speedup"] == 1.0 and records[3]["speedup"] == 1.0
+    assert records[1]["speedup"] == pytest.approx(records[0]["ms"] / records[1]["ms"], rel=0.01)
+    table = capsys.readouterr().out
+    assert "channels_last" in table and "speed-up" in table
+
+
+def test_training_batch_is_at_least_two(one_thread):
+    (record,) = [r for r in run_bench("tiny", "cpu", (48, 48), batch=1, task="train", modes=["reference"],
+                                      warmup=0, iters=1)]
+    assert record.img_per_s == pytest.approx(2 * 1000 / record.ms, rel=0.01)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "800"], "size must look like 800x1199"),
+    (["--modes", "warp"], "unknown mode(s) warp"),
+    (["--preset", "dino_r9000"], "unknown preset"),
+])
+def test_bad_bench_arguments_are_one_line_errors(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_parse_size():
+    assert parse_size("800x1199") == (800, 1199)
+    with pytest.raises(ValueError):
+        parse_size("16x16")
