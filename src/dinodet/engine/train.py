@@ -137,7 +137,9 @@ def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
             (backbone if name.startswith("backbone.") else main).append(p)
     groups = [{"params": main, "lr": t.lr, "name": "main"},
               {"params": backbone, "lr": t.lr_backbone, "name": "backbone"}]
-    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    # the fused kernel updates each parameter in one pass (no per-op Python loop): same maths, faster
+    fused = all(p.device.type in ("cpu", "cuda") for p in main + backbone) or None
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig) -> torch.optim.lr_scheduler.StepLR:
