@@ -15,25 +15,30 @@ def _inputs(seed=0, shapes=((7, 9), (4, 5), (1, 1)), b=2, lq=11, m=2, d=3, p=3):
     return value, list(shapes), loc, w / w.sum((-1, -2), keepdim=True)
 
 
+EAGER_BACKENDS = ("gather", "embedding_bag")
+
+
 def test_backends_listed():
-    assert {"pytorch", "gather"} <= set(available_backends())
+    assert {"pytorch", "gather", "embedding_bag", "triton", "auto"} <= set(available_backends())
 
 
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_gather_backend_matches_reference(seed):
+def test_backend_matches_reference(seed, backend):
     value, shapes, loc, w = _inputs(seed)
     ref = ms_deform_attn_pytorch(value, shapes, loc, w)
-    out = ms_deform_attn(value, shapes, loc, w, backend="gather")
+    out = ms_deform_attn(value, shapes, loc, w, backend=backend)
     assert out.shape == (2, 11, 6)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_gather_backend_gradients_match():
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
+def test_backend_gradients_match(backend):
     value, shapes, loc, w = _inputs(5)
     grads = []
-    for backend in ("pytorch", "gather"):
+    for name in ("pytorch", backend):
         v, l, a = (t.clone().requires_grad_() for t in (value, loc, w))
-        ms_deform_attn(v, shapes, l, a, backend=backend).square().sum().backward()
+        ms_deform_attn(v, shapes, l, a, backend=name).square().sum().backward()
         grads.append((v.grad, l.grad, a.grad))
     for ref, got in zip(*grads):
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
@@ -43,7 +48,7 @@ def test_sampling_at_a_pixel_centre_returns_that_pixel():
     value = torch.arange(12, dtype=torch.float64).view(1, 12, 1, 1)  # one 3x4 level
     loc = torch.tensor([(2 + 0.5) / 4, (1 + 0.5) / 3], dtype=torch.float64).view(1, 1, 1, 1, 1, 2)
     w = torch.ones(1, 1, 1, 1, 1, dtype=torch.float64)
-    for backend in ("pytorch", "gather"):
+    for backend in ("pytorch", *EAGER_BACKENDS):
         assert ms_deform_attn(value, [(3, 4)], loc, w, backend=backend).item() == 6.0
 
 

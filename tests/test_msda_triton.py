@@ -87,8 +87,8 @@ def max_errors(ref, got):
 def test_triton_on_cpu_falls_back_to_reference(monkeypatch):
     monkeypatch.delenv("DINODET_MSDA", raising=False)
     assert resolve_backend("triton", "cpu") == "pytorch"
-    assert resolve_backend("auto", "cpu") == "pytorch"
-    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "pytorch"
+    assert resolve_backend("auto", "cpu") == "embedding_bag"  # the fastest CPU backend
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "embedding_bag"
 
 
 def test_env_override_picks_gather(monkeypatch):
