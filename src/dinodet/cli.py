@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .inference import Detector
+    from .onnx_runtime import OnnxDetector
 
 EXIT_USAGE = 2  # argparse's status for bad usage; we use it for every user-facing error
 PROGRESS_MIN_IMAGES = 5  # below this a progress bar is more noise than help
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_data(subparsers)
     _add_demo(subparsers)
     _add_bench(subparsers)
+    _add_export(subparsers)
     return parser
 
 
@@ -73,8 +75,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .checkpoint import CheckpointError  # deferred: imports the model code
     from .data.report import DatasetError
     from .engine.train import TrainingError
+    from .export import ExportError
 
-    return (CheckpointError, ConfigError, ImageLoadError, DatasetError, TrainingError)
+    return (CheckpointError, ConfigError, ImageLoadError, DatasetError, TrainingError, ExportError)
 
 
 def _error(message: str) -> None:
@@ -105,7 +108,7 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="PATH", help="dinodet or official DINO checkpoint (.pth/.pt)")
     src.add_argument(
         "--random-weights",
@@ -113,6 +116,11 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
         help="use a randomly initialised --preset model instead of a checkpoint: for smoke-testing "
         "the pipeline only, the boxes are MEANINGLESS",
     )
+    src.add_argument("--model", metavar="MODEL.onnx",
+                     help="an ONNX file from `dinodet export` (implies --backend onnxruntime)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"),
+                   help="run the PyTorch model (--checkpoint/--random-weights) or an exported ONNX model "
+                   "(--model) with onnxruntime; same predictions.json (default: onnxruntime with --model, else torch)")
     p.add_argument(
         "--preset",
         metavar="NAME",
@@ -155,6 +163,16 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _check_predict_args(args: argparse.Namespace) -> None:
+    if args.backend is None:
+        args.backend = "onnxruntime" if args.model else "torch"
+    if args.backend == "onnxruntime" and not args.model:
+        raise ConfigError("--backend onnxruntime needs --model MODEL.onnx (made by `dinodet export`)")
+    if args.backend == "torch" and args.model:
+        raise ConfigError("--model is an ONNX file: use it with --backend onnxruntime (or drop --backend)")
+    if args.backend == "torch" and not (args.checkpoint or args.random_weights):
+        raise ConfigError("one of --checkpoint PATH, --random-weights or --model MODEL.onnx is required")
+    if args.model and args.preset:
+        raise ConfigError("--preset does not apply to --model (the ONNX file records its preset)")
     if args.random_weights and not args.preset:
         raise ConfigError("--random-weights needs --preset NAME (e.g. --preset tiny)")
     if not 0.0 <= args.threshold <= 1.0:
@@ -177,10 +195,14 @@ def _check_output_names(paths: Sequence[Path], out_dir: Path) -> None:
             raise ConfigError(f"--out '{out_dir}' would overwrite the input image '{p}'; choose another folder")
 
 
-def _build_detector(args: argparse.Namespace) -> Detector:
+def _build_detector(args: argparse.Namespace) -> Detector | OnnxDetector:
     # deferred like every torch import here: torch + torchvision take seconds, `--help` should not
     from .inference import Detector
 
+    if args.backend == "onnxruntime":
+        from .onnx_runtime import OnnxDetector
+
+        return OnnxDetector(args.model, device=args.device, size=args.size, max_size=args.max_size)
     if args.random_weights:
         detector = Detector.from_random(args.preset, device=args.device, size=args.size, max_size=args.max_size)
         _warn(f"using RANDOM weights for preset '{args.preset}': the detections are meaningless")
@@ -191,7 +213,7 @@ def _build_detector(args: argparse.Namespace) -> Detector:
 
 
 def _predict_files(
-    detector: Detector,
+    detector: Detector | OnnxDetector,
     paths: Sequence[Path],
     out_dir: Path,
     threshold: float,
@@ -628,6 +650,66 @@ def _run_bench(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out, records_json(records))
         print(f"dinodet: records -> {out}", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a checkpoint to ONNX (for onnxruntime, TensorRT, ...)",
+        description=(
+            "Export the eval-mode model of a dinodet or official DINO checkpoint to ONNX.  Inputs: "
+            "'images' float32 [B, 3, H, W] (resized, ImageNet-normalised, zero-padded) and 'mask' bool "
+            "[B, H, W] (True on padding); outputs 'logits' [B, Q, C] and 'boxes' [B, Q, 4] (cxcywh 0..1), "
+            "or with --with-postprocess (extra input 'orig_sizes' int64 [B, 2] = (h, w)) the top-k "
+            "'scores', 'labels', 'boxes' (xyxy pixels).  The file's metadata records the preset, class "
+            "names and this input contract; run it with `dinodet predict --model FILE`."
+        ),
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="dinodet or official DINO checkpoint")
+    p.add_argument("--preset", metavar="NAME", help="architecture of an official checkpoint without stored args")
+    p.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default onnx)")
+    p.add_argument("--out", required=True, metavar="FILE.onnx", help="output file")
+    p.add_argument("--opset", type=int, default=None, metavar="N",
+                   help="ONNX opset, 17..23 (default 18)")
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width (else fixed, "
+                   "see --batch-size/--input-size)")
+    p.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic (float32 inputs/outputs; "
+                   "for GPU execution providers)")
+    p.add_argument("--with-postprocess", action="store_true",
+                   help="end the graph with the top-k post-processing (scores, labels, boxes in pixels)")
+    p.add_argument("--msda", default="grid_sample", choices=("grid_sample", "gather"),
+                   help="deformable-attention sampling: ONNX GridSample, or gather-based bilinear index "
+                   "arithmetic (use it for TensorRT, which mis-builds GridSample for DETR models) (default grid_sample)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="fixed batch size without --dynamic (default 1)")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="fixed padded input size without --dynamic (default MAX_SIZE MAX_SIZE)")
+    p.add_argument("--size", type=int, default=800, help="short side the model expects (default 800)")
+    p.add_argument("--max-size", type=int, default=1333, help="cap on the long side (default 1333)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import DEFAULT_OPSET, check_opset, to_onnx
+
+    opset = check_opset(DEFAULT_OPSET if args.opset is None else args.opset)  # before the slow loading
+    if not Path(args.checkpoint).is_file():
+        from .checkpoint import CheckpointError
+
+        raise CheckpointError(f"checkpoint not found: {args.checkpoint}")
+    print(f"dinodet: exporting {args.checkpoint} to ONNX (opset {opset}, "
+          f"{'dynamic' if args.dynamic else 'fixed'} shapes, msda {args.msda}); this takes a few minutes",
+          file=sys.stderr)
+    result = to_onnx(args.checkpoint, args.out, preset=args.preset, opset=opset, dynamic=args.dynamic,
+                     fp16=args.fp16, with_postprocess=args.with_postprocess, msda=args.msda,
+                     batch_size=args.batch_size, input_size=args.input_size, size=args.size, max_size=args.max_size)
+    contract = json.loads(result.metadata["input_contract"])
+    shapes = ", ".join(f"{k} {v['shape']}" for k, v in contract["inputs"].items())
+    print(f"dinodet: wrote {result.path} (preset {result.metadata['preset']}; inputs {shapes}; "
+          f"outputs {', '.join(result.outputs)}); checked with onnx.checker")
     return 0
 
 

@@ -20,7 +20,7 @@ from .data.coco_classes import COCO_CLASSES
 from .data.images import load_image
 from .data.transforms import eval_transform, image_hw, pad_batch
 from .models.dino import DINO
-from .postprocess import postprocess
+from .postprocess import Detections, postprocess
 from .presets import get_preset
 
 #: One input image: a file path, a PIL image, or a [3, H, W] tensor (uint8 0..255 or float 0..1).
@@ -177,31 +177,48 @@ class Detector:
 
     @torch.inference_mode()
     def _predict_batch(self, items: Sequence[ImageInput], threshold: float) -> list[Prediction]:
-        loaded = [load_image(x) if isinstance(x, (str, Path)) else x for x in items]
-        orig_sizes = torch.tensor([image_hw(im) for im in loaded], dtype=torch.int64)  # [B, 2] (h, w)
-        batch, mask = pad_batch([eval_transform(im, self.size, self.max_size) for im in loaded])
+        batch, mask, orig_sizes = preprocess_batch(items, self.size, self.max_size)
         out = self.model(batch.to(self.device), mask.to(self.device))
         det = postprocess(out.pred_logits, out.pred_boxes, orig_sizes.to(self.device), self.config.model.num_select)
-        return [
-            self._to_prediction(det.scores[i], det.labels[i], det.boxes[i], threshold, (h, w))
-            for i, (h, w) in enumerate(orig_sizes.tolist())
-        ]
+        return to_predictions(det, orig_sizes, threshold, self.class_names, self._category_ids)
 
-    def _to_prediction(
-        self, scores: Tensor, labels: Tensor, boxes: Tensor, threshold: float, image_size: tuple[int, int]
-    ) -> Prediction:
-        """Threshold one image's top-k detections ([S], [S], [S, 4]) and attach the label map."""
-        keep = scores > threshold
-        # postprocess returns the top-k in descending order, so the kept ones stay sorted
-        scores, labels, boxes = scores[keep].float().cpu(), labels[keep].long().cpu(), boxes[keep].float().cpu()
-        return Prediction(
-            boxes=boxes,
-            scores=scores,
-            labels=labels,
-            category_ids=self._category_ids[labels],
-            class_names=[self.class_names[k] for k in labels.tolist()],
-            image_size=image_size,
-        )
+
+def preprocess_batch(items: Sequence[ImageInput], size: int, max_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Load, resize + normalise (``eval_transform``) and zero-pad a batch of images.
+
+    Returns:
+        images float32 [B, 3, H, W], mask bool [B, H, W] (True on padding) and the original
+        (height, width) of every image, int64 [B, 2].  Shared by every inference backend.
+    """
+    loaded = [load_image(x) if isinstance(x, (str, Path)) else x for x in items]
+    orig_sizes = torch.tensor([image_hw(im) for im in loaded], dtype=torch.int64)  # [B, 2] (h, w)
+    batch, mask = pad_batch([eval_transform(im, size, max_size) for im in loaded])
+    return batch, mask, orig_sizes
+
+
+def to_predictions(det: Detections, orig_sizes: Tensor, threshold: float, class_names: Sequence[str],
+                   category_ids: Tensor) -> list[Prediction]:
+    """Threshold each image's top-k detections and attach the label map (``category_ids`` int64 [C])."""
+    return [
+        _to_prediction(det.scores[i], det.labels[i], det.boxes[i], threshold, (h, w), class_names, category_ids)
+        for i, (h, w) in enumerate(orig_sizes.tolist())
+    ]
+
+
+def _to_prediction(scores: Tensor, labels: Tensor, boxes: Tensor, threshold: float, image_size: tuple[int, int],
+                   class_names: Sequence[str], category_ids: Tensor) -> Prediction:
+    """Threshold one image's top-k detections ([S], [S], [S, 4]) and attach the label map."""
+    keep = scores > threshold
+    # postprocess returns the top-k in descending order, so the kept ones stay sorted
+    scores, labels, boxes = scores[keep].float().cpu(), labels[keep].long().cpu(), boxes[keep].float().cpu()
+    return Prediction(
+        boxes=boxes,
+        scores=scores,
+        labels=labels,
+        category_ids=category_ids[labels],
+        class_names=[class_names[k] for k in labels.tolist()],
+        image_size=image_size,
+    )
 
 
 def _as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:

@@ -83,7 +83,7 @@ class DINO(nn.Module):
         masks = [m for _, m in feats]
         for src in srcs[len(masks):]:
             masks.append(resample_mask(mask, src.shape[-2:]))
-        spatial_shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
+        spatial_shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]  # ints (symbolic under export)
 
         pos_flat = torch.cat([
             (self.position(m).to(s.dtype).flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))

@@ -49,9 +49,10 @@ def encoder_reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios
     device = valid_ratios.device
     refs = []
     for lvl, (h, w) in enumerate(spatial_shapes):
+        # arange + 0.5 == linspace(0.5, h - 0.5, h) exactly, and keeps h symbolic under torch.export
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+            torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+            torch.arange(w, dtype=torch.float32, device=device) + 0.5,
             indexing="ij",
         )
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)

@@ -33,9 +33,10 @@ def encoder_proposals(padding_mask: Tensor, spatial_shapes: list[tuple[int, int]
         mask = padding_mask[:, start:start + h * w].view(b, h, w)
         valid_h = torch.sum(~mask[:, :, 0], 1)
         valid_w = torch.sum(~mask[:, 0, :], 1)
+        # arange == linspace(0, h - 1, h) exactly, and keeps h symbolic under torch.export
         grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, h - 1, h, dtype=torch.float32, device=device),
-            torch.linspace(0, w - 1, w, dtype=torch.float32, device=device),
+            torch.arange(h, dtype=torch.float32, device=device),
+            torch.arange(w, dtype=torch.float32, device=device),
             indexing="ij",
         )
         grid = torch.stack([grid_x, grid_y], -1)  # [h, w, 2]
@@ -86,7 +87,7 @@ class QuerySelection(nn.Module):
         out_memory = self.memory_norm(self.memory_proj(memory.masked_fill(~valid, 0.0)))
         logits = self.class_head(out_memory)
         coords_unsig = self.box_head(out_memory) + proposals
-        k = min(self.num_queries, s)
+        k = torch.sym_min(self.num_queries, s)  # an int; stays symbolic under torch.export
         own = torch.topk(logits.max(-1)[0], k, dim=1)[1]
         index = own if topk_index is None else topk_index.to(memory.device)
         k = index.shape[1]

@@ -1,0 +1,467 @@
+"""Export a dinodet model (a trained or an official checkpoint) to ONNX: ``to_onnx(...)``.
+
+Input contract (the same for every export; recorded in the file's metadata)
+------------------------------------------------------------------------------
+* ``images``  float32 [B, 3, H, W]: RGB scaled to 0..1, normalised with the ImageNet mean/std and
+  zero-padded at the bottom/right to the largest image of the batch;
+* ``mask``    bool [B, H, W]: True on the padding;
+* ``orig_sizes`` int64 [B, 2] (only with ``with_postprocess``): each image's ORIGINAL (height,
+  width), the frame of the output boxes.
+
+That is exactly what ``dinodet.inference.preprocess_batch`` (``eval_transform`` + ``pad_batch``) gives:
+resize so the short side is ``size`` (800) and the long side at most ``max_size`` (1333), with PIL's
+antialiased bilinear filter.  Resizing stays outside the graph on purpose: an ONNX ``Resize`` cannot
+reproduce PIL's antialiasing, and a raw-uint8 graph would then give different detections than the
+PyTorch model (the issue asks for the same predictions).
+
+Outputs: ``logits`` float32 [B, Q, C] and ``boxes`` float32 [B, Q, 4] (cx, cy, w, h in 0..1 of each
+image's unpadded region) of the last decoder layer; with ``with_postprocess`` instead the official
+top-k over all (query, class) pairs: ``scores`` [B, K], ``labels`` int64 [B, K] and ``boxes``
+[B, K, 4] (x0, y0, x1, y1) in pixels of the original image (K = ``model.num_select``).
+
+Shapes: with ``dynamic`` the batch, height and width are free (H, W >= ``DYNAMIC_MIN_SIDE``: the
+64-stride level must be at least 2 cells); otherwise fixed to ``batch_size`` x ``input_size``
+(default ``max_size`` x ``max_size``, which holds any resized image) and smaller images are padded.
+
+Exporter choices
+----------------
+* ``torch.onnx.export(..., dynamo=True)`` on a ``torch.export`` program we capture ourselves
+  (non-strict).  The legacy TorchScript exporter is deprecated since PyTorch 2.9 and traces sizes as
+  tensors, which the model's shape arithmetic does not support.  We call ``torch.export.export``
+  directly because ``torch.onnx.export``'s own capture silently falls back to specialised (fixed)
+  shapes when a dimension cannot stay dynamic; here that is an error.
+* ``optimize=False``: the onnxscript optimizer produced an invalid graph for this model;
+  onnxruntime applies its own graph optimisations when it loads the file.
+* Opsets ``MIN_OPSET``..``MAX_OPSET`` (default ``DEFAULT_OPSET``); below 18 the exporter converts
+  the opset-18 graph down with the ONNX version converter.
+* Multi-scale deformable attention is plain ONNX in both variants (``msda``): ``grid_sample``
+  (ONNX ``GridSample``, the smaller graph) or ``gather`` (bilinear interpolation written as index
+  arithmetic + ``GatherElements``; TensorRT mis-builds ``GridSample`` for DETR-family models).
+  Both give the same results (tests/test_export.py checks them against each other in onnxruntime).
+* ``fp16``: weights and arithmetic in float16 (onnxruntime's float16 converter), inputs and outputs
+  stay float32.  Meant for GPU execution providers; expect ~1e-2 differences.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .config import ConfigError, DINOConfig
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .postprocess import postprocess
+
+MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 23, 18
+DYNAMIC_MIN_SIDE = 65  # the 64-stride feature level must have >= 2 rows and columns
+MSDA_VARIANTS = {"grid_sample": "pytorch", "gather": "gather"}  # variant -> ops.msda backend
+DEFAULT_MSDA = "grid_sample"
+METADATA_FORMAT = "dinodet-onnx-v1"
+_TWO_GB = 2**31 - 2**26  # protobuf limit (with some margin): larger models use external data
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked (one-line message)."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    opset: int
+    inputs: list[str]
+    outputs: list[str]
+    metadata: dict[str, str]
+
+
+class ExportWrapper(nn.Module):
+    """The eval-mode model with tensors in and out, as it is exported.
+
+    forward(images, mask) -> (logits [B, Q, C], boxes [B, Q, 4] cxcywh 0..1), or with
+    ``with_postprocess`` forward(images, mask, orig_sizes) -> (scores, labels, boxes in pixels).
+    """
+
+    def __init__(self, model: nn.Module, with_postprocess: bool = False, num_select: int = 300):
+        super().__init__()
+        self.model = model
+        self.with_postprocess = with_postprocess
+        self.num_select = num_select
+
+    def forward(self, images: Tensor, mask: Tensor, orig_sizes: Tensor | None = None) -> tuple[Tensor, ...]:
+        out = self.model(images, mask)
+        if not self.with_postprocess:
+            return out.pred_logits, out.pred_boxes
+        assert orig_sizes is not None
+        det = postprocess(out.pred_logits, out.pred_boxes, orig_sizes, self.num_select)
+        return det.scores, det.labels, det.boxes
+
+
+def check_opset(opset: int) -> int:
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"unsupported ONNX opset {opset!r} (supported: {MIN_OPSET}..{MAX_OPSET})")
+    return opset
+
+
+def to_onnx(
+    checkpoint: str | os.PathLike | Any,
+    out: str | os.PathLike,
+    *,
+    preset: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    dynamic: bool = False,
+    fp16: bool = False,
+    with_postprocess: bool = False,
+    msda: str = DEFAULT_MSDA,
+    batch_size: int | None = None,
+    input_size: tuple[int, int] | None = None,
+    size: int = 800,
+    max_size: int = 1333,
+    check: bool = True,
+) -> ExportResult:
+    """Export a model to ONNX (see the module docstring for the input/output contract).
+
+    Args:
+        checkpoint: a dinodet or official DINO checkpoint file (as ``dinodet predict``), or an
+            already built ``dinodet.inference.Detector``.
+        out: the .onnx file to write (its folder is created).
+        preset: architecture of an official checkpoint without stored args (checked against a
+            dinodet checkpoint).
+        opset: ONNX opset, ``MIN_OPSET``..``MAX_OPSET``.
+        dynamic: free batch, height and width; else fixed ``batch_size`` x 3 x ``input_size``.
+        fp16: float16 weights and arithmetic (float32 inputs/outputs).
+        with_postprocess: end the graph with the top-k post-processing (extra input ``orig_sizes``).
+        msda: ``grid_sample`` or ``gather`` (see the module docstring).
+        batch_size, input_size: the fixed input shape when not ``dynamic`` (default 1 and
+            (max_size, max_size)); not allowed with ``dynamic``.
+        size, max_size: the resize the model expects (recorded in the metadata for the runtime).
+        check: run ``onnx.checker`` on the written file.
+
+    Raises:
+        ExportError: bad options, missing ONNX packages, or a model that does not export.
+        CheckpointError / ConfigError: the checkpoint cannot be loaded.
+    """
+    check_opset(opset)
+    if msda not in MSDA_VARIANTS:
+        raise ExportError(f"unknown MSDA variant '{msda}' (choose from: {', '.join(MSDA_VARIANTS)})")
+    if size < 1 or max_size < size:
+        raise ExportError(f"need 1 <= size <= max_size, got size {size} max_size {max_size}")
+    if dynamic and (batch_size is not None or input_size is not None):
+        raise ExportError("a batch size / input size fixes the input shape: not allowed with dynamic")
+    batch_size = 1 if batch_size is None else int(batch_size)
+    input_size = (max_size, max_size) if input_size is None else tuple(int(v) for v in input_size)
+    if batch_size < 1:
+        raise ExportError(f"batch size must be >= 1, got {batch_size}")
+    if len(input_size) != 2 or min(input_size) < DYNAMIC_MIN_SIDE:
+        raise ExportError(f"input size must be two sides (H W) >= {DYNAMIC_MIN_SIDE}, got {list(input_size)}")
+    _require_onnx()
+    out = Path(out)
+    if out.suffix.lower() != ".onnx":
+        raise ExportError(f"the output file must end in .onnx, got '{out}'")
+
+    model, config, class_names, category_ids = _load_model(checkpoint, preset)
+    names, ids = _label_map(config, class_names, category_ids)
+    wrapper = ExportWrapper(model, with_postprocess, config.model.num_select).eval()
+    input_names = ["images", "mask"] + (["orig_sizes"] if with_postprocess else [])
+    output_names = ["scores", "labels", "boxes"] if with_postprocess else ["logits", "boxes"]
+    example = _example_inputs(2 if dynamic else batch_size, (128, 160) if dynamic else input_size, with_postprocess)
+
+    with _msda_variant(model, MSDA_VARIANTS[msda]), torch.no_grad():
+        program = _capture(wrapper, example, input_names, dynamic)
+        # torch.onnx writes opset >= 18; older opsets are converted below
+        onnx_program = _translate(program, example, max(opset, 18), input_names, output_names)
+    proto = onnx_program.model_proto
+    if opset < 18:
+        proto = _downgrade_opset(proto, opset)
+    _check_opset_written(proto, opset)
+    _name_dims(proto, program, input_names, output_names, with_postprocess)
+    if fp16:
+        proto = _to_fp16(proto)
+
+    contract = _contract(input_names, output_names, dynamic, batch_size, input_size, with_postprocess,
+                         config.model.num_select, size, max_size)
+    metadata = {
+        "format": METADATA_FORMAT,
+        "dinodet_version": __version__,
+        "preset": config.name,
+        "num_classes": str(config.model.num_classes),
+        "class_names": json.dumps(names),
+        "category_ids": json.dumps(ids),
+        "num_select": str(config.model.num_select),
+        "with_postprocess": json.dumps(with_postprocess),
+        "dynamic": json.dumps(dynamic),
+        "msda": msda,
+        "fp16": json.dumps(fp16),
+        "opset": str(opset),
+        "size": str(size),
+        "max_size": str(max_size),
+        "input_contract": json.dumps(contract),
+    }
+    import onnx
+
+    onnx.helper.set_model_props(proto, metadata)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save(proto, out)
+    if check:
+        try:
+            onnx.checker.check_model(str(out))
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"the exported graph fails onnx.checker: {_first_line(str(e))}") from None
+    return ExportResult(out, opset, input_names, output_names, metadata)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ExportError("ONNX export needs the 'onnx' and 'onnxscript' packages: "
+                          "pip install 'dinodet[onnx]'") from None
+
+
+def _first_line(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[0] if text else "unknown error"
+
+
+def _load_model(checkpoint: Any, preset: str | None) -> tuple[nn.Module, DINOConfig, Any, Any]:
+    from .inference import Detector
+
+    if isinstance(checkpoint, Detector):
+        if preset is not None and preset != checkpoint.config.name:
+            raise ConfigError(f"the detector is a '{checkpoint.config.name}' model, not '{preset}'")
+        ids = checkpoint._category_ids.tolist()
+        return checkpoint.model.cpu().eval(), checkpoint.config, checkpoint.class_names, ids
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise ExportError(f"expected a checkpoint path or a Detector, got {type(checkpoint).__name__}")
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint, preset=preset)
+    return ckpt.model.eval(), ckpt.config, ckpt.class_names, ckpt.category_ids
+
+
+def _label_map(config: DINOConfig, class_names: Any, category_ids: Any) -> tuple[list[str], list[int]]:
+    from .inference import default_label_map
+
+    return default_label_map(config.model.num_classes, class_names, category_ids)
+
+
+@contextlib.contextmanager
+def _msda_variant(model: nn.Module, backend: str) -> Iterator[None]:
+    """Use MSDA ``backend`` in every deformable attention while exporting, then restore; ignores
+    $DINODET_MSDA meanwhile (it would override the choice)."""
+    from .models.attention import MultiScaleDeformableAttention, set_msda_backend
+    from .models.ops.msda import ENV_VAR
+
+    before = {m: m.backend for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)}
+    env = os.environ.pop(ENV_VAR, None)
+    set_msda_backend(model, backend)
+    try:
+        yield
+    finally:
+        for m, b in before.items():
+            m.backend = b
+        if env is not None:
+            os.environ[ENV_VAR] = env
+
+
+def _example_inputs(batch: int, hw: tuple[int, int], with_postprocess: bool) -> tuple[Tensor, ...]:
+    """Random normalised images; in a batch of 2+ the second image has padding (right, bottom)."""
+    h, w = hw
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, h, w, generator=gen)
+    mask = torch.zeros(batch, h, w, dtype=torch.bool)
+    if batch > 1:
+        mask[1, :, w - w // 4:] = True
+        mask[1, h - h // 8:, :] = True
+        images[1] = images[1].masked_fill(mask[1], 0.0)
+    sizes = torch.tensor([[h, w]] * batch, dtype=torch.int64)
+    return (images, mask, sizes) if with_postprocess else (images, mask)
+
+
+def _capture(wrapper: nn.Module, example: tuple[Tensor, ...], input_names: list[str],
+             dynamic: bool) -> torch.export.ExportedProgram:
+    dynamic_shapes = None
+    if dynamic:
+        batch = torch.export.Dim("batch")
+        height = torch.export.Dim("height", min=DYNAMIC_MIN_SIDE)
+        width = torch.export.Dim("width", min=DYNAMIC_MIN_SIDE)
+        dynamic_shapes = {"images": {0: batch, 2: height, 3: width}, "mask": {0: batch, 1: height, 2: width}}
+        if "orig_sizes" in input_names:
+            dynamic_shapes["orig_sizes"] = {0: batch}
+    try:
+        return torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes, strict=False)
+    except torch._dynamo.exc.UserError as e:
+        # A dimension that cannot stay dynamic over the whole range: report it, never specialise.
+        hint = " ".join(ln.strip() for ln in str(e).splitlines() if "Not all values" in ln or "specialized" in ln)
+        raise ExportError(f"the model cannot be exported with dynamic shapes: {hint or _first_line(str(e))}") from None
+    except Exception as e:  # noqa: BLE001 - torch.export raises many types; the user needs one line
+        raise ExportError(f"torch.export failed: {type(e).__name__}: {_first_line(str(e))}") from None
+
+
+def _translate(program: torch.export.ExportedProgram, example: tuple[Tensor, ...], opset: int,
+               input_names: list[str], output_names: list[str]) -> Any:
+    import warnings
+
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(None):
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(program, example, None, dynamo=True, opset_version=opset, optimize=False,
+                                     input_names=input_names, output_names=output_names, verbose=False)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"ONNX translation failed at opset {opset}: {type(e).__name__}: "
+                          f"{_first_line(str(e))}") from None
+
+
+# ReduceX ops whose axes became an input in opset 18 (ReduceSum already in 13)
+_AXES_INPUT_18 = {"ReduceMax", "ReduceMin", "ReduceMean", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+                  "ReduceLogSumExp", "ReduceSumSquare"}
+
+
+def _downgrade_opset(proto: Any, opset: int) -> Any:
+    """Convert an opset-18 graph down with the ONNX version converter.
+
+    The converter needs the axes of the opset-18 Reduce ops as initializers; the exporter computes
+    some through Reshape/Identity of a Constant, so those are resolved first.  It also leaves the
+    opset-18-only ``noop_with_empty_axes`` attribute behind, which is removed afterwards (the axes
+    are never empty here).
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    initializers = {i.name: i for i in proto.graph.initializer}
+
+    def constant(name: str) -> list[int] | None:
+        while name not in initializers:
+            node = producer.get(name)
+            if node is None:
+                return None
+            if node.op_type == "Constant":
+                for a in node.attribute:
+                    if a.name == "value":
+                        return numpy_helper.to_array(a.t).reshape(-1).tolist()
+                    if a.name in ("value_ints", "value_int"):
+                        return list(a.ints) if a.name == "value_ints" else [a.i]
+                return None
+            if node.op_type not in ("Reshape", "Identity", "Squeeze", "Unsqueeze", "Cast", "Flatten"):
+                return None
+            name = node.input[0]  # these keep the values of their first input
+        return numpy_helper.to_array(initializers[name]).reshape(-1).tolist()
+
+    for node in proto.graph.node:
+        if node.op_type in _AXES_INPUT_18 and len(node.input) > 1 and node.input[1]:
+            axes = constant(node.input[1])
+            if not axes:
+                raise ExportError(f"cannot convert to opset {opset}: {node.op_type} has computed axes; use opset >= 18")
+            init = numpy_helper.from_array(np.array(axes, dtype=np.int64), name=f"{node.output[0]}__axes")
+            proto.graph.initializer.append(init)
+            node.input[1] = init.name
+    try:
+        converted = onnx.version_converter.convert_version(proto, opset)
+    except Exception as e:  # noqa: BLE001 - the converter raises RuntimeError/ValueError/...
+        raise ExportError(f"cannot convert the graph to opset {opset} ({_first_line(str(e))}); "
+                          "use opset >= 18") from None
+    for node in converted.graph.node:
+        if node.op_type in _AXES_INPUT_18:
+            keep = [a for a in node.attribute if a.name != "noop_with_empty_axes"]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    return converted
+
+
+def _check_opset_written(proto: Any, opset: int) -> None:
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise ExportError(f"the exporter wrote opset {written} instead of {opset}; use opset 18")
+
+
+def _name_dims(proto: Any, program: torch.export.ExportedProgram, input_names: list[str],
+               output_names: list[str], with_postprocess: bool) -> None:
+    """Give the dynamic dimensions readable names (batch, height, width) everywhere in the graph."""
+    import onnx
+
+    images = next(v for v in proto.graph.input if v.name == "images")
+    dims = images.type.tensor_type.shape.dim
+    rename = {d.dim_param: name for d, name in zip(dims, ("batch", None, "height", "width")) if name and d.dim_param}
+    if not rename:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, rename)) + r")\b")
+    values: list[onnx.ValueInfoProto] = [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]
+    for v in values:
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = pattern.sub(lambda m: rename[m.group(1)], d.dim_param)
+    second = "num_detections" if with_postprocess else "num_queries"
+    for v in proto.graph.output:
+        shape = v.type.tensor_type.shape.dim
+        if len(shape) >= 2 and shape[1].dim_param:
+            shape[1].dim_param = second
+
+
+def _to_fp16(proto: Any) -> Any:
+    try:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError:
+        raise ExportError("--fp16 needs the 'onnxruntime' package (its float16 converter)") from None
+    try:
+        return convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"float16 conversion failed: {type(e).__name__}: {_first_line(str(e))}") from None
+
+
+def _save(proto: Any, out: Path) -> None:
+    import onnx
+
+    size = sum(t.ByteSize() for t in proto.graph.initializer)
+    if size < _TWO_GB:
+        onnx.save_model(proto, str(out))
+    else:
+        onnx.save_model(proto, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{out.name}.data")
+
+
+def _contract(input_names: Sequence[str], output_names: Sequence[str], dynamic: bool, batch_size: int,
+              input_size: tuple[int, int], with_postprocess: bool, num_select: int, size: int,
+              max_size: int) -> dict[str, Any]:
+    b, (h, w) = ("batch", ("height", "width")) if dynamic else (batch_size, input_size)
+    inputs = {
+        "images": {"dtype": "float32", "shape": [b, 3, h, w],
+                   "meaning": "RGB 0..1, normalised (x - mean) / std, zero-padded bottom/right"},
+        "mask": {"dtype": "bool", "shape": [b, h, w], "meaning": "True on padding"},
+    }
+    if with_postprocess:
+        inputs["orig_sizes"] = {"dtype": "int64", "shape": [b, 2], "meaning": "original (height, width)"}
+        outputs = {
+            "scores": {"dtype": "float32", "shape": [b, "num_detections"], "meaning": "sigmoid score, descending"},
+            "labels": {"dtype": "int64", "shape": [b, "num_detections"], "meaning": "class index"},
+            "boxes": {"dtype": "float32", "shape": [b, "num_detections", 4],
+                      "meaning": "x0, y0, x1, y1 in pixels of the original image"},
+        }
+    else:
+        outputs = {
+            "logits": {"dtype": "float32", "shape": [b, "num_queries", "num_classes"],
+                       "meaning": "class logits (sigmoid for scores)"},
+            "boxes": {"dtype": "float32", "shape": [b, "num_queries", 4],
+                      "meaning": "cx, cy, w, h in 0..1 of the unpadded image"},
+        }
+    return {
+        "inputs": inputs,
+        "outputs": outputs,
+        "preprocess": {"resize": f"short side {size}, long side <= {max_size}, bilinear antialiased (PIL)",
+                       "size": size, "max_size": max_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                       "pad": "zeros at bottom/right to the batch's largest image; mask True there"},
+        "shape": ({"dynamic": True, "min_side": DYNAMIC_MIN_SIDE} if dynamic
+                  else {"dynamic": False, "batch": batch_size, "height": input_size[0], "width": input_size[1]}),
+        "num_select": num_select if with_postprocess else None,
+    }

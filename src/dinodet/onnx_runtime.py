@@ -1,0 +1,135 @@
+"""Run an exported dinodet ONNX model with onnxruntime: ``OnnxDetector(path).predict(images)``.
+
+Same preprocessing, post-processing and ``Prediction`` objects as ``dinodet.inference.Detector``, so
+``dinodet predict --backend onnxruntime --model model.onnx`` writes the same predictions.json as the
+PyTorch backend.  The label map, the top-k size and the expected resize come from the file's
+metadata (written by ``dinodet.export.to_onnx``); PyTorch is used only for the preprocessing.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .export import METADATA_FORMAT
+from .inference import ImageInput, Prediction, _as_image_list, preprocess_batch, to_predictions
+from .postprocess import Detections, postprocess
+
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def _first_line(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[0] if text else "unknown error"
+
+
+class OnnxDetector:
+    """An exported model in an onnxruntime session, with the ``Detector.predict`` interface.
+
+    Args:
+        path: the .onnx file.
+        device: ``cpu`` or ``cuda`` (CUDAExecutionProvider, when this onnxruntime has it).
+        size, max_size: override the resize recorded at export (short side, cap on the long side).
+        num_threads: onnxruntime intra-op threads (default: ``torch.get_num_threads()``, which
+            follows OMP_NUM_THREADS, so both backends use the same number of cores).
+
+    Raises:
+        CheckpointError: missing or unreadable file, or not a dinodet export.
+        ConfigError: unavailable device.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", size: int | None = None,
+                 max_size: int | None = None, num_threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ConfigError("the onnxruntime backend needs the 'onnxruntime' package: "
+                              "pip install 'dinodet[onnx]'") from None
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"ONNX model not found: {path}")
+        kind = str(device).split(":")[0]
+        if kind not in _PROVIDERS or _PROVIDERS[kind] not in ort.get_available_providers():
+            raise ConfigError(f"device '{device}' is not available to onnxruntime "
+                              f"(providers: {', '.join(ort.get_available_providers())})")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads() if num_threads is None else num_threads
+        options.log_severity_level = 3  # errors only
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=[_PROVIDERS[kind]])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise CheckpointError(f"{path}: not a readable ONNX model ({_first_line(str(e))})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("format") != METADATA_FORMAT:
+            raise CheckpointError(f"{path}: not a dinodet ONNX export (no '{METADATA_FORMAT}' metadata)")
+        self.path = path
+        self.metadata = dict(meta)
+        self.preset = meta["preset"]
+        self.class_names: list[str] = json.loads(meta["class_names"])
+        self._category_ids = torch.tensor(json.loads(meta["category_ids"]), dtype=torch.int64)
+        self.num_select = int(meta["num_select"])
+        self.with_postprocess = json.loads(meta["with_postprocess"])
+        self.size = int(meta["size"]) if size is None else size
+        self.max_size = int(meta["max_size"]) if max_size is None else max_size
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        shape = self.session.get_inputs()[0].shape  # [B, 3, H, W]; ints where fixed
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        self.fixed_hw = (shape[2], shape[3]) if isinstance(shape[2], int) and isinstance(shape[3], int) else None
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float = 0.3,
+                batch_size: int = 1) -> list[Prediction]:
+        """Detect objects in one image or a sequence of images (see ``Detector.predict``).
+
+        A model exported with a fixed batch size runs batches of that size (whatever
+        ``batch_size``); with a fixed input size every image is padded to it.
+        """
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = self.fixed_batch or batch_size
+        items = _as_image_list(images)
+        results: list[Prediction] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            batch, mask, orig_sizes = preprocess_batch(chunk, self.size, self.max_size)
+            det = self.run(batch, mask, orig_sizes)
+            results.extend(to_predictions(det, orig_sizes, threshold, self.class_names, self._category_ids))
+        return results
+
+    def run(self, images: Tensor, mask: Tensor, orig_sizes: Tensor) -> Detections:
+        """The model on a preprocessed batch (``preprocess_batch``'s outputs) -> top-k detections."""
+        n = images.shape[0]
+        images, mask, orig_sizes = self._fit(images, mask, orig_sizes)
+        feed = {"images": images.numpy(), "mask": mask.numpy()}
+        if "orig_sizes" in self.input_names:
+            feed["orig_sizes"] = orig_sizes.numpy()
+        outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
+        if self.with_postprocess:
+            scores, labels, boxes = outs
+            return Detections(scores[:n].float(), labels[:n].long(), boxes[:n].float())
+        logits, boxes = outs
+        return postprocess(logits[:n].float(), boxes[:n].float(), orig_sizes[:n], self.num_select)
+
+    def _fit(self, images: Tensor, mask: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Pad a batch to the model's fixed input size and batch size, if it has them."""
+        if self.fixed_hw is not None:
+            (h, w), (fh, fw) = images.shape[-2:], self.fixed_hw
+            if h > fh or w > fw:
+                raise ConfigError(f"{self.path} takes images of at most {fh}x{fw} (HxW) after resizing, got "
+                                  f"{h}x{w}; export with --dynamic or a larger --input-size, or lower --size")
+            images = torch.nn.functional.pad(images, (0, fw - w, 0, fh - h))
+            mask = torch.nn.functional.pad(mask, (0, fw - w, 0, fh - h), value=True)
+        if self.fixed_batch is not None and images.shape[0] < self.fixed_batch:
+            extra = self.fixed_batch - images.shape[0]  # repeat the first image; its results are dropped
+            images = torch.cat([images, images[:1].expand(extra, -1, -1, -1)])
+            mask = torch.cat([mask, mask[:1].expand(extra, -1, -1)])
+            orig_sizes = torch.cat([orig_sizes, orig_sizes[:1].expand(extra, -1)])
+        return images.contiguous(), mask.contiguous(), orig_sizes.contiguous()
