@@ -1,0 +1,236 @@
+"""ONNX export (``dinodet export`` / ``dinodet.export.to_onnx``) and the onnxruntime backend.
+
+An export traces the whole model symbolically (about a minute for the tiny preset with dynamic
+shapes on a 2-core CPU), so the tests share three exports: the tiny checkpoint through the CLI with
+dynamic shapes and the grid_sample MSDA, the same weights through the Python API with a fixed 2x128x160
+input, the gather MSDA and the post-processing in the graph, and dino_r50_4scale (random weights,
+fixed small input; slow mark).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from dinodet.cli import main  # noqa: E402
+from dinodet.data.coco_classes import COCO_CLASSES  # noqa: E402
+from dinodet.export import MAX_OPSET, MIN_OPSET, ExportError, to_onnx  # noqa: E402
+from dinodet.inference import Detector, preprocess_batch  # noqa: E402
+from dinodet.onnx_runtime import OnnxDetector  # noqa: E402
+from dinodet.postprocess import postprocess  # noqa: E402
+
+FIXED_HW = (128, 160)
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], *fragments: str) -> None:
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dinodet:")
+             and not ln.startswith("dinodet: warning:") and not ln.startswith("dinodet: exporting")]
+    assert len(lines) == 1 and lines[0].startswith("dinodet: error: "), lines
+    for f in fragments:
+        assert f in lines[0], lines
+
+
+@pytest.fixture(scope="module")
+def dynamic_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """The tiny checkpoint exported by the CLI: dynamic shapes, grid_sample MSDA, logits + boxes."""
+    out = tmp_path_factory.mktemp("onnx") / "tiny_dynamic.onnx"
+    torch.set_num_threads(1)
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--format", "onnx", "--out", str(out),
+                 "--dynamic", "--msda", "grid_sample"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def fixed_gather_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_detector: Detector) -> Path:
+    """The same weights through the API: fixed 2x3x128x160, gather MSDA, top-k in the graph."""
+    out = tmp_path_factory.mktemp("onnx") / "tiny_fixed_gather.onnx"
+    torch.set_num_threads(1)
+    result = to_onnx(tiny_detector, out, msda="gather", with_postprocess=True, batch_size=2, input_size=FIXED_HW)
+    assert result.inputs == ["images", "mask", "orig_sizes"] and result.outputs == ["scores", "labels", "boxes"]
+    return out
+
+
+def padded_pair(sample_images: list[Path], size: int, max_size: int) -> tuple[torch.Tensor, ...]:
+    """Two differently shaped images batched as the predictor does (the smaller one padded)."""
+    return preprocess_batch(sample_images[:2], size, max_size)
+
+
+def torch_outputs(detector: Detector, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out = detector.model(images, mask)
+    return out.pred_logits, out.pred_boxes
+
+
+# ------------------------------------------------------------------------------- the file itself
+
+
+def test_cli_export_writes_checked_onnx_with_metadata(dynamic_onnx: Path, capsys: pytest.CaptureFixture[str]):
+    onnx.checker.check_model(str(dynamic_onnx))
+    model = onnx.load(str(dynamic_onnx))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["preset"] == "tiny" and meta["msda"] == "grid_sample" and meta["dynamic"] == "true"
+    assert json.loads(meta["class_names"]) == list(COCO_CLASSES)
+    assert json.loads(meta["category_ids"]) == list(range(91))
+    contract = json.loads(meta["input_contract"])
+    assert contract["inputs"]["images"]["shape"] == ["batch", 3, "height", "width"]
+    assert contract["inputs"]["mask"]["dtype"] == "bool"
+    assert contract["preprocess"]["mean"] == [0.485, 0.456, 0.406]
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*model.graph.input, *model.graph.output]}
+    assert shapes == {"images": ["batch", 3, "height", "width"], "mask": ["batch", "height", "width"],
+                      "logits": ["batch", "num_queries", 91], "boxes": ["batch", "num_queries", 4]}
+    ops = {n.op_type for n in model.graph.node}
+    assert "GridSample" in ops and not any(n.domain not in ("", "ai.onnx") for n in model.graph.node)
+
+
+@pytest.mark.parametrize("shape", [(1, 96, 128), (1, 131, 99), (2, 0, 0)], ids=["96x128", "131x99", "batch2-padded"])
+def test_dynamic_onnx_matches_pytorch(dynamic_onnx: Path, tiny_detector: Detector, sample_images: list[Path],
+                                      shape: tuple[int, int, int], one_thread):
+    b, h, w = shape
+    if b == 2:  # a landscape and a portrait image: both padded to 160 x 240
+        images, mask, _ = padded_pair(sample_images[:2], 160, 240)
+        assert mask[0].any() or mask[1].any()
+    else:  # 131 x 99: not a multiple of 32 (nor of 2)
+        images, mask = torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(h)), torch.zeros(b, h, w, dtype=torch.bool)
+    logits, boxes = session(dynamic_onnx).run(None, {"images": images.numpy(), "mask": mask.numpy()})
+    ref_logits, ref_boxes = torch_outputs(tiny_detector, images, mask)
+    assert logits.shape == tuple(ref_logits.shape) and boxes.shape == tuple(ref_boxes.shape)
+    torch.testing.assert_close(torch.from_numpy(logits), ref_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(boxes), ref_boxes, atol=1e-5, rtol=1e-4)
+
+
+def test_grid_sample_and_gather_variants_agree(dynamic_onnx: Path, fixed_gather_onnx: Path, tiny_detector: Detector,
+                                               sample_images: list[Path], one_thread):
+    gather_ops = {n.op_type for n in onnx.load(str(fixed_gather_onnx), load_external_data=False).graph.node}
+    assert "GridSample" not in gather_ops and "GatherElements" in gather_ops and "TopK" in gather_ops
+    images, mask, orig_sizes = padded_pair(sample_images, 96, 160)  # padded to the fixed 128 x 160
+    h, w = images.shape[-2:]
+    images = F.pad(images, (0, FIXED_HW[1] - w, 0, FIXED_HW[0] - h))
+    mask = F.pad(mask, (0, FIXED_HW[1] - w, 0, FIXED_HW[0] - h), value=True)
+    feed = {"images": images.numpy(), "mask": mask.numpy()}
+    scores, labels, boxes = (torch.from_numpy(x) for x in session(fixed_gather_onnx).run(None, {**feed, "orig_sizes": orig_sizes.numpy()}))
+    logits_gs, boxes_gs = (torch.from_numpy(x) for x in session(dynamic_onnx).run(None, feed))
+    num_select = tiny_detector.config.model.num_select
+    for ref in (postprocess(logits_gs, boxes_gs, orig_sizes, num_select),  # grid_sample in onnxruntime
+                postprocess(*torch_outputs(tiny_detector, images, mask), orig_sizes, num_select)):  # PyTorch
+        torch.testing.assert_close(scores, ref.scores, atol=1e-5, rtol=0)
+        assert torch.equal(labels, ref.labels)
+        torch.testing.assert_close(boxes, ref.boxes, atol=1e-2, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------- predict
+
+
+def same_records(a: list[dict], b: list[dict]) -> None:
+    """Same detections (any order among near-equal scores): labels equal, boxes within 1e-3 relative
+    (+ the 0.01 px rounding of predictions.json), scores within 1e-4."""
+    assert len(a) == len(b) and a
+    unused = list(b)
+    for r in a:
+        for i, s in enumerate(unused):
+            if (s["file_name"] == r["file_name"] and s["category_id"] == r["category_id"]
+                    and abs(s["score"] - r["score"]) <= 1e-4
+                    and all(abs(x - y) <= 1e-3 * abs(x) + 0.011 for x, y in zip(r["bbox"], s["bbox"]))):
+                del unused[i]
+                break
+        else:
+            raise AssertionError(f"no onnxruntime detection matches {r}")
+
+
+def test_predict_onnxruntime_backend_matches_torch(dynamic_onnx: Path, tiny_checkpoint: Path, image_dir: Path,
+                                                   tmp_path: Path, size_args: list[str], one_thread):
+    common = [str(image_dir), "--threshold", "0", "--batch-size", "2", *size_args]
+    assert main(["predict", *common, "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "torch")]) == 0
+    assert main(["predict", *common, "--backend", "onnxruntime", "--model", str(dynamic_onnx),
+                 "--out", str(tmp_path / "ort")]) == 0
+    ref = json.loads((tmp_path / "torch" / "predictions.json").read_text())
+    got = json.loads((tmp_path / "ort" / "predictions.json").read_text())
+    assert len({r["file_name"] for r in got}) == 3  # the three readable images of image_dir
+    same_records(ref, got)
+    assert sorted(p.name for p in (tmp_path / "ort").glob("*.jpg")) == sorted(p.name for p in (tmp_path / "torch").glob("*.jpg"))
+
+
+def test_onnx_detector_with_fixed_shape_model(fixed_gather_onnx: Path, sample_images: list[Path], one_thread):
+    """A fixed 2x128x160 model: images are padded to 128x160, the batch is filled up to 2."""
+    detector = OnnxDetector(fixed_gather_onnx, size=96, max_size=128, num_threads=1)
+    assert detector.fixed_batch == 2 and detector.fixed_hw == FIXED_HW and detector.with_postprocess
+    preds = detector.predict(sample_images, threshold=0.0)  # 3 images: batches of 2 + 1
+    assert len(preds) == 3 and all(len(p) == 60 for p in preds)
+    assert [p.image_size for p in preds] == [(480, 640), (640, 512), (428, 640)]
+    assert preds[0].class_names[0] == COCO_CLASSES[int(preds[0].labels[0])]
+    with pytest.raises(Exception, match="at most 128x160"):
+        OnnxDetector(fixed_gather_onnx, size=160, max_size=256, num_threads=1).predict(sample_images[0])
+
+
+# -------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("opset", ["12", "99"])
+def test_cli_export_unknown_opset_is_one_line_error(tiny_checkpoint: Path, tmp_path: Path, opset: str,
+                                                    capsys: pytest.CaptureFixture[str]):
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "m.onnx"), "--opset", opset]) == 2
+    one_line_error(capsys, f"unsupported ONNX opset {opset}", f"{MIN_OPSET}..{MAX_OPSET}")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_export_missing_checkpoint_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "m.onnx")]) == 2
+    one_line_error(capsys, "checkpoint not found", "nope.pt")
+
+
+def test_api_rejects_bad_options(tiny_detector: Detector, tmp_path: Path):
+    with pytest.raises(ExportError, match="unsupported ONNX opset 16"):
+        to_onnx(tiny_detector, tmp_path / "m.onnx", opset=16)
+    with pytest.raises(ExportError, match="unknown MSDA variant"):
+        to_onnx(tiny_detector, tmp_path / "m.onnx", msda="cuda")
+    with pytest.raises(ExportError, match="not allowed with dynamic"):
+        to_onnx(tiny_detector, tmp_path / "m.onnx", dynamic=True, batch_size=2)
+    with pytest.raises(ExportError, match=r"\.onnx"):
+        to_onnx(tiny_detector, tmp_path / "m.pt")
+
+
+def test_predict_onnxruntime_errors_are_one_line(image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    image = str(image_dir / "000000000009.jpg")
+    assert main(["predict", image, "--backend", "onnxruntime", "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, "needs --model")
+    assert main(["predict", image, "--model", str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, "ONNX model not found")
+    plain = tmp_path / "plain.onnx"  # a valid ONNX file that is not a dinodet export
+    node = onnx.helper.make_node("Identity", ["x"], ["y"])
+    vi = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in ("x", "y")]
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([node], "g", vi[:1], vi[1:])), str(plain))
+    assert main(["predict", image, "--model", str(plain), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, "not a dinodet ONNX export")
+
+
+# ----------------------------------------------------------------------------- dino_r50_4scale
+
+
+@pytest.mark.slow
+def test_r50_4scale_export_matches_pytorch(tmp_path: Path, one_thread):
+    detector = Detector.from_random("dino_r50_4scale", seed=0)
+    out = tmp_path / "r50.onnx"
+    to_onnx(detector, out, msda="grid_sample", batch_size=1, input_size=(96, 128))
+    meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert meta["preset"] == "dino_r50_4scale"
+    images = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 96, 128, dtype=torch.bool)
+    mask[:, :, 120:] = True  # some padding
+    images = images.masked_fill(mask[:, None], 0.0)
+    logits, boxes = session(out).run(None, {"images": images.numpy(), "mask": mask.numpy()})
+    ref_logits, ref_boxes = torch_outputs(detector, images, mask)
+    torch.testing.assert_close(torch.from_numpy(logits), ref_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(boxes), ref_boxes, atol=1e-5, rtol=1e-4)
