@@ -19,12 +19,13 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from dinodet.cli import main  # noqa: E402
-from dinodet.data.coco_classes import COCO_CLASSES  # noqa: E402
-from dinodet.export import MAX_OPSET, MIN_OPSET, ExportError, to_onnx  # noqa: E402
-from dinodet.inference import Detector, preprocess_batch  # noqa: E402
-from dinodet.onnx_runtime import OnnxDetector  # noqa: E402
-from dinodet.postprocess import postprocess  # noqa: E402
+from dinodet.cli import main
+from dinodet.config import ConfigError
+from dinodet.data.coco_classes import COCO_CLASSES
+from dinodet.export import MAX_OPSET, MIN_OPSET, ExportError, to_onnx
+from dinodet.inference import Detector, preprocess_batch
+from dinodet.onnx_runtime import OnnxDetector
+from dinodet.postprocess import postprocess
 
 FIXED_HW = (128, 160)
 
@@ -32,6 +33,7 @@ FIXED_HW = (128, 160)
 def session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -55,10 +57,12 @@ def dynamic_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path
 
 @pytest.fixture(scope="module")
 def fixed_gather_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_detector: Detector) -> Path:
-    """The same weights through the API: fixed 2x3x128x160, gather MSDA, top-k in the graph."""
+    """The same weights through the API: fixed 2x3x128x160, gather MSDA, top-k in the graph, opset 17
+    (written as 18 by torch.onnx, then converted down)."""
     out = tmp_path_factory.mktemp("onnx") / "tiny_fixed_gather.onnx"
     torch.set_num_threads(1)
-    result = to_onnx(tiny_detector, out, msda="gather", with_postprocess=True, batch_size=2, input_size=FIXED_HW)
+    result = to_onnx(tiny_detector, out, msda="gather", with_postprocess=True, batch_size=2, input_size=FIXED_HW,
+                     opset=17)
     assert result.inputs == ["images", "mask", "orig_sizes"] and result.outputs == ["scores", "labels", "boxes"]
     return out
 
@@ -66,6 +70,14 @@ def fixed_gather_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_detector: D
 def padded_pair(sample_images: list[Path], size: int, max_size: int) -> tuple[torch.Tensor, ...]:
     """Two differently shaped images batched as the predictor does (the smaller one padded)."""
     return preprocess_batch(sample_images[:2], size, max_size)
+
+
+def fixed_inputs(sample_images: list[Path]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A landscape and a portrait image (short side 96) padded to the fixed 128 x 160."""
+    images, mask, orig_sizes = padded_pair(sample_images, 96, 160)
+    h, w = images.shape[-2:]
+    pad = (0, FIXED_HW[1] - w, 0, FIXED_HW[0] - h)
+    return F.pad(images, pad), F.pad(mask, pad, value=True), orig_sizes
 
 
 def torch_outputs(detector: Detector, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,10 +113,11 @@ def test_dynamic_onnx_matches_pytorch(dynamic_onnx: Path, tiny_detector: Detecto
                                       shape: tuple[int, int, int], one_thread):
     b, h, w = shape
     if b == 2:  # a landscape and a portrait image: both padded to 160 x 240
-        images, mask, _ = padded_pair(sample_images[:2], 160, 240)
+        images, mask, _ = padded_pair(sample_images, 160, 240)
         assert mask[0].any() or mask[1].any()
     else:  # 131 x 99: not a multiple of 32 (nor of 2)
-        images, mask = torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(h)), torch.zeros(b, h, w, dtype=torch.bool)
+        images = torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(h))
+        mask = torch.zeros(b, h, w, dtype=torch.bool)
     logits, boxes = session(dynamic_onnx).run(None, {"images": images.numpy(), "mask": mask.numpy()})
     ref_logits, ref_boxes = torch_outputs(tiny_detector, images, mask)
     assert logits.shape == tuple(ref_logits.shape) and boxes.shape == tuple(ref_boxes.shape)
@@ -114,14 +127,15 @@ def test_dynamic_onnx_matches_pytorch(dynamic_onnx: Path, tiny_detector: Detecto
 
 def test_grid_sample_and_gather_variants_agree(dynamic_onnx: Path, fixed_gather_onnx: Path, tiny_detector: Detector,
                                                sample_images: list[Path], one_thread):
-    gather_ops = {n.op_type for n in onnx.load(str(fixed_gather_onnx), load_external_data=False).graph.node}
+    gather_model = onnx.load(str(fixed_gather_onnx), load_external_data=False)
+    assert [o.version for o in gather_model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    onnx.checker.check_model(gather_model, full_check=True)
+    gather_ops = {n.op_type for n in gather_model.graph.node}
     assert "GridSample" not in gather_ops and "GatherElements" in gather_ops and "TopK" in gather_ops
-    images, mask, orig_sizes = padded_pair(sample_images, 96, 160)  # padded to the fixed 128 x 160
-    h, w = images.shape[-2:]
-    images = F.pad(images, (0, FIXED_HW[1] - w, 0, FIXED_HW[0] - h))
-    mask = F.pad(mask, (0, FIXED_HW[1] - w, 0, FIXED_HW[0] - h), value=True)
+    images, mask, orig_sizes = fixed_inputs(sample_images)
     feed = {"images": images.numpy(), "mask": mask.numpy()}
-    scores, labels, boxes = (torch.from_numpy(x) for x in session(fixed_gather_onnx).run(None, {**feed, "orig_sizes": orig_sizes.numpy()}))
+    gather_out = session(fixed_gather_onnx).run(None, {**feed, "orig_sizes": orig_sizes.numpy()})
+    scores, labels, boxes = (torch.from_numpy(x) for x in gather_out)
     logits_gs, boxes_gs = (torch.from_numpy(x) for x in session(dynamic_onnx).run(None, feed))
     num_select = tiny_detector.config.model.num_select
     for ref in (postprocess(logits_gs, boxes_gs, orig_sizes, num_select),  # grid_sample in onnxruntime
@@ -129,6 +143,27 @@ def test_grid_sample_and_gather_variants_agree(dynamic_onnx: Path, fixed_gather_
         torch.testing.assert_close(scores, ref.scores, atol=1e-5, rtol=0)
         assert torch.equal(labels, ref.labels)
         torch.testing.assert_close(boxes, ref.boxes, atol=1e-2, rtol=1e-3)
+
+
+def test_fp16_conversion_keeps_float32_io(fixed_gather_onnx: Path, sample_images: list[Path], one_thread):
+    """--fp16 is a post-pass on the exported graph (weights and arithmetic in float16)."""
+    from dinodet.export import _to_fp16
+
+    model = _to_fp16(onnx.load(str(fixed_gather_onnx)))
+    onnx.checker.check_model(model)
+    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    floats = [t.data_type for t in model.graph.initializer if t.data_type in float_types]
+    assert floats.count(onnx.TensorProto.FLOAT16) > 0.9 * len(floats)
+    io_types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    assert io_types["images"] == io_types["scores"] == io_types["boxes"] == onnx.TensorProto.FLOAT
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    images, mask, orig_sizes = fixed_inputs(sample_images)
+    feed = {"images": images.numpy(), "mask": mask.numpy(), "orig_sizes": orig_sizes.numpy()}
+    scores, labels, boxes = ort.InferenceSession(model.SerializeToString(), options).run(None, feed)
+    assert scores.shape == (2, 60) and boxes.shape == (2, 60, 4) and labels.dtype == "int64"
+    assert (scores >= 0).all() and (scores <= 1).all() and torch.isfinite(torch.from_numpy(boxes)).all()
 
 
 # ------------------------------------------------------------------------------------- predict
@@ -160,7 +195,8 @@ def test_predict_onnxruntime_backend_matches_torch(dynamic_onnx: Path, tiny_chec
     got = json.loads((tmp_path / "ort" / "predictions.json").read_text())
     assert len({r["file_name"] for r in got}) == 3  # the three readable images of image_dir
     same_records(ref, got)
-    assert sorted(p.name for p in (tmp_path / "ort").glob("*.jpg")) == sorted(p.name for p in (tmp_path / "torch").glob("*.jpg"))
+    annotated = [sorted(p.name for p in (tmp_path / d).glob("*.jpg")) for d in ("torch", "ort")]
+    assert annotated[0] == annotated[1] and len(annotated[0]) == 3
 
 
 def test_onnx_detector_with_fixed_shape_model(fixed_gather_onnx: Path, sample_images: list[Path], one_thread):
@@ -171,7 +207,7 @@ def test_onnx_detector_with_fixed_shape_model(fixed_gather_onnx: Path, sample_im
     assert len(preds) == 3 and all(len(p) == 60 for p in preds)
     assert [p.image_size for p in preds] == [(480, 640), (640, 512), (428, 640)]
     assert preds[0].class_names[0] == COCO_CLASSES[int(preds[0].labels[0])]
-    with pytest.raises(Exception, match="at most 128x160"):
+    with pytest.raises(ConfigError, match="at most 128x160"):
         OnnxDetector(fixed_gather_onnx, size=160, max_size=256, num_threads=1).predict(sample_images[0])
 
 
@@ -181,9 +217,10 @@ def test_onnx_detector_with_fixed_shape_model(fixed_gather_onnx: Path, sample_im
 @pytest.mark.parametrize("opset", ["12", "99"])
 def test_cli_export_unknown_opset_is_one_line_error(tiny_checkpoint: Path, tmp_path: Path, opset: str,
                                                     capsys: pytest.CaptureFixture[str]):
-    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "m.onnx"), "--opset", opset]) == 2
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--opset", opset]) == 2
     one_line_error(capsys, f"unsupported ONNX opset {opset}", f"{MIN_OPSET}..{MAX_OPSET}")
-    assert not (tmp_path / "m.onnx").exists()
+    assert not out.exists()
 
 
 def test_cli_export_missing_checkpoint_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -674,7 +674,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default onnx)")
     p.add_argument("--out", required=True, metavar="FILE.onnx", help="output file")
     p.add_argument("--opset", type=int, default=None, metavar="N",
-                   help="ONNX opset, 17..23 (default 18)")
+                   help="ONNX opset, 17..25 (default 18)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width (else fixed, "
                    "see --batch-size/--input-size)")
     p.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic (float32 inputs/outputs; "

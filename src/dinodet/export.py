@@ -32,8 +32,10 @@ Exporter choices
   shapes when a dimension cannot stay dynamic; here that is an error.
 * ``optimize=False``: the onnxscript optimizer produced an invalid graph for this model;
   onnxruntime applies its own graph optimisations when it loads the file.
-* Opsets ``MIN_OPSET``..``MAX_OPSET`` (default ``DEFAULT_OPSET``); below 18 the exporter converts
-  the opset-18 graph down with the ONNX version converter.
+* Opsets ``MIN_OPSET``..``MAX_OPSET`` (default ``DEFAULT_OPSET``; each checked in onnxruntime 1.32).
+  torch.onnx writes 18 and up; for 17 we convert its opset-18 graph down with the ONNX version
+  converter (after resolving the Reduce axes it needs as constants).  Nodes are re-sorted
+  topologically after translation (at opset 23 torch.onnx places an input cast after its users).
 * Multi-scale deformable attention is plain ONNX in both variants (``msda``): ``grid_sample``
   (ONNX ``GridSample``, the smaller graph) or ``gather`` (bilinear interpolation written as index
   arithmetic + ``GatherElements``; TensorRT mis-builds ``GridSample`` for DETR-family models).
@@ -44,6 +46,7 @@ Exporter choices
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import os
 import re
@@ -60,7 +63,7 @@ from .config import ConfigError, DINOConfig
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .postprocess import postprocess
 
-MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 23, 18
+MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 25, 18
 DYNAMIC_MIN_SIDE = 65  # the 64-stride feature level must have >= 2 rows and columns
 MSDA_VARIANTS = {"grid_sample": "pytorch", "gather": "gather"}  # variant -> ops.msda backend
 DEFAULT_MSDA = "grid_sample"
@@ -172,11 +175,16 @@ def to_onnx(
     output_names = ["scores", "labels", "boxes"] if with_postprocess else ["logits", "boxes"]
     example = _example_inputs(2 if dynamic else batch_size, (128, 160) if dynamic else input_size, with_postprocess)
 
-    with _msda_variant(model, MSDA_VARIANTS[msda]), torch.no_grad():
-        program = _capture(wrapper, example, input_names, dynamic)
-        # torch.onnx writes opset >= 18; older opsets are converted below
-        onnx_program = _translate(program, example, max(opset, 18), input_names, output_names)
+    try:
+        with _msda_variant(model, MSDA_VARIANTS[msda]), torch.no_grad():
+            program = _capture(wrapper, example, input_names, dynamic)
+            # torch.onnx writes opset >= 18; older opsets are converted below
+            onnx_program = _translate(program, example, max(opset, 18), input_names, output_names)
+    finally:
+        if hasattr(checkpoint, "device") and hasattr(checkpoint, "model"):  # a Detector: back to its device
+            checkpoint.model.to(checkpoint.device)
     proto = onnx_program.model_proto
+    _toposort(proto.graph)  # at opset 23 torch.onnx places an input cast after its users
     if opset < 18:
         proto = _downgrade_opset(proto, opset)
     _check_opset_written(proto, opset)
@@ -415,9 +423,37 @@ def _to_fp16(proto: Any) -> Any:
     except ImportError:
         raise ExportError("--fp16 needs the 'onnxruntime' package (its float16 converter)") from None
     try:
-        return convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
+        converted = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"float16 conversion failed: {type(e).__name__}: {_first_line(str(e))}") from None
+    _toposort(converted.graph)  # the converter puts the input casts after their users
+    return converted
+
+
+def _toposort(graph: Any) -> None:
+    """Reorder ``graph.node`` so that every node comes after the producers of its inputs (stable)."""
+    nodes = list(graph.node)
+    producer = {out: i for i, n in enumerate(nodes) for out in n.output if out}
+    deps = [{producer[x] for x in n.input if x in producer} for n in nodes]
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    missing = [len(d) for d in deps]
+    ready = [i for i, m in enumerate(missing) if m == 0]
+    order: list[int] = []
+    heapq.heapify(ready)
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            missing[u] -= 1
+            if missing[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise ExportError("the exported graph has a cycle")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
 
 
 def _save(proto: Any, out: Path) -> None:

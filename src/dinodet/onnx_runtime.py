@@ -19,7 +19,13 @@ from torch import Tensor
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .export import METADATA_FORMAT
-from .inference import ImageInput, Prediction, _as_image_list, preprocess_batch, to_predictions
+from .inference import (
+    ImageInput,
+    Prediction,
+    _as_image_list,
+    preprocess_batch,
+    to_predictions,
+)
 from .postprocess import Detections, postprocess
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
