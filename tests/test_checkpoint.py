@@ -148,6 +148,9 @@ def test_backbone_checkpoint_is_loaded(tmp_path):
     torch.save(ref.state_dict(), path)
     cfg = get_preset("tiny")
     cfg.model.backbone.checkpoint = str(path)
+    with pytest.raises(CheckpointError, match="set model.backbone.norm=frozen_bn"):
+        build_model(cfg)  # tiny trains from scratch with GroupNorm: BN statistics have no place to go
+    cfg.model.backbone.norm = "frozen_bn"
     model = build_model(cfg)
     assert torch.equal(model.backbone.body.layer3[0].conv1.weight, ref.layer3[0].conv1.weight)
     assert torch.equal(model.backbone.body.bn1.running_var, ref.bn1.running_var)

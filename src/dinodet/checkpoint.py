@@ -168,6 +168,9 @@ def load_backbone_weights(model: DINO, path: str | os.PathLike) -> None:
     family = backbone_family(bcfg.name)
     if family == "resnet":
         state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+        if bcfg.norm == "gn" and any(k.endswith("running_mean") for k in state):
+            raise CheckpointError(f"{path}: ImageNet ResNet weights carry BatchNorm statistics but the backbone uses "
+                                  "GroupNorm; set model.backbone.norm=frozen_bn to load them")
         _load_exact(model.backbone.body, state, path)
         return
     _load_imagenet_trunk(model.backbone.body, state, path, family, bcfg)

@@ -60,7 +60,9 @@ def _convnext(size: str, levels: int) -> Callable[[], DINOConfig]:
 
 def _tiny() -> DINOConfig:
     model = ModelConfig(
-        backbone=BackboneConfig(name="resnet18", return_layers=(1, 2, 3), freeze_at=0),
+        # trained from scratch (no ImageNet weights are downloaded): GroupNorm instead of frozen BN and
+        # nothing frozen; a randomly initialised frozen stem and un-normalised stages learn far slower
+        backbone=BackboneConfig(name="resnet18", return_layers=(1, 2, 3), freeze_at=-1, norm="gn"),
         hidden_dim=64,
         num_heads=4,
         num_feature_levels=4,

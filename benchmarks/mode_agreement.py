@@ -1,0 +1,72 @@
+"""Do the fast inference modes detect what the exact mode detects?  COCO AP of every mode on one split.
+
+    python benchmarks/mode_agreement.py --checkpoint runs/demo/checkpoint_best.pt --data runs/demo/data \
+        [--split val] [--device cpu] [--modes exact,channels_last,bf16] [--json OUT]
+
+Prints AP / AP50 per mode and the difference to ``exact`` (the bar: |AP difference| <= 0.005) and the
+wall time of each evaluation.  EMA weights are used when the checkpoint holds them, as ``dinodet eval``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dinodet.checkpoint import load_checkpoint
+from dinodet.data.coco import build_dataset
+from dinodet.engine.evaluate import category_mapping, evaluate
+from dinodet.inference import default_label_map
+from dinodet.modes import ModeRunner, supported_modes
+
+BAR = 0.005
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="COCO-layout dataset folder")
+    p.add_argument("--split", default="val")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--modes", default=None, help="comma-separated (default: every mode of the device but compile*)")
+    p.add_argument("--json", dest="json_out", default=None)
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    model = ckpt.model
+    ema = (ckpt.extra or {}).get("ema")
+    if ema:
+        model.load_state_dict(ema["module"])
+    dataset = build_dataset(args.data, args.split, train=False, data_cfg=ckpt.config.data)
+    names, ids = default_label_map(ckpt.config.model.num_classes, ckpt.class_names, ckpt.category_ids)
+    mapping, _ = category_mapping(names, ids, dataset.label_map.class_names, dataset.label_map.category_ids)
+    modes = (args.modes.split(",") if args.modes
+             else [m for m in supported_modes(device) if not m.startswith("compile") and m != "reference"])
+    if "exact" not in modes:
+        modes = ["exact", *modes]
+    rows = []
+    for name in modes:
+        runner = ModeRunner(model, name, device)
+        start = time.perf_counter()
+        result = evaluate(runner.model, dataset, mapping, device=device, num_select=ckpt.config.model.num_select,
+                          amp=runner.mode.amp)
+        rows.append({"mode": name, "AP": result.metrics["AP"], "AP50": result.metrics["AP50"],
+                     "seconds": round(time.perf_counter() - start, 1)})
+    exact = next(r["AP"] for r in rows if r["mode"] == "exact")
+    print(f"{'mode':<14} {'AP':>7} {'AP50':>7} {'dAP':>8} {'s':>7}")
+    for r in rows:
+        r["dAP"] = round(r["AP"] - exact, 4)
+        r["within_bar"] = abs(r["dAP"]) <= BAR
+        print(f"{r['mode']:<14} {r['AP']:7.4f} {r['AP50']:7.4f} {r['dAP']:+8.4f} {r['seconds']:7.1f}"
+              + ("" if r["within_bar"] else "   <- outside the 0.005 bar"))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0 if all(r["within_bar"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
