@@ -89,6 +89,7 @@ def test_triton_on_cpu_falls_back_to_reference(monkeypatch):
     assert resolve_backend("triton", "cpu") == "pytorch"
     assert resolve_backend("auto", "cpu") == "embedding_bag"  # the fastest CPU backend
     assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "embedding_bag"
+    assert resolve_backend("auto", "cpu", torch.float32, needs_grad=True) == "pytorch"  # faster backward
 
 
 def test_env_override_picks_gather(monkeypatch):

@@ -148,7 +148,7 @@ def _train_one(cfg: DINOConfig, name: str, device: torch.device, images: Tensor,
     peak: list[float | None] = []
     with _peak_memory(device, peak):
         sec = _time(step, device, warmup, iters)
-    return _record(name, "train", sec, images.shape[0], peak[0], resolve_backend(backend, device, images.dtype),
+    return _record(name, "train", sec, images.shape[0], peak[0], resolve_backend(backend, device, images.dtype, needs_grad=True),
                    per_image=False)
 
 

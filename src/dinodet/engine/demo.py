@@ -41,8 +41,8 @@ class DemoSettings:
 # from scratch at the transformer's rate; EMA weights (a ~100-step horizon) are what gets evaluated; the
 # classification loss counts double (telling the shapes apart is what the tiny model learns last).
 DEMO_OVERRIDES: tuple[str, ...] = (
-    "train.epochs=20",
-    "train.lr_drop=17",
+    "train.epochs=17",
+    "train.lr_drop=14",
     "train.batch_size=4",
     "train.lr=1e-3",
     "train.lr_backbone=1e-3",

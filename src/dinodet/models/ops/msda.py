@@ -170,11 +170,14 @@ def _usable(name: str, device: torch.device) -> bool:
     return not (name == "triton" and device.type != "cuda")
 
 
-def resolve_backend(requested: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+def resolve_backend(requested: str, device: torch.device | str, dtype: torch.dtype | None = None,
+                    needs_grad: bool = False) -> str:
     """The backend that will actually run for ``requested`` on ``device``.
 
     ``$DINODET_MSDA`` (when set) overrides ``requested``.  ``auto`` means the Triton kernel on CUDA
-    (when it imports) and ``embedding_bag`` elsewhere (2.5x the reference's forward speed on CPU).  A named backend that cannot run here (Triton on
+    (when it imports); elsewhere ``embedding_bag`` for inference (2.5x the reference's forward on CPU)
+    and the reference when gradients are needed (embedding_bag's backward is the slower one there:
+    0.61 vs 0.50 s per demo training step on 2 cores).  A named backend that cannot run here (Triton on
     CPU, or without the ``triton`` package) falls back to the reference, so one config runs on every
     machine; ``resolve_backend`` is how callers find out what ran.
 
@@ -186,7 +189,7 @@ def resolve_backend(requested: str, device: torch.device | str, dtype: torch.dty
         raise ValueError(f"unknown MSDA backend '{name}' (available: {', '.join(available_backends())})")
     device = torch.device(device)
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "embedding_bag"
+        name = "triton" if device.type == "cuda" else ("pytorch" if needs_grad else "embedding_bag")
     if not _usable(name, device) or _load(name) is None:
         return "pytorch"
     return name
@@ -201,5 +204,7 @@ def ms_deform_attn(
 ) -> Tensor:
     """Dispatch to an MSDA backend (see ``ms_deform_attn_pytorch`` for shapes and ``resolve_backend``
     for how ``backend`` is chosen)."""
-    fn = _BACKENDS[resolve_backend(backend, value.device, value.dtype)]
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (value, sampling_locations, attention_weights))
+    fn = _BACKENDS[resolve_backend(backend, value.device, value.dtype, needs_grad)]
     return fn(value, spatial_shapes, sampling_locations, attention_weights)
