@@ -193,12 +193,12 @@ def _ordered(requested: Sequence[str], known: Sequence[str]) -> list[str]:
 
 
 def format_table(records: Sequence[BenchRecord]) -> str:
-    head = f"{'task':<6} {'mode':<10} {'msda':<8} {'ms':>10} {'img/s':>8} {'peak GB':>8} {'speed-up':>9}"
+    head = f"{'task':<6} {'mode':<14} {'msda':<14} {'ms':>12} {'img/s':>8} {'peak GB':>8} {'speed-up':>9}"
     lines = [head, "-" * len(head)]
     for r in records:
         mem = "-" if r.peak_mem_gb is None else f"{r.peak_mem_gb:.2f}"
         unit = "/img" if r.task == "infer" else "/step"
-        lines.append(f"{r.task:<6} {r.mode:<10} {r.msda:<8} {r.ms:>6.1f}{unit:<4} {r.img_per_s:>8.2f} {mem:>8} "
+        lines.append(f"{r.task:<6} {r.mode:<14} {r.msda:<14} {r.ms:>8.1f}{unit:<5} {r.img_per_s:>8.2f} {mem:>8} "
                      f"{r.speedup:>8.2f}x")
     return "\n".join(lines)
 
