@@ -43,6 +43,30 @@ __all__ = ["MSDATritonFunction", "kernel_config", "level_tensors", "ms_deform_at
 
 
 @triton.jit
+def _sample_point(loc_ptr, attn_ptr, o, q_mask, dm, w, wf, hf, start, ACC: tl.constexpr):
+    """Attention weight, bilinear fractions, top-left corner row and the 4 corner masks of one
+    sampling point per query (shared by the forward and backward kernels)."""
+    a = tl.load(attn_ptr + o, mask=q_mask, other=0.0).to(ACC)
+    x = tl.load(loc_ptr + 2 * o, mask=q_mask, other=0.0).to(ACC) * wf - 0.5
+    y = tl.load(loc_ptr + 2 * o + 1, mask=q_mask, other=0.0).to(ACC) * hf - 0.5
+    x0 = tl.floor(x)
+    y0 = tl.floor(y)
+    # corner validity from float compares (robust to far-away / huge locations)
+    vx0 = (x0 >= 0) & (x0 <= wf - 1)
+    vx1 = (x0 >= -1) & (x0 <= wf - 2)
+    vy0 = (y0 >= 0) & (y0 <= hf - 1)
+    vy1 = (y0 >= -1) & (y0 <= hf - 2)
+    xi = tl.minimum(tl.maximum(x0, -1.0), wf).to(tl.int32)
+    yi = tl.minimum(tl.maximum(y0, -1.0), hf).to(tl.int32)
+    r00 = start + yi * w + xi  # row of the top-left corner
+    m00 = (q_mask & vy0 & vx0)[:, None] & dm
+    m10 = (q_mask & vy0 & vx1)[:, None] & dm
+    m01 = (q_mask & vy1 & vx0)[:, None] & dm
+    m11 = (q_mask & vy1 & vx1)[:, None] & dm
+    return a, x - x0, y - y0, r00, m00, m10, m01, m11
+
+
+@triton.jit
 def _msda_fwd_kernel(
     value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
     S, Lq,
@@ -59,6 +83,7 @@ def _msda_fwd_kernel(
     d_mask = d < D
     # value rows of this batch and head: row r's D channels start at value_base + r * M * D
     value_base = value_ptr + b * S * M * D + m * D
+    dm = d_mask[None, :]
     qm = (b * Lq + q) * M + m  # [BLOCK_Q] int64 index of (b, q, m)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
     for lvl in range(L):
@@ -69,27 +94,9 @@ def _msda_fwd_kernel(
         wf = w.to(ACC)
         for pt in tl.static_range(P):
             o = qm * (L * P) + lvl * P + pt  # index of (b, q, m, lvl, pt)
-            a = tl.load(attn_ptr + o, mask=q_mask, other=0.0).to(ACC)
-            x = tl.load(loc_ptr + 2 * o, mask=q_mask, other=0.0).to(ACC) * wf - 0.5
-            y = tl.load(loc_ptr + 2 * o + 1, mask=q_mask, other=0.0).to(ACC) * hf - 0.5
-            x0 = tl.floor(x)
-            y0 = tl.floor(y)
-            fx = x - x0
-            fy = y - y0
-            # corner validity from float compares (robust to far-away / huge locations)
-            vx0 = (x0 >= 0) & (x0 <= wf - 1)
-            vx1 = (x0 >= -1) & (x0 <= wf - 2)
-            vy0 = (y0 >= 0) & (y0 <= hf - 1)
-            vy1 = (y0 >= -1) & (y0 <= hf - 2)
-            xi = tl.minimum(tl.maximum(x0, -1.0), wf).to(tl.int32)
-            yi = tl.minimum(tl.maximum(y0, -1.0), hf).to(tl.int32)
-            r00 = start + yi * w + xi  # row of the top-left corner
+            a, fx, fy, r00, m00, m10, m01, m11 = _sample_point(loc_ptr, attn_ptr, o, q_mask, dm, w, wf, hf,
+                                                               start, ACC)
             ptr00 = value_base + r00[:, None] * (M * D) + d[None, :]
-            dm = d_mask[None, :]
-            m00 = (q_mask & vy0 & vx0)[:, None] & dm
-            m10 = (q_mask & vy0 & vx1)[:, None] & dm
-            m01 = (q_mask & vy1 & vx0)[:, None] & dm
-            m11 = (q_mask & vy1 & vx1)[:, None] & dm
             v00 = tl.load(ptr00, mask=m00, other=0.0).to(ACC)
             v10 = tl.load(ptr00 + M * D, mask=m10, other=0.0).to(ACC)
             v01 = tl.load(ptr00 + w * (M * D), mask=m01, other=0.0).to(ACC)
@@ -131,25 +138,9 @@ def _msda_bwd_kernel(
         wf = w.to(ACC)
         for pt in tl.static_range(P):
             o = qm * (L * P) + lvl * P + pt
-            a = tl.load(attn_ptr + o, mask=q_mask, other=0.0).to(ACC)
-            x = tl.load(loc_ptr + 2 * o, mask=q_mask, other=0.0).to(ACC) * wf - 0.5
-            y = tl.load(loc_ptr + 2 * o + 1, mask=q_mask, other=0.0).to(ACC) * hf - 0.5
-            x0 = tl.floor(x)
-            y0 = tl.floor(y)
-            fx = x - x0
-            fy = y - y0
-            vx0 = (x0 >= 0) & (x0 <= wf - 1)
-            vx1 = (x0 >= -1) & (x0 <= wf - 2)
-            vy0 = (y0 >= 0) & (y0 <= hf - 1)
-            vy1 = (y0 >= -1) & (y0 <= hf - 2)
-            xi = tl.minimum(tl.maximum(x0, -1.0), wf).to(tl.int32)
-            yi = tl.minimum(tl.maximum(y0, -1.0), hf).to(tl.int32)
-            r00 = start + yi * w + xi
+            a, fx, fy, r00, m00, m10, m01, m11 = _sample_point(loc_ptr, attn_ptr, o, q_mask, dm, w, wf, hf,
+                                                               start, ACC)
             off00 = r00[:, None] * (M * D) + d[None, :]
-            m00 = (q_mask & vy0 & vx0)[:, None] & dm
-            m10 = (q_mask & vy0 & vx1)[:, None] & dm
-            m01 = (q_mask & vy1 & vx0)[:, None] & dm
-            m11 = (q_mask & vy1 & vx1)[:, None] & dm
             # per-corner dot products <grad_out, value corner> over the head's channels
             g00 = tl.sum(g * tl.load(value_base + off00, mask=m00, other=0.0).to(ACC), axis=1)
             g10 = tl.sum(g * tl.load(value_base + off00 + M * D, mask=m10, other=0.0).to(ACC), axis=1)
