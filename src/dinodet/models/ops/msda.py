@@ -156,12 +156,15 @@ def available_backends() -> list[str]:
     return sorted(set(_BACKENDS) | set(_LAZY_BACKENDS) | {"auto"})
 
 
+_UNLOADABLE: set[str] = set()  # lazy backends whose import failed: not retried on every call
+
+
 def _load(name: str) -> MSDAFunction | None:
-    if name not in _BACKENDS and name in _LAZY_BACKENDS:
+    if name not in _BACKENDS and name in _LAZY_BACKENDS and name not in _UNLOADABLE:
         try:
             importlib.import_module(_LAZY_BACKENDS[name])  # registers itself
         except Exception:  # noqa: BLE001 - a missing optional dependency just makes the backend unusable
-            return None
+            _UNLOADABLE.add(name)
     return _BACKENDS.get(name)
 
 
