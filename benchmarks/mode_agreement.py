@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dinodet.checkpoint import load_checkpoint
+from dinodet.checkpoint import load_checkpoint, use_ema_weights
 from dinodet.data.coco import build_dataset
 from dinodet.engine.evaluate import category_mapping, evaluate
 from dinodet.inference import default_label_map
@@ -37,10 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
+    use_ema_weights(ckpt)
     model = ckpt.model
-    ema = (ckpt.extra or {}).get("ema")
-    if ema:
-        model.load_state_dict(ema["module"])
     dataset = build_dataset(args.data, args.split, train=False, data_cfg=ckpt.config.data)
     names, ids = default_label_map(ckpt.config.model.num_classes, ckpt.class_names, ckpt.category_ids)
     mapping, _ = category_mapping(names, ids, dataset.label_map.class_names, dataset.label_map.category_ids)
@@ -52,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in modes:
         runner = ModeRunner(model, name, device)
         start = time.perf_counter()
-        result = evaluate(runner.model, dataset, mapping, device=device, num_select=ckpt.config.model.num_select,
-                          amp=runner.mode.amp)
+        result = evaluate(runner, dataset, mapping, device=device, num_select=ckpt.config.model.num_select)
         rows.append({"mode": name, "AP": result.metrics["AP"], "AP50": result.metrics["AP50"],
                      "seconds": round(time.perf_counter() - start, 1)})
     exact = next(r["AP"] for r in rows if r["mode"] == "exact")

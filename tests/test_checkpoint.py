@@ -154,3 +154,15 @@ def test_backbone_checkpoint_is_loaded(tmp_path):
     model = build_model(cfg)
     assert torch.equal(model.backbone.body.layer3[0].conv1.weight, ref.layer3[0].conv1.weight)
     assert torch.equal(model.backbone.body.bn1.running_var, ref.bn1.running_var)
+
+
+def test_checkpoint_files_get_the_umask_permissions(tmp_path, tiny_model):
+    import os
+
+    cfg, model = tiny_model
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "m.pt", model, cfg)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # mkstemp alone would give 0600

@@ -71,7 +71,7 @@ def test_predict_end_to_end_with_checkpoint(
 
 def test_predict_random_weights_in_process(tmp_path: Path, sample_images: list[Path], size_args: list[str], capsys):
     out = tmp_path / "out"
-    rc = main(["predict", str(sample_images[0]), str(sample_images[2]),
+    rc = main(["predict", str(sample_images[0]), str(sample_images[2]), "--mode", "channels_last",
                "--random-weights", "--preset", "tiny", "--out", str(out), "--threshold", "0", *size_args])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -101,13 +101,14 @@ def _error_cases(tmp: Path, image_dir: Path, image: Path, ckpt: Path) -> dict[st
         "preset_needed": ([str(image), "--random-weights"], ["--preset"]),
         "bad_device": ([str(image), *rand, "--device", "npu7"], ["npu7"]),
         "stem_clash": ([str(image), str(clash), *rand], [image.stem]),
+        "cuda_only_mode": ([str(image), *rand, "--mode", "fp16"], ["fp16", "not available on cpu"]),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["wrong_preset", "unknown_preset", "unreadable_image", "missing_input", "no_images", "preset_needed",
-     "bad_device", "stem_clash"],
+     "bad_device", "stem_clash", "cuda_only_mode"],
 )
 def test_errors_are_one_line_exit_2(
     case: str, tmp_path: Path, image_dir: Path, sample_images: list[Path], tiny_checkpoint: Path, size_args, capsys

@@ -315,3 +315,22 @@ class _Repeat(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.dataset[i % len(self.dataset)]
+
+
+def test_non_finite_loss_stops_the_run_before_anything_is_saved(shapes_root: Path, tmp_path: Path, monkeypatch):
+    from dinodet.criterion import SetCriterion
+    from dinodet.engine.train import TrainingError
+
+    cfg = small_config("train.log_every=1000")  # checked at the epoch end, not at a log step
+    tr, va = datasets(shapes_root, cfg)
+    real = SetCriterion.forward
+
+    def poisoned(self, out, targets):
+        losses = real(self, out, targets)
+        losses["loss_bbox"] = losses["loss_bbox"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(SetCriterion, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite.*loss_bbox"):
+        run(cfg, tr, va, tmp_path / "r")
+    assert not (tmp_path / "r" / CHECKPOINT).exists()

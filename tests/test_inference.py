@@ -131,3 +131,29 @@ def test_loading_errors(tiny_checkpoint: Path, tmp_path: Path):
             Detector.from_random("tiny", device="cuda")
     with pytest.raises(ConfigError, match="invalid device"):
         Detector.from_random("tiny", device="gpu0")
+
+
+def test_modes_and_config_resize_defaults(tiny_detector: Detector, sample_images: list[Path]):
+    default = Detector.from_random("tiny", seed=0)
+    assert (default.size, default.max_size) == (default.config.data.eval_size, default.config.data.max_size)
+    assert default.mode == "exact"
+    size = dict(size=tiny_detector.size, max_size=tiny_detector.max_size)
+    ref = Detector.from_random("tiny", seed=0, mode="reference", **size).predict(sample_images[:2], threshold=0.0)
+    fast = Detector.from_random("tiny", seed=0, mode="channels_last", **size).predict(sample_images[:2], threshold=0.0)
+    for a, b in zip(ref, fast):  # float32 either way: the same detections up to rounding
+        assert torch.allclose(a.scores, b.scores, atol=1e-4) and torch.allclose(a.boxes, b.boxes, atol=1e-2)
+    with pytest.raises(ConfigError, match="not available on cpu"):
+        Detector.from_random("tiny", mode="fp16")
+    with pytest.raises(ConfigError, match="unknown inference mode 'fastest'"):
+        Detector.from_random("tiny", mode="fastest")
+
+
+def test_from_checkpoint_uses_the_ema_weights_of_a_training_checkpoint(tiny_detector: Detector, tmp_path: Path):
+    from dinodet.checkpoint import save_checkpoint
+
+    raw = tiny_detector.model.state_dict()
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in raw.items()}
+    path = save_checkpoint(tmp_path / "checkpoint.pt", tiny_detector.model, tiny_detector.config,
+                           extra={"ema": {"decay": 0.99, "updates": 3, "module": ema}})
+    loaded = Detector.from_checkpoint(path).model.state_dict()
+    assert all(torch.equal(loaded[k], ema[k]) for k in raw)

@@ -109,3 +109,30 @@ def test_no_grad_and_invalid_costs():
     assert not HungarianMatcher().cost_matrix(logits, boxes, targets).requires_grad
     with pytest.raises(ValueError):
         HungarianMatcher(0, 0, 0)
+
+
+def test_match_sets_equals_matching_each_set_alone():
+    sets_and_targets = [make_batch([3, 0, 5], 6, 4, seed=s) for s in (5, 6, 7)]
+    targets = sets_and_targets[0][2]
+    sets = [(logits, boxes) for logits, boxes, _ in sets_and_targets]
+    matcher = HungarianMatcher(2.0, 5.0, 2.0)
+    together = matcher.match_sets(sets, targets)
+    assert len(together) == 3
+    for (logits, boxes), got in zip(sets, together):
+        alone = matcher(logits, boxes, targets)
+        assert [(q.tolist(), t.tolist()) for q, t in got] == [(q.tolist(), t.tolist()) for q, t in alone]
+    # sets of different query counts (e.g. encoder proposals vs decoder queries) and no targets at all
+    short = make_batch([3, 0, 5], 2, 4, seed=8)[:2]
+    assert [len(q) for q, _ in matcher.match_sets([sets[0], short], targets)[1]] == [2, 0, 2]
+    empty = make_batch([0, 0], 4, 3, seed=9)
+    none = matcher.match_sets([empty[:2]] * 2, empty[2])
+    assert len(none) == 2 and all(len(m) == 2 and len(q) == len(t) == 0 for m in none for q, t in m)
+
+
+def test_nan_predictions_are_a_clear_error():
+    from dinodet.matcher import NonFiniteCostError
+
+    logits, boxes, targets = make_batch([2], 3, 3, seed=10)
+    boxes[0, 1, 0] = float("nan")
+    with pytest.raises(NonFiniteCostError, match="not finite"):
+        HungarianMatcher()(logits, boxes, targets)

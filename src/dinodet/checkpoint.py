@@ -48,6 +48,9 @@ def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint gets the usual file permissions
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -217,6 +220,16 @@ def _load_imagenet_trunk(body: nn.Module, state: dict[str, Tensor], path, family
 
 def is_official_state(state: dict[str, Any]) -> bool:
     return any(k.startswith("transformer.") for k in state)
+
+
+def use_ema_weights(ckpt: LoadedCheckpoint) -> bool:
+    """Put the EMA weights of a training checkpoint (RUN_DIR/checkpoint.pt with train.ema on) into
+    ``ckpt.model``: they are the weights training evaluated.  Returns whether the file had any."""
+    ema = (ckpt.extra or {}).get("ema")
+    if not ema:
+        return False
+    ckpt.model.load_state_dict(ema["module"])
+    return True
 
 
 def load_checkpoint(path: str | os.PathLike, preset: str | None = None, device: str | torch.device = "cpu",

@@ -131,8 +131,13 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=0.3, help="minimum score to keep (default 0.3)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
-    p.add_argument("--size", type=int, default=800, help="short side after resizing (default 800)")
-    p.add_argument("--max-size", type=int, default=1333, help="cap on the long side (default 1333)")
+    p.add_argument("--size", type=int, help="short side after resizing (default: the checkpoint's data.eval_size, "
+                   "800 for official checkpoints)")
+    p.add_argument("--max-size", type=int, help="cap on the long side (default: the checkpoint's data.max_size, 1333)")
+    p.add_argument("--mode", default="exact",
+                   help="inference mode: exact (default, float32), reference (official grid_sample numerics), "
+                   "channels_last, bf16, fp16 (CUDA), compile, compile_bf16 (CUDA); the fast ones trade a little "
+                   "precision for speed (`dinodet bench` times them)")
     p.set_defaults(func=_run_predict)
 
 
@@ -179,8 +184,10 @@ def _check_predict_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.size < 1 or args.max_size < args.size:
+    if (args.size is not None and args.size < 1) or (args.size and args.max_size and args.max_size < args.size):
         raise ConfigError(f"need 1 <= --size <= --max-size, got --size {args.size} --max-size {args.max_size}")
+    if args.backend == "onnxruntime" and args.mode != "exact":
+        raise ConfigError("--mode applies to the PyTorch backend; an ONNX model runs as it was exported")
 
 
 def _check_output_names(paths: Sequence[Path], out_dir: Path) -> None:
@@ -204,12 +211,12 @@ def _build_detector(args: argparse.Namespace) -> Detector | OnnxDetector:
 
         return OnnxDetector(args.model, device=args.device, size=args.size, max_size=args.max_size)
     if args.random_weights:
-        detector = Detector.from_random(args.preset, device=args.device, size=args.size, max_size=args.max_size)
+        detector = Detector.from_random(args.preset, device=args.device, size=args.size, max_size=args.max_size,
+                                        mode=args.mode)
         _warn(f"using RANDOM weights for preset '{args.preset}': the detections are meaningless")
         return detector
-    return Detector.from_checkpoint(
-        args.checkpoint, preset=args.preset, device=args.device, size=args.size, max_size=args.max_size
-    )
+    return Detector.from_checkpoint(args.checkpoint, preset=args.preset, device=args.device, size=args.size,
+                                    max_size=args.max_size, mode=args.mode)
 
 
 def _predict_files(
@@ -453,7 +460,9 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="images per loader batch (AP does not depend on it)")
     p.add_argument("--out", metavar="DIR", help="write metrics.json and predictions.json here")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision (default off)")
+    p.add_argument("--mode", default="exact",
+                   help="inference mode: exact (default, float32), reference, channels_last, bf16, fp16 (CUDA), "
+                   "compile, compile_bf16 (CUDA); see `dinodet predict --help`")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. data.eval_size=512 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -461,7 +470,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, use_ema_weights
     from .config import apply_overrides
     from .data.coco import build_dataset
     from .engine.distributed import cleanup_distributed, init_distributed
@@ -469,16 +478,19 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .engine.train import DataSpec, split_exists
     from .engine.train import write_json_atomic as write_json_pretty
     from .inference import default_label_map
+    from .modes import ModeRunner, check_mode
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = _checked_device(args.device)
+    try:
+        check_mode(args.mode, device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     ckpt = load_checkpoint(args.checkpoint, preset=args.preset)
     cfg = apply_overrides(ckpt.config, args.overrides)
     model = ckpt.model
-    ema = (ckpt.extra or {}).get("ema")
-    if ema:
-        model.load_state_dict(ema["module"])
+    ema = use_ema_weights(ckpt)
     split = args.split or "val"
     if args.split is None and not split_exists(DataSpec(args.data, args.format), split):
         _warn(f"no 'val' split in '{args.data}'; evaluating the 'train' split")
@@ -495,14 +507,16 @@ def _run_eval(args: argparse.Namespace) -> int:
               f"({sum(m is not None for m in mapping)} of {len(mapping)} matched)")
     info, dev = init_distributed(device)
     try:
-        result = evaluate(model.to(dev), dataset, mapping, device=dev, batch_size=args.batch_size,
-                          num_select=cfg.model.num_select, amp=args.amp, dist_info=info,
+        runner = ModeRunner(model, args.mode, dev, copy_model=False)
+        result = evaluate(runner, dataset, mapping, device=dev, batch_size=args.batch_size,
+                          num_select=cfg.model.num_select, dist_info=info,
                           num_workers=cfg.data.num_workers, progress=not args.no_progress)
     finally:
         cleanup_distributed()
     if not info.is_main:
         return 0
-    metrics = {**result.metrics, "split": split, "checkpoint": str(args.checkpoint), "ema_weights": bool(ema)}
+    metrics = {**result.metrics, "split": split, "checkpoint": str(args.checkpoint), "ema_weights": bool(ema),
+               "mode": args.mode}
     print(f"dinodet: {len(dataset)} images of '{split}', {len(result.records)} detections"
           + (" (EMA weights)" if ema else ""))
     _print_metrics(metrics)

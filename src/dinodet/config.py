@@ -124,6 +124,7 @@ class TrainConfig:
     seed: int = 42
     eval_every: int = 1  # epochs
     eval_batch_size: int = 1
+    log_every: int = 20  # optimizer steps between step logs / loss-finiteness checks (each is a host sync)
 
 
 @dataclass

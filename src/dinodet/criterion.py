@@ -34,7 +34,7 @@ WEIGHTED_LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 
 
 def sigmoid_focal_loss(
-    logits: Tensor, targets: Tensor, num_boxes: float, alpha: float = 0.25, gamma: float = 2.0
+    logits: Tensor, targets: Tensor, num_boxes: float | Tensor, alpha: float = 0.25, gamma: float = 2.0
 ) -> Tensor:
     """Official DINO focal loss: logits / one-hot targets [B, N, C] -> 0-dim tensor.
 
@@ -77,13 +77,14 @@ def _dn_indices(targets: list[Target], meta: DenoisingMeta, device: torch.device
     return indices
 
 
-def _num_boxes(targets: list[Target], device: torch.device) -> float:
-    """Average number of target boxes per process (min 1), the normaliser of every loss."""
+def _num_boxes(targets: list[Target], device: torch.device) -> float | Tensor:
+    """Average number of target boxes per process (min 1), the normaliser of every loss; a 0-dim
+    tensor when distributed (kept on the device: no host sync)."""
     n = sum(len(t["labels"]) for t in targets)
     if dist.is_available() and dist.is_initialized():
         total = torch.as_tensor([n], dtype=torch.float, device=device)
         dist.all_reduce(total)
-        return torch.clamp(total / dist.get_world_size(), min=1).item()
+        return torch.clamp(total / dist.get_world_size(), min=1)[0]
     return max(float(n), 1.0)
 
 
@@ -136,7 +137,7 @@ class SetCriterion(nn.Module):
     # ---------------------------------------------------------------- per-prediction-set losses
 
     def loss_labels(
-        self, logits: Tensor, targets: list[Target], indices: MatchIndices, num_boxes: float, log: bool
+        self, logits: Tensor, targets: list[Target], indices: MatchIndices, num_boxes: float | Tensor, log: bool
     ) -> dict[str, Tensor]:
         """Focal loss over all B x N x C logits (unmatched queries are all-zero targets); logits [B, N, C]."""
         batch_idx, src_idx = _src_permutation_idx(indices, logits.device)
@@ -150,7 +151,7 @@ class SetCriterion(nn.Module):
         return losses
 
     def loss_boxes(
-        self, boxes: Tensor, targets: list[Target], indices: MatchIndices, num_boxes: float
+        self, boxes: Tensor, targets: list[Target], indices: MatchIndices, num_boxes: float | Tensor
     ) -> dict[str, Tensor]:
         """L1 and GIoU losses of the matched boxes; boxes [B, N, 4] cxcywh."""
         batch_idx, src_idx = _src_permutation_idx(indices, boxes.device)
@@ -179,7 +180,7 @@ class SetCriterion(nn.Module):
         boxes: Tensor,
         targets: list[Target],
         indices: MatchIndices,
-        num_boxes: float,
+        num_boxes: float | Tensor,
         log: bool = False,
     ) -> dict[str, Tensor]:
         """All losses of one prediction set, in the official key order."""
@@ -221,19 +222,20 @@ class SetCriterion(nn.Module):
             losses = self._set_losses(out.dn_logits[layer], out.dn_boxes[layer], targets, dn_indices, dn_num_boxes)
             return {f"{k}_dn": v for k, v in losses.items()}
 
+        # every prediction set is matched up front: one device->host copy for all of them
+        aux_layers = list(range(num_layers - 1)) if self.cfg.aux_loss else []
+        sets = ([(out.logits[-1], out.boxes[-1])] + [(out.logits[i], out.boxes[i]) for i in aux_layers]
+                + [(out.interm_logits, out.interm_boxes)])
+        final_indices, *aux_indices, interm_indices = self.matcher.match_sets(sets, targets)
+
         losses = dn_losses(num_layers - 1)
-        indices = self.matcher(out.logits[-1], out.boxes[-1], targets)
-        losses.update(self._set_losses(out.logits[-1], out.boxes[-1], targets, indices, num_boxes, log=True))
+        losses.update(self._set_losses(out.logits[-1], out.boxes[-1], targets, final_indices, num_boxes, log=True))
+        for i, indices in zip(aux_layers, aux_indices):
+            layer_losses = self._set_losses(out.logits[i], out.boxes[i], targets, indices, num_boxes)
+            layer_losses.update(dn_losses(i))
+            losses.update({f"{k}_{i}": v for k, v in layer_losses.items()})
 
-        if self.cfg.aux_loss:
-            for i in range(num_layers - 1):
-                indices = self.matcher(out.logits[i], out.boxes[i], targets)
-                layer_losses = self._set_losses(out.logits[i], out.boxes[i], targets, indices, num_boxes)
-                layer_losses.update(dn_losses(i))
-                losses.update({f"{k}_{i}": v for k, v in layer_losses.items()})
-
-        indices = self.matcher(out.interm_logits, out.interm_boxes, targets)
-        interm = self._set_losses(out.interm_logits, out.interm_boxes, targets, indices, num_boxes)
+        interm = self._set_losses(out.interm_logits, out.interm_boxes, targets, interm_indices, num_boxes)
         losses.update({f"{k}_interm": v for k, v in interm.items()})
         return losses
 

@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, use_ema_weights
 from .config import ConfigError, DINOConfig
 from .data.coco_classes import COCO_CLASSES
 from .data.images import load_image
 from .data.transforms import eval_transform, image_hw, pad_batch
 from .models.dino import DINO
+from .modes import ModeRunner
 from .postprocess import Detections, postprocess
 from .presets import get_preset
 
@@ -83,7 +84,13 @@ def default_label_map(
 
 
 class Detector:
-    """A DINO model plus its preprocessing, post-processing and label map, ready to predict."""
+    """A DINO model plus its preprocessing, post-processing and label map, ready to predict.
+
+    ``size`` / ``max_size`` (the resize, short side and cap on the long side) default to the
+    config's evaluation resize (``data.eval_size`` / ``data.max_size``); ``mode`` is an inference
+    mode of ``dinodet.modes`` (``exact``: float32; ``bf16``, ``compile`` ... trade precision for
+    speed).  The detector owns ``model`` and adapts it to the mode.
+    """
 
     def __init__(
         self,
@@ -92,18 +99,27 @@ class Detector:
         class_names: Sequence[str] | None = None,
         category_ids: Sequence[int] | None = None,
         device: str | torch.device = "cpu",
-        size: int = 800,
-        max_size: int | None = 1333,
+        size: int | None = None,
+        max_size: int | None = None,
+        mode: str = "exact",
     ):
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
         self.config = config
+        try:
+            self.runner = ModeRunner(model, mode, self.device, copy_model=False)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.model = self.runner.model
         self.class_names, category_id_list = default_label_map(
             config.model.num_classes, class_names, category_ids
         )
         self._category_ids = torch.tensor(category_id_list, dtype=torch.int64)
-        self.size = size
-        self.max_size = max_size
+        self.size = size or config.data.eval_size
+        self.max_size = max_size or config.data.max_size
+
+    @property
+    def mode(self) -> str:
+        return self.runner.mode.name
 
     @classmethod
     def from_checkpoint(
@@ -111,28 +127,32 @@ class Detector:
         path: str | Path,
         preset: str | None = None,
         device: str | torch.device = "cpu",
-        size: int = 800,
-        max_size: int | None = 1333,
+        size: int | None = None,
+        max_size: int | None = None,
+        mode: str = "exact",
     ) -> Detector:
-        """Load a dinodet or official DINO checkpoint (see ``dinodet.checkpoint.load_checkpoint``).
+        """Load a dinodet or official DINO checkpoint (see ``dinodet.checkpoint.load_checkpoint``);
+        a training checkpoint's EMA weights are used when it has them (they are what was evaluated).
 
         Raises:
             CheckpointError: missing/unreadable file, or weights that do not fit ``preset``.
-            ConfigError: unknown preset or unavailable device.
+            ConfigError: unknown preset, mode or unavailable device.
         """
         dev = resolve_device(device)
         ckpt = load_checkpoint(path, preset=preset, device=str(dev))
-        return cls(ckpt.model, ckpt.config, ckpt.class_names, ckpt.category_ids, dev, size, max_size)
+        use_ema_weights(ckpt)
+        return cls(ckpt.model, ckpt.config, ckpt.class_names, ckpt.category_ids, dev, size, max_size, mode)
 
     @classmethod
     def from_random(
         cls,
         preset: str,
         device: str | torch.device = "cpu",
-        size: int = 800,
-        max_size: int | None = 1333,
+        size: int | None = None,
+        max_size: int | None = None,
         seed: int = 0,
         num_classes: int | None = None,
+        mode: str = "exact",
     ) -> Detector:
         """A randomly initialised model: for smoke tests of the pipeline; its boxes are meaningless.
 
@@ -142,7 +162,7 @@ class Detector:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = DINO(config.model)
-        return cls(model, config, device=device, size=size, max_size=max_size)
+        return cls(model, config, device=device, size=size, max_size=max_size, mode=mode)
 
     def predict(
         self,
@@ -178,8 +198,9 @@ class Detector:
     @torch.inference_mode()
     def _predict_batch(self, items: Sequence[ImageInput], threshold: float) -> list[Prediction]:
         batch, mask, orig_sizes = preprocess_batch(items, self.size, self.max_size)
-        out = self.model(batch.to(self.device), mask.to(self.device))
-        det = postprocess(out.pred_logits, out.pred_boxes, orig_sizes.to(self.device), self.config.model.num_select)
+        out = self.runner(batch, mask)
+        det = postprocess(out.pred_logits.float(), out.pred_boxes.float(), orig_sizes.to(self.device),
+                          self.config.model.num_select)
         return to_predictions(det, orig_sizes, threshold, self.class_names, self._category_ids)
 
 

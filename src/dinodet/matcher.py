@@ -1,6 +1,8 @@
 """Hungarian matching between predicted queries and ground-truth boxes (official DINO costs)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -9,6 +11,10 @@ from .boxes import box_cxcywh_to_xyxy, generalized_box_iou
 
 Target = dict[str, Tensor]  # {'labels': int64 [n], 'boxes': float [n, 4] cxcywh in 0..1}
 MatchIndices = list[tuple[Tensor, Tensor]]  # per image: (query indices, target indices), int64 CPU
+
+
+class NonFiniteCostError(ValueError):
+    """The predictions (hence the matching costs) contain NaN/inf, e.g. after the training diverged."""
 
 
 class HungarianMatcher(nn.Module):
@@ -72,13 +78,26 @@ class HungarianMatcher(nn.Module):
         Returns per image (query_idx int64 [k], target_idx int64 [k]) on the CPU, k = min(Q, n_i),
         sorted by query index (scipy's order).
         """
+        return self.match_sets([(logits, boxes)], targets)[0]
+
+    @torch.no_grad()
+    def match_sets(self, sets: Sequence[tuple[Tensor, Tensor]], targets: list[Target]) -> list[MatchIndices]:
+        """``forward`` for several prediction sets against the same targets (e.g. every decoder
+        layer and the encoder proposals) with a single device->host copy: the assignment itself
+        runs on the CPU, and each copy is a wait for the device."""
         sizes = [len(t["boxes"]) for t in targets]
         if sum(sizes) == 0:  # the official code crashes here (view of an empty tensor with -1)
             empty = torch.empty(0, dtype=torch.int64)
-            return [(empty, empty.clone()) for _ in targets]
-        cost = self.cost_matrix(logits, boxes, targets).cpu()  # one device->host copy per batch
-        matches = []
-        for b, c in enumerate(cost.split(sizes, -1)):
-            q_idx, t_idx = linear_sum_assignment(c[b])
-            matches.append((torch.as_tensor(q_idx, dtype=torch.int64), torch.as_tensor(t_idx, dtype=torch.int64)))
-        return matches
+            return [[(empty, empty.clone()) for _ in targets] for _ in sets]
+        costs = [self.cost_matrix(logits, boxes, targets) for logits, boxes in sets]
+        flat = torch.cat([c.flatten() for c in costs]).cpu()
+        if not torch.isfinite(flat).all():  # on the host already: no extra wait for the device
+            raise NonFiniteCostError("matching costs are NaN/inf: the predictions are not finite")
+        out = []
+        for c, host in zip(costs, flat.split([c.numel() for c in costs])):
+            matches = []
+            for b, cb in enumerate(host.view(c.shape).split(sizes, -1)):
+                q_idx, t_idx = linear_sum_assignment(cb[b])
+                matches.append((torch.as_tensor(q_idx, dtype=torch.int64), torch.as_tensor(t_idx, dtype=torch.int64)))
+            out.append(matches)
+        return out

@@ -70,6 +70,16 @@ def supported_modes(device: torch.device | str) -> list[str]:
     return [n for n in MODES if device.type == "cuda" or n not in _CUDA_ONLY]
 
 
+def check_mode(mode: InferenceMode | str, device: torch.device | str) -> InferenceMode:
+    """The mode named ``mode``; ValueError when it is unknown or not offered on ``device``."""
+    found = get_mode(mode) if isinstance(mode, str) else mode
+    device = torch.device(device)
+    if found.name not in supported_modes(device):
+        raise ValueError(f"inference mode '{found.name}' is not available on {device.type} "
+                         f"(available: {', '.join(supported_modes(device))})")
+    return found
+
+
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
     """torch.autocast for ``amp`` in {"off", "bf16", "fp16"} (a null context for "off")."""
     if amp == "off":
@@ -89,33 +99,35 @@ def pad_to_bucket(images: Tensor, mask: Tensor, bucket: int = COMPILE_BUCKET) ->
     return F.pad(images, (0, pw, 0, ph)), F.pad(mask, (0, pw, 0, ph), value=True)
 
 
-class ModeRunner:
+class ModeRunner(nn.Module):
     """``runner(images [B, 3, H, W], mask [B, H, W]) -> DINOOutput`` for one inference mode.
 
-    The runner owns a copy of the model when the mode changes it (MSDA backend, memory format,
-    compilation), so the caller's model stays as it was.
+    By default the runner works on a copy of the model, because the mode changes it (MSDA backend,
+    memory format, compilation) and the caller's model should stay as it was; ``copy_model=False``
+    adapts ``model`` itself (for owners of the model such as ``Detector``).  Being a module, it can
+    stand in for the model wherever one is evaluated.
     """
 
-    def __init__(self, model: nn.Module, mode: InferenceMode | str, device: torch.device | str):
-        self.mode = get_mode(mode) if isinstance(mode, str) else mode
+    def __init__(self, model: nn.Module, mode: InferenceMode | str, device: torch.device | str,
+                 copy_model: bool = True):
+        super().__init__()
+        self.mode = check_mode(mode, device)
         self.device = torch.device(device)
-        if self.mode.name not in supported_modes(self.device):
-            raise ValueError(f"inference mode '{self.mode.name}' is not available on {self.device.type}")
-        model = copy.deepcopy(model).to(self.device).eval()
+        model = (copy.deepcopy(model) if copy_model else model).to(self.device).eval()
         set_msda_backend(model, self.mode.msda_backend)
         if self.mode.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self._forward: Callable[[Tensor, Tensor], DINOOutput] = model
-        if self.mode.compile:
-            self._forward = torch.compile(model, dynamic=False)
+        # kept out of the module tree (a tuple), so the compiled wrapper's parameters are not listed twice
+        self._forward: tuple[Callable[[Tensor, Tensor], DINOOutput]] = (
+            torch.compile(model, dynamic=False) if self.mode.compile else model,)
 
-    @torch.inference_mode()
-    def __call__(self, images: Tensor, mask: Tensor) -> DINOOutput:
-        images, mask = images.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
-        if self.mode.compile:
-            images, mask = pad_to_bucket(images, mask)
-        if self.mode.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.mode.amp):
-            return self._forward(images, mask)
+    def forward(self, images: Tensor, mask: Tensor) -> DINOOutput:
+        with torch.inference_mode():
+            images, mask = images.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+            if self.mode.compile:
+                images, mask = pad_to_bucket(images, mask)
+            if self.mode.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.mode.amp):
+                return self._forward[0](images, mask)

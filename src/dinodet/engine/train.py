@@ -51,6 +51,7 @@ from torch.utils.data import DistributedSampler
 from ..checkpoint import FORMAT_TAG, CheckpointError, build_model, load_checkpoint, read_torch_file, save_checkpoint
 from ..config import ConfigError, DINOConfig, TrainConfig
 from ..criterion import SetCriterion, build_criterion
+from ..matcher import NonFiniteCostError
 from .distributed import (
     DistInfo,
     all_gather_objects,
@@ -118,7 +119,7 @@ def resolve_config(cfg: DINOConfig, num_classes: int) -> DINOConfig:
 def check_train_config(t: TrainConfig) -> None:
     if t.amp not in AMP_MODES:
         raise ConfigError(f"train.amp must be one of {', '.join(AMP_MODES)}, got '{t.amp}'")
-    for name in ("epochs", "batch_size", "accumulate", "eval_every", "eval_batch_size"):
+    for name in ("epochs", "batch_size", "accumulate", "eval_every", "eval_batch_size", "log_every"):
         if not isinstance(getattr(t, name), int) or getattr(t, name) < 1:
             raise ConfigError(f"train.{name} must be an integer >= 1, got {getattr(t, name)!r}")
     if not 0.0 <= t.ema_decay <= 1.0:
@@ -363,6 +364,8 @@ class Trainer:
         if self.info.is_main:
             write_json_atomic(self.run_dir / RESOLVED_CONFIG, self.cfg.to_dict())
         self.last_eval: EvalResult | None = None
+        # (sum of the losses since the last finiteness check, its last step, its last loss dict)
+        self._unchecked: tuple[Tensor | float, int, dict[str, Tensor]] = (0.0, 0, {})
         # completed epochs, fractional after a max_steps stop mid-epoch
         self.epochs_done = self.counters.epoch + self.counters.batches_done / max(self._epoch_batches(), 1)
 
@@ -466,23 +469,27 @@ class Trainer:
             while True:
                 window = list(itertools.islice(batches, t.accumulate))
                 if not window:
+                    self._check_finite()
                     return self._mean_losses(sums), False
-                if self._train_window(window, sums):
+                if self._train_window(window, sums) and c.step % t.log_every == 0:
+                    self._check_finite()
                     bar.set_postfix(loss=f"{sums[-2].item() / max(sums[-1].item(), 1):.3f}",
                                     lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
                 c.batches_done += len(window)
                 bar.update(len(window))
                 if self._max_steps_reached() and c.batches_done < self._epoch_batches():
+                    self._check_finite()
                     return self._mean_losses(sums), True
         finally:
             bar.close()
 
     def _train_window(self, window: list[Any], sums: Tensor) -> bool:
         """Forward/backward each micro-batch of an accumulation window, then one optimizer step.
-        Returns whether a step was taken."""
+        Returns whether a step was taken.  Nothing here waits for the device: the loss is checked
+        and logged every ``train.log_every`` steps (``_check_finite``)."""
         t, info = self.cfg.train, self.info
         counts = torch.tensor([-1 if b is None else sum(len(x["labels"]) for x in b[2]) for b in window],
-                              dtype=torch.int64, device=self.device)
+                              dtype=torch.int64, device=self.device if info.enabled else "cpu")
         valid, weights = window_weights(all_gather_tensor(counts, info).cpu(), info.world_size)
         if not valid.any():
             return False
@@ -499,19 +506,20 @@ class Trainer:
             with sync:
                 with amp_autocast(self.device, t.amp):
                     out = self.ddp(images, mask, targets)
-                losses = self.criterion(out.float(), targets)
+                try:
+                    losses = self.criterion(out.float(), targets)
+                except NonFiniteCostError:
+                    self._check_finite()  # names the loss that went bad first, if one did
+                    raise TrainingError(f"the model's predictions became NaN/inf at step {self.counters.step + 1}; "
+                                        "try a lower train.lr or train.amp=off") from None
                 loss = self.criterion.total_loss(losses)
-                if not torch.isfinite(loss):
-                    bad = {k: round(v.item(), 4) for k, v in losses.items() if not torch.isfinite(v)}
-                    raise TrainingError(f"loss is {loss.item()} at step {self.counters.step + 1} "
-                                        f"(non-finite terms: {bad or 'none, the sum overflowed'}); "
-                                        "try a lower train.lr or train.amp=off")
                 scaled = loss * float(weights[i])
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             # summed on the device: no host sync per micro-batch for logging
             zero = loss.new_zeros(())
             logged = [losses.get(k, zero).detach() for k in LOGGED_LOSSES] + [loss.detach(), zero + 1]
             sums += torch.stack(logged).to(sums.dtype)
+            self._unchecked = (self._unchecked[0] + loss.detach(), self.counters.step + 1, losses)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if t.clip_max_norm > 0:
@@ -524,10 +532,24 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         self.counters.step += 1
-        if self.info.is_main:
+        if self.info.is_main and self.counters.step % t.log_every == 0:
             self.logger.log_scalars(self.counters.step, {"loss": loss.item(), **current_lrs(self.optimizer)},
                                     prefix="train_step/")
         return True
+
+    def _check_finite(self) -> None:
+        """Raise TrainingError when a loss since the last check was NaN/inf (one host sync).
+
+        Checked every ``log_every`` steps and before anything is saved, so a diverged run stops
+        with its last good checkpoint intact.
+        """
+        total, step, losses = self._unchecked
+        self._unchecked = (0.0, step, losses)
+        if not isinstance(total, Tensor) or bool(torch.isfinite(total)):
+            return
+        bad = {k: round(v.item(), 4) for k, v in losses.items() if not torch.isfinite(v)}
+        raise TrainingError(f"the loss became non-finite (NaN/inf) by step {step} (last non-finite terms: "
+                            f"{bad or 'none, the sum overflowed'}); try a lower train.lr or train.amp=off")
 
     def _mean_losses(self, sums: Tensor) -> dict[str, float]:
         """Epoch means over every micro-batch of every rank."""
