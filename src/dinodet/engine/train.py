@@ -48,7 +48,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from ..checkpoint import FORMAT_TAG, CheckpointError, build_model, load_checkpoint, read_torch_file, save_checkpoint
+from ..checkpoint import (
+    FORMAT_TAG,
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+    read_torch_file,
+    save_checkpoint,
+)
 from ..config import ConfigError, DINOConfig, TrainConfig
 from ..criterion import SetCriterion, build_criterion
 from ..matcher import NonFiniteCostError
