@@ -60,6 +60,19 @@ def test_official_args_give_the_preset(name):
     assert cfg.loss == preset.loss
 
 
+@pytest.mark.parametrize("name, preset", [("DINO_4scale", "dino_r50_4scale"), ("DINO_5scale", "dino_r50_5scale"),
+                                          ("DINO_4scale_swin", "dino_swinl_4scale"),
+                                          ("DINO_5scale_swin", "dino_swinl_5scale")])
+def test_preset_schedules_follow_the_official_configs(name, preset):
+    path = REF / f"{name}.args.json"
+    if not path.exists():
+        pytest.skip("shared reference files not available")
+    args, t = json.loads(path.read_text()), get_preset(preset).train
+    assert (t.batch_size, t.lr, t.lr_backbone, t.weight_decay, t.epochs, t.lr_drop, t.clip_max_norm) == (
+        args["batch_size"], args["lr"], args["lr_backbone"], args["weight_decay"], args["epochs"], args["lr_drop"],
+        args["clip_max_norm"])
+
+
 def test_official_round_trip(tmp_path, tiny_model):
     cfg, model = tiny_model
     path = tmp_path / "official.pth"

@@ -20,7 +20,9 @@ def _r50_4scale() -> DINOConfig:
 
 def _r50_5scale() -> DINOConfig:
     model = ModelConfig(backbone=BackboneConfig(return_layers=(0, 1, 2, 3)), num_feature_levels=5)
-    return DINOConfig(name="dino_r50_5scale", model=model, loss=LossConfig())
+    cfg = DINOConfig(name="dino_r50_5scale", model=model, loss=LossConfig())
+    cfg.train.batch_size = 1  # as the official DINO_5scale config
+    return cfg
 
 
 def _r101_4scale() -> DINOConfig:
