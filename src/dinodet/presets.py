@@ -72,7 +72,9 @@ def _tiny() -> DINOConfig:
         dec_layers=3,
         dim_feedforward=256,
         num_queries=60,
-        dn_number=20,
+        # the official rule from 50 on: about 2 x 50 denoising queries whatever the object count
+        # (below 50 the value is a fixed number of groups, which grows with crowded images)
+        dn_number=50,
         num_select=60,
     )
     data = DataConfig(train_scales=(224, 256, 288, 320), max_size=512, crop_resize_scales=(200, 250, 300),
