@@ -483,10 +483,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = _checked_device(args.device)
-    try:
-        check_mode(args.mode, device)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_mode(args.mode, device)
     ckpt = load_checkpoint(args.checkpoint, preset=args.preset)
     cfg = apply_overrides(ckpt.config, args.overrides)
     model = ckpt.model

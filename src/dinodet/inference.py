@@ -105,10 +105,7 @@ class Detector:
     ):
         self.device = resolve_device(device)
         self.config = config
-        try:
-            self.runner = ModeRunner(model, mode, self.device, copy_model=False)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.runner = ModeRunner(model, mode, self.device, copy_model=False)
         self.model = self.runner.model
         self.class_names, category_id_list = default_label_map(
             config.model.num_classes, class_names, category_ids

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import ConfigError
 from .models.attention import set_msda_backend
 from .models.outputs import DINOOutput
 
@@ -59,7 +60,7 @@ def get_mode(name: str) -> InferenceMode:
     try:
         return MODES[name]
     except KeyError:
-        raise ValueError(f"unknown inference mode '{name}' (available: {', '.join(MODES)})") from None
+        raise ConfigError(f"unknown inference mode '{name}' (available: {', '.join(MODES)})") from None
 
 
 def supported_modes(device: torch.device | str) -> list[str]:
@@ -71,11 +72,11 @@ def supported_modes(device: torch.device | str) -> list[str]:
 
 
 def check_mode(mode: InferenceMode | str, device: torch.device | str) -> InferenceMode:
-    """The mode named ``mode``; ValueError when it is unknown or not offered on ``device``."""
+    """The mode named ``mode``; ConfigError when it is unknown or not offered on ``device``."""
     found = get_mode(mode) if isinstance(mode, str) else mode
     device = torch.device(device)
     if found.name not in supported_modes(device):
-        raise ValueError(f"inference mode '{found.name}' is not available on {device.type} "
+        raise ConfigError(f"inference mode '{found.name}' is not available on {device.type} "
                          f"(available: {', '.join(supported_modes(device))})")
     return found
 

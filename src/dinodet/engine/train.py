@@ -371,8 +371,9 @@ class Trainer:
         if self.info.is_main:
             write_json_atomic(self.run_dir / RESOLVED_CONFIG, self.cfg.to_dict())
         self.last_eval: EvalResult | None = None
-        # (sum of the losses since the last finiteness check, its last step, its last loss dict)
-        self._unchecked: tuple[Tensor | float, int, dict[str, Tensor]] = (0.0, 0, {})
+        # losses not yet checked for NaN/inf (see _check_finite): their sum and the last loss dict
+        self._unchecked_sum: Tensor | float = 0.0
+        self._last_losses: dict[str, Tensor] = {}
         # completed epochs, fractional after a max_steps stop mid-epoch
         self.epochs_done = self.counters.epoch + self.counters.batches_done / max(self._epoch_batches(), 1)
 
@@ -492,8 +493,9 @@ class Trainer:
 
     def _train_window(self, window: list[Any], sums: Tensor) -> bool:
         """Forward/backward each micro-batch of an accumulation window, then one optimizer step.
-        Returns whether a step was taken.  Nothing here waits for the device: the loss is checked
-        and logged every ``train.log_every`` steps (``_check_finite``)."""
+        Returns whether a step was taken.  Besides the box-count exchange between processes,
+        nothing here waits for the device: the loss is checked and logged every
+        ``train.log_every`` steps (``_check_finite``)."""
         t, info = self.cfg.train, self.info
         counts = torch.tensor([-1 if b is None else sum(len(x["labels"]) for x in b[2]) for b in window],
                               dtype=torch.int64, device=self.device if info.enabled else "cpu")
@@ -526,7 +528,7 @@ class Trainer:
             zero = loss.new_zeros(())
             logged = [losses.get(k, zero).detach() for k in LOGGED_LOSSES] + [loss.detach(), zero + 1]
             sums += torch.stack(logged).to(sums.dtype)
-            self._unchecked = (self._unchecked[0] + loss.detach(), self.counters.step + 1, losses)
+            self._unchecked_sum, self._last_losses = self._unchecked_sum + loss.detach(), losses
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if t.clip_max_norm > 0:
@@ -550,13 +552,12 @@ class Trainer:
         Checked every ``log_every`` steps and before anything is saved, so a diverged run stops
         with its last good checkpoint intact.
         """
-        total, step, losses = self._unchecked
-        self._unchecked = (0.0, step, losses)
+        total, self._unchecked_sum = self._unchecked_sum, 0.0
         if not isinstance(total, Tensor) or bool(torch.isfinite(total)):
             return
-        bad = {k: round(v.item(), 4) for k, v in losses.items() if not torch.isfinite(v)}
-        raise TrainingError(f"the loss became non-finite (NaN/inf) by step {step} (last non-finite terms: "
-                            f"{bad or 'none, the sum overflowed'}); try a lower train.lr or train.amp=off")
+        bad = {k: round(v.item(), 4) for k, v in self._last_losses.items() if not torch.isfinite(v)}
+        raise TrainingError(f"the loss became non-finite (NaN/inf) by step {self.counters.step} (last non-finite "
+                            f"terms: {bad or 'none, the sum overflowed'}); try a lower train.lr or train.amp=off")
 
     def _mean_losses(self, sums: Tensor) -> dict[str, float]:
         """Epoch means over every micro-batch of every rank."""
