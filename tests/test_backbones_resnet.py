@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBN
 
 from dinodet.config import BackboneConfig
 from dinodet.models.backbones import build_backbone
+from dinodet.models.backbones.resnet import FrozenBatchNorm2d
 
 
 def _norm_types(backbone: nn.Module) -> set[type]:
@@ -19,6 +20,27 @@ def test_official_default_is_frozen_bn_with_stem_and_layer1_frozen():
     assert _norm_types(b) == {FrozenBatchNorm2d}
     frozen = {n.split(".")[0] for n, p in b.body.named_parameters() if not p.requires_grad}
     assert frozen == {"conv1", "layer1"}  # FrozenBatchNorm2d has buffers only
+
+
+def test_cached_frozen_bn_equals_torchvision_and_follows_its_buffers():
+    ours, ref = FrozenBatchNorm2d(8), TorchvisionFrozenBN(8)
+    x = torch.randn(2, 8, 5, 7)
+    for shift in (0.0, 1.0):  # the second load changes the buffers in place: the cached affine must follow
+        sd = {k: torch.rand(8, generator=torch.Generator().manual_seed(i)) + 0.5 + shift
+              for i, k in enumerate(("weight", "bias", "running_mean", "running_var"))}
+        ours.load_state_dict(sd)
+        ref.load_state_dict(sd)
+        assert torch.equal(ours(x), ref(x))
+        with torch.inference_mode():
+            assert torch.equal(ours(x), ref(x))
+    with torch.no_grad():
+        ours.running_var.mul_(2)
+        ref.running_var.mul_(2)
+    assert torch.equal(ours(x), ref(x))
+    assert torch.equal(ours.double()(x.double()), ref.double()(x.double()))  # .to() drops the cache
+    x.requires_grad_()
+    ours.float()(x).sum().backward()  # the cached affine is a constant for autograd
+    assert x.grad is not None and torch.equal(x.grad, ours._affine[1].expand_as(x))
 
 
 @pytest.mark.parametrize("norm, cls", [("gn", nn.GroupNorm), ("bn", nn.BatchNorm2d)])

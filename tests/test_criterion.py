@@ -299,4 +299,5 @@ def test_matching_losses_reproduce_official_train_losses(path):
     for name, ref in train["losses"].items():
         if "_dn" not in name:
             assert abs(losses[name].item() - ref.item()) <= tol[name], name
-    assert torch.equal(crit.total_loss(train["losses"]), train["loss_total"])
+    # the weighted sum is one stacked reduction (another float32 summation order than the official loop)
+    torch.testing.assert_close(crit.total_loss(train["losses"]), train["loss_total"], rtol=1e-6, atol=0)

@@ -100,6 +100,43 @@ def test_denoising_attention_mask_layout():
         assert m[rows][:, :pad][:, others].all()
 
 
+def test_denoising_noise_statistics_without_host_syncs():
+    """Label noise flips ~ratio/2 of the labels, positives stay within box_noise_scale * half size of
+    their box and negatives beyond it; and no op that waits for the device (nonzero, .item(), boolean
+    indexing) is dispatched while building the queries."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dinodet.models.denoising import ContrastiveDenoising
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    dn = ContrastiveDenoising(num_classes=91, labelbook_size=91, hidden_dim=8, dn_number=100)
+    n = 50
+    targets = [{"labels": torch.full((n,), 3), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.4]]).repeat(n, 1)}]
+    with Ops() as ops:
+        q = dn(targets, num_queries=10)
+    assert not ops.names & {"nonzero", "_local_scalar_dense", "masked_select", "item"}, ops.names
+    groups, size = q.meta.num_groups, q.meta.group_size
+    assert (groups, size) == (2, n)
+    kept = (q.content[0] == dn.label_embed.weight[3]).all(-1)  # [P] label still 3
+    changed = (~kept).sum().item()
+    assert 0.25 * 0.5 * 4 * n < changed < 0.25 * 2 * 4 * n  # expected 0.25 * 90/91 of 200 draws
+    boxes = q.anchors_unsig[0].sigmoid()
+    corners = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1)
+    shift = (corners - torch.tensor([0.4, 0.3, 0.6, 0.7])).abs() / torch.tensor([0.1, 0.2, 0.1, 0.2])  # / half size
+    slots = torch.arange(2 * groups * size)
+    negative = (slots // size) % 2 == 1
+    assert shift[~negative].max() <= 0.4 + 1e-4 and shift[negative].min() >= 0.4 - 1e-4
+
+
 def test_training_forward_with_denoising_and_zero_noise(tiny):
     cfg, model = tiny
     model = DINO(cfg.model)

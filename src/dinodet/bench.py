@@ -10,8 +10,8 @@ keeps no allocator statistics), ``speedup`` (reference ms / this ms).
 """
 from __future__ import annotations
 
-import contextlib
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -62,27 +62,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@contextlib.contextmanager
-def _peak_memory(device: torch.device, out: list[float | None]):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    yield
-    out.append(torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+def _time(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> tuple[float, float | None]:
+    """(median seconds per call, peak GB allocated during the timed calls) after ``warmup`` calls.
 
-
-def _time(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds per call after ``warmup`` calls."""
+    The peak is read over the timed calls only: warm-up includes compilation and cuDNN's algorithm
+    search (``cudnn.benchmark`` tries algorithms with workspaces of tens of GB), which a steady-state
+    run does not repeat.  None on CPU, where PyTorch keeps no allocator statistics.
+    """
     for _ in range(warmup):
         fn()
     _sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return statistics.median(times), peak
 
 
 def random_batch(batch: int, size: tuple[int, int], device: torch.device, num_boxes: int = 7,
@@ -103,28 +103,58 @@ def random_batch(batch: int, size: tuple[int, int], device: torch.device, num_bo
 def bench_inference(model: DINO, device: torch.device, size: tuple[int, int], batch: int, modes: Sequence[str],
                     warmup: int, iters: int) -> list[BenchRecord]:
     images, mask, _ = random_batch(batch, size, device)
-    return _with_speedups([_infer_one(model, name, device, images, mask, warmup, iters) for name in modes])
+    return _with_speedups(_each(modes, "infer", lambda name: _infer_one(model, name, device, images, mask, warmup,
+                                                                       iters)))
 
 
 def _infer_one(model: DINO, name: str, device: torch.device, images: Tensor, mask: Tensor, warmup: int,
                iters: int) -> BenchRecord:
     # one function per mode: its model copy is freed on return, before the next mode's peak is measured
     runner = ModeRunner(model, name, device)
-    peak: list[float | None] = []
-    with _peak_memory(device, peak):
-        sec = _time(lambda: runner(images, mask), device, warmup, iters)
-    return _record(name, "infer", sec, images.shape[0], peak[0],
+    sec, peak = _time(lambda: runner(images, mask), device, warmup, iters)
+    return _record(name, "infer", sec, images.shape[0], peak,
                    resolve_backend(runner.mode.msda_backend, device, images.dtype))
 
 
 def bench_training(cfg: DINOConfig, device: torch.device, size: tuple[int, int], batch: int, modes: Sequence[str],
                    warmup: int, iters: int) -> list[BenchRecord]:
     images, mask, targets = random_batch(batch, size, device, num_classes=cfg.model.num_classes)
-    return _with_speedups([_train_one(cfg, name, device, images, mask, targets, warmup, iters) for name in modes])
+    return _with_speedups(_each(modes, "train", lambda name: _train_one(cfg, name, device, images, mask, targets,
+                                                                       warmup, iters)))
+
+
+def _each(modes: Sequence[str], task: str, run: Callable[[str], BenchRecord]) -> list[BenchRecord]:
+    """``run`` every mode; a fast mode that fails (a kernel that does not build on this GPU, a compiler
+    error) is reported in one line and left out of the table.  The baseline (first mode) must run."""
+    records = []
+    for i, name in enumerate(modes):
+        try:
+            records.append(run(name))
+        except Exception as e:
+            if i == 0:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            print(f"dinodet bench: {task} mode '{name}' failed and is left out: {type(e).__name__}: {first}",
+                  file=sys.stderr)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return records
 
 
 def _train_one(cfg: DINOConfig, name: str, device: torch.device, images: Tensor, mask: Tensor,
                targets: list[dict[str, Tensor]], warmup: int, iters: int) -> BenchRecord:
+    step = make_train_step(cfg, name, device, images, mask, targets)
+    sec, peak = _time(step, device, warmup, iters)
+    backend = TRAIN_MODES[name][0]
+    return _record(name, "train", sec, images.shape[0], peak,
+                   resolve_backend(backend, device, images.dtype, needs_grad=True), per_image=False)
+
+
+def make_train_step(cfg: DINOConfig, name: str, device: torch.device, images: Tensor, mask: Tensor,
+                    targets: list[dict[str, Tensor]]) -> Callable[[], None]:
+    """One training step (forward, losses, backward, clipping, AdamW) of a fresh model in training mode
+    ``name`` (a key of ``TRAIN_MODES``) on this fixed batch, as a closure."""
     backend, amp, channels_last, fused = TRAIN_MODES[name]
     criterion = build_criterion(cfg.model.num_classes, cfg.loss, cfg.model.dec_layers)
     torch.manual_seed(0)
@@ -145,11 +175,7 @@ def _train_one(cfg: DINOConfig, name: str, device: torch.device, images: Tensor,
         torch.nn.utils.clip_grad_norm_(params, 0.1)
         opt.step()
 
-    peak: list[float | None] = []
-    with _peak_memory(device, peak):
-        sec = _time(step, device, warmup, iters)
-    return _record(name, "train", sec, images.shape[0], peak[0], resolve_backend(backend, device, images.dtype, needs_grad=True),
-                   per_image=False)
+    return step
 
 
 def _record(mode: str, task: str, sec: float, batch: int, peak: float | None, msda: str,
@@ -174,6 +200,7 @@ def run_bench(preset: str = "dino_r50_4scale", device: str = "cpu", size: tuple[
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # exact float32, as the official timings
         torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True  # fixed size: let cuDNN pick its convolution algorithms (every mode)
     cfg = get_preset(preset)
     records: list[BenchRecord] = []
     if task in ("infer", "both"):

@@ -66,6 +66,20 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return iou - (enclosing - union) / (enclosing + 1e-6)
 
 
+def paired_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """GIoU of each box with its counterpart: [N, 4], [N, 4] xyxy -> [N]; the diagonal of
+    ``generalized_box_iou`` (the same float operations per pair) without the N x N matrix."""
+    area1 = box_area(boxes1)
+    area2 = box_area(boxes2)
+    wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    union = area1 + area2 - inter
+    iou = inter / (union + 1e-6)
+    wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    enclosing = wh[:, 0] * wh[:, 1]
+    return iou - (enclosing - union) / (enclosing + 1e-6)
+
+
 def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
     """Logit of x clamped to [0, 1]: log(max(x, eps) / max(1 - x, eps)); any shape.
 

@@ -13,14 +13,14 @@ operations follow the official implementation so losses agree to float32 noise.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from .boxes import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from .config import LossConfig
 from .matcher import HungarianMatcher, MatchIndices, Target
 
@@ -106,6 +106,7 @@ class SetCriterion(nn.Module):
         self.cfg = loss_cfg
         self.num_decoder_layers = num_decoder_layers
         self.weight_dict = self._build_weight_dict()
+        self._weight_vectors: dict[tuple, Tensor] = {}
 
     def _build_weight_dict(self) -> dict[str, float]:
         cfg = self.cfg
@@ -120,72 +121,91 @@ class SetCriterion(nn.Module):
         return weights
 
     def total_loss(self, losses: dict[str, Tensor]) -> Tensor:
-        """Sum of loss * weight over the weighted names, in the loss dict's order (as the official loop).
+        """Sum of loss * weight over the weighted names (the official weighted sum, as one stacked
+        product rather than ~40 scalar operations and their backward).
 
         Raises KeyError for a weighted-looking name without a weight (e.g. a decoder depth that does
         not match ``num_decoder_layers``), instead of silently dropping it.
         """
-        total: Tensor | int = 0
-        for name, value in losses.items():
+        names = []
+        for name in losses:
             if name in self.weight_dict:
-                total = total + value * self.weight_dict[name]
+                names.append(name)
             elif name.startswith(WEIGHTED_LOSS_NAMES):
                 raise KeyError(f"loss '{name}' has no weight (num_decoder_layers={self.num_decoder_layers}?)")
-        assert isinstance(total, Tensor), "empty loss dict"
-        return total
+        assert names, "no weighted loss in the loss dict"
+        values = torch.stack([losses[n] for n in names])
+        key = (values.device, values.dtype, tuple(names))
+        weights = self._weight_vectors.get(key)
+        if weights is None:  # built once per loss layout: a host->device copy every step would wait
+            weights = self._weight_vectors[key] = torch.tensor([self.weight_dict[n] for n in names],
+                                                               dtype=values.dtype, device=values.device)
+        return (values * weights).sum()
 
     # ---------------------------------------------------------------- per-prediction-set losses
+    # Every loss is computed for S prediction sets at once (logits [S, B, N, C], boxes [S, B, N, 4],
+    # one MatchIndices per set) and returned as an [S] vector per name: a training step has 13 sets
+    # (7 matched, 6 denoising), and set-by-set losses cost thousands of tiny kernel launches on a GPU.
+    # Per set the values are those of the official per-set computation (same element-wise operations,
+    # reductions over the same elements).
 
     def loss_labels(
-        self, logits: Tensor, targets: list[Target], indices: MatchIndices, num_boxes: float | Tensor, log: bool
+        self, logits: Tensor, labels: Tensor, pos: MatchedPositions, num_boxes: float | Tensor, log: bool
     ) -> dict[str, Tensor]:
-        """Focal loss over all B x N x C logits (unmatched queries are all-zero targets); logits [B, N, C]."""
-        batch_idx, src_idx = _src_permutation_idx(indices, logits.device)
-        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+        """Focal loss over all B x N x C logits of each set (unmatched queries are all-zero targets);
+        ``log`` adds ``class_error`` of the FIRST set.  logits [S, B, N, C], labels [T] (the batch's
+        targets concatenated) -> {name: [S]} (class_error: 0-dim)."""
+        matched_labels = labels[pos.target]
         onehot = torch.zeros_like(logits)
-        onehot[batch_idx, src_idx, matched_labels] = 1
-        loss_ce = sigmoid_focal_loss(logits, onehot, num_boxes, self.cfg.focal_alpha, self.cfg.focal_gamma)
-        losses = {"loss_ce": loss_ce * logits.shape[1]}
+        onehot[pos.set, pos.image, pos.query, matched_labels] = 1
+        losses = {"loss_ce": sigmoid_focal_loss_sets(logits, onehot, num_boxes, self.cfg.focal_alpha,
+                                                     self.cfg.focal_gamma) * logits.shape[2]}
         if log:
-            losses["class_error"] = 100 - _top1_accuracy(logits[batch_idx, src_idx], matched_labels)
+            first = pos.set == 0
+            losses["class_error"] = 100 - _top1_accuracy(logits[0][pos.image[first], pos.query[first]],
+                                                         matched_labels[first])
         return losses
 
     def loss_boxes(
-        self, boxes: Tensor, targets: list[Target], indices: MatchIndices, num_boxes: float | Tensor
+        self, boxes: Tensor, target_boxes: Tensor, pos: MatchedPositions, num_boxes: float | Tensor
     ) -> dict[str, Tensor]:
-        """L1 and GIoU losses of the matched boxes; boxes [B, N, 4] cxcywh."""
-        batch_idx, src_idx = _src_permutation_idx(indices, boxes.device)
-        src = boxes[batch_idx, src_idx]
-        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src)
-        l1 = F.l1_loss(src, tgt, reduction="none")
-        # Pairwise GIoU then the diagonal, like the official code (N is at most a few hundred).
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
-        losses = {"loss_bbox": l1.sum() / num_boxes, "loss_giou": (1 - giou).sum() / num_boxes}
+        """L1 and GIoU losses of the matched boxes of each set; boxes [S, B, N, 4] cxcywh, target_boxes
+        [T, 4] (the batch's targets concatenated) -> {name: [S]}."""
+        src = boxes[pos.set, pos.image, pos.query]
+        tgt = target_boxes.to(src)[pos.target]
+        num_sets = boxes.shape[0]
+        l1 = F.l1_loss(src, tgt, reduction="none")  # [T, 4]
+        l1_sets = src.new_zeros(num_sets, 4).index_add(0, pos.set, l1)  # [S, 4] per-set column sums
+        one_minus_giou = 1 - paired_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+        losses = {"loss_bbox": l1_sets.sum(1) / num_boxes,
+                  "loss_giou": src.new_zeros(num_sets).index_add(0, pos.set, one_minus_giou) / num_boxes}
         with torch.no_grad():  # logged only
-            losses["loss_xy"] = l1[..., :2].sum() / num_boxes
-            losses["loss_hw"] = l1[..., 2:].sum() / num_boxes
+            losses["loss_xy"] = l1_sets[:, :2].sum(1) / num_boxes
+            losses["loss_hw"] = l1_sets[:, 2:].sum(1) / num_boxes
         return losses
 
     @torch.no_grad()
     def loss_cardinality(self, logits: Tensor, targets: list[Target]) -> dict[str, Tensor]:
-        """Logged only: mean |#queries whose argmax is not the last class - #targets| (a DETR legacy:
-        with 91 COCO classes the last index is a real category, so this is not a real 'no-object')."""
+        """Logged only: mean |#queries whose argmax is not the last class - #targets| per set (a DETR
+        legacy: with 91 COCO classes the last index is a real category, so this is not a real
+        'no-object').  logits [S, B, N, C] -> {name: [S]}."""
         num_targets = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
-        num_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
-        return {"cardinality_error": F.l1_loss(num_pred.float(), num_targets.float())}
+        num_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(2)  # [S, B]
+        return {"cardinality_error": (num_pred.float() - num_targets.float()).abs().mean(1)}
 
     def _set_losses(
         self,
         logits: Tensor,
         boxes: Tensor,
         targets: list[Target],
-        indices: MatchIndices,
+        indices: list[MatchIndices],
         num_boxes: float | Tensor,
         log: bool = False,
     ) -> dict[str, Tensor]:
-        """All losses of one prediction set, in the official key order."""
-        losses = self.loss_labels(logits, targets, indices, num_boxes, log)
-        losses.update(self.loss_boxes(boxes, targets, indices, num_boxes))
+        """All losses of S prediction sets, in the official key order: {name: [S]} (class_error: 0-dim)."""
+        pos = matched_positions(indices, targets, logits.device)
+        losses = self.loss_labels(logits, torch.cat([t["labels"] for t in targets]), pos, num_boxes, log)
+        losses.update(self.loss_boxes(boxes, torch.cat([t["boxes"] for t in targets]), pos, num_boxes))
         losses.update(self.loss_cardinality(logits, targets))
         return losses
 
@@ -207,44 +227,81 @@ class SetCriterion(nn.Module):
             self.training and meta is not None and out.dn_logits is not None
             and out.dn_boxes is not None and meta.pad_size > 0
         )
-        dn_indices: MatchIndices = []
-        dn_num_boxes = num_boxes
+
+        # matched sets: the decoder layers (all, or only the last without aux loss), then the proposals;
+        # all matched up front with one device->host copy
+        layers = list(range(num_layers)) if self.cfg.aux_loss else [num_layers - 1]
+        logits = torch.cat([out.logits[layers], out.interm_logits[None]])
+        boxes = torch.cat([out.boxes[layers], out.interm_boxes[None]])
+        indices = self.matcher.match_sets(list(zip(logits, boxes)), targets)
+        final = len(layers) - 1
+        # the final layer first, so that class_error (computed for set 0) is the final layer's
+        order = [final, *range(final), final + 1]
+        matched = self._set_losses(logits[order], boxes[order], targets, [indices[i] for i in order], num_boxes,
+                                   log=True)
+        named = {"final": 0, **{i: k + 1 for k, i in enumerate(layers[:-1])}, "interm": len(order) - 1}
+
         if use_dn:
-            assert meta is not None
-            dn_indices = _dn_indices(targets, meta, device)
-            dn_num_boxes = num_boxes * meta.num_groups
+            assert meta is not None and out.dn_logits is not None and out.dn_boxes is not None
+            dn_indices = _dn_indices(targets, meta, torch.device("cpu"))  # host, like the matcher's
+            dn = self._set_losses(out.dn_logits, out.dn_boxes, targets, [dn_indices] * num_layers,
+                                  num_boxes * meta.num_groups)
+        else:  # official: zeros when no denoising queries (eval, or no target in the batch)
+            dn = {name: torch.zeros(num_layers, device=device) for name in AUX_LOSS_NAMES}
 
-        def dn_losses(layer: int) -> dict[str, Tensor]:
-            if not use_dn:  # official: zeros when no denoising queries (eval, or no target in the batch)
-                zero = torch.zeros([], device=device)
-                return {f"{name}_dn": zero.clone() for name in AUX_LOSS_NAMES}
-            assert out.dn_logits is not None and out.dn_boxes is not None
-            losses = self._set_losses(out.dn_logits[layer], out.dn_boxes[layer], targets, dn_indices, dn_num_boxes)
-            return {f"{k}_dn": v for k, v in losses.items()}
+        def set_losses(key: str | int, dn_layer: int | None) -> dict[str, Tensor]:
+            row = named[key]
+            found = {name: matched[name][row] for name in AUX_LOSS_NAMES}
+            if key == "final":
+                found = {"loss_ce": found["loss_ce"], "class_error": matched["class_error"],
+                         **{k: v for k, v in found.items() if k != "loss_ce"}}
+            if dn_layer is not None:
+                found.update({f"{name}_dn": dn[name][dn_layer] for name in AUX_LOSS_NAMES})
+            return found
 
-        # every prediction set is matched up front: one device->host copy for all of them
-        aux_layers = list(range(num_layers - 1)) if self.cfg.aux_loss else []
-        sets = ([(out.logits[-1], out.boxes[-1])] + [(out.logits[i], out.boxes[i]) for i in aux_layers]
-                + [(out.interm_logits, out.interm_boxes)])
-        final_indices, *aux_indices, interm_indices = self.matcher.match_sets(sets, targets)
-
-        losses = dn_losses(num_layers - 1)
-        losses.update(self._set_losses(out.logits[-1], out.boxes[-1], targets, final_indices, num_boxes, log=True))
-        for i, indices in zip(aux_layers, aux_indices):
-            layer_losses = self._set_losses(out.logits[i], out.boxes[i], targets, indices, num_boxes)
-            layer_losses.update(dn_losses(i))
-            losses.update({f"{k}_{i}": v for k, v in layer_losses.items()})
-
-        interm = self._set_losses(out.interm_logits, out.interm_boxes, targets, interm_indices, num_boxes)
-        losses.update({f"{k}_interm": v for k, v in interm.items()})
+        final_losses = set_losses("final", None)
+        losses = {f"{name}_dn": dn[name][num_layers - 1] for name in AUX_LOSS_NAMES}
+        losses.update(final_losses)
+        for i in layers[:-1]:
+            losses.update({f"{k}_{i}": v for k, v in set_losses(i, i).items()})
+        losses.update({f"{k}_interm": v for k, v in set_losses("interm", None).items()})
         return losses
 
 
-def _src_permutation_idx(indices: MatchIndices, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(batch index, query index), each int64 [total matched], for advanced indexing of [B, N, ...]."""
-    batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
-    src_idx = torch.cat([src for src, _ in indices])
-    return batch_idx.to(device), src_idx.to(device)
+def sigmoid_focal_loss_sets(
+    logits: Tensor, targets: Tensor, num_boxes: float | Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> Tensor:
+    """``sigmoid_focal_loss`` of S sets at once: logits / one-hot targets [S, B, N, C] -> [S]."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+        loss = alpha_t * loss
+    return loss.mean(2).sum((1, 2)) / num_boxes
+
+
+class MatchedPositions(NamedTuple):
+    """Every matched (prediction, target) pair of S sets, each int64 [T_total] on the predictions' device."""
+
+    set: Tensor  # which prediction set
+    image: Tensor  # image of the batch
+    query: Tensor  # query (prediction slot)
+    target: Tensor  # position in the batch's concatenated targets
+
+
+def matched_positions(indices: list[MatchIndices], targets: list[Target], device: torch.device) -> MatchedPositions:
+    """``MatchedPositions`` of the per-set matches ``indices``; built on the host (the matches are CPU
+    tensors) and copied to ``device`` once."""
+    offsets, total = [], 0
+    for t in targets:
+        offsets.append(total)
+        total += len(t["labels"])
+    cols = [torch.stack([torch.full_like(src, s), torch.full_like(src, b), src, tgt + offsets[b]])
+            for s, set_indices in enumerate(indices) for b, (src, tgt) in enumerate(set_indices)]
+    pos = torch.cat(cols, 1) if cols else torch.empty(4, 0, dtype=torch.int64)
+    return MatchedPositions(*pos.to(device))
 
 
 def build_criterion(num_classes: int, loss_cfg: LossConfig, num_decoder_layers: int = 6) -> SetCriterion:

@@ -89,7 +89,14 @@ class HungarianMatcher(nn.Module):
         if sum(sizes) == 0:  # the official code crashes here (view of an empty tensor with -1)
             empty = torch.empty(0, dtype=torch.int64)
             return [[(empty, empty.clone()) for _ in targets] for _ in sets]
-        costs = [self.cost_matrix(logits, boxes, targets) for logits, boxes in sets]
+        if len({(tuple(lg.shape), tuple(bx.shape)) for lg, bx in sets}) == 1:
+            # same shapes (decoder layers, encoder proposals): one cost computation over the stacked sets
+            # (element-wise the same float32 operations, so the same costs as set by set)
+            bs = sets[0][0].shape[0]
+            stacked = self.cost_matrix(torch.cat([lg for lg, _ in sets]), torch.cat([bx for _, bx in sets]), targets)
+            costs = list(stacked.split(bs))
+        else:
+            costs = [self.cost_matrix(logits, boxes, targets) for logits, boxes in sets]
         flat = torch.cat([c.flatten() for c in costs]).cpu()
         if not torch.isfinite(flat).all():  # on the host already: no extra wait for the device
             raise NonFiniteCostError("matching costs are NaN/inf: the predictions are not finite")

@@ -39,14 +39,12 @@ def denoising_attn_mask(num_groups: int, group_size: int, num_queries: int, devi
     """
     pad = 2 * num_groups * group_size
     size = pad + num_queries
-    mask = torch.zeros(size, size, dtype=torch.bool, device=device)
-    mask[pad:, :pad] = True
-    block = 2 * group_size
-    for g in range(num_groups):
-        rows = slice(g * block, (g + 1) * block)
-        mask[rows, : g * block] = True
-        mask[rows, (g + 1) * block: pad] = True
-    return mask
+    idx = torch.arange(size, device=device)
+    if pad == 0:
+        return torch.zeros(size, size, dtype=torch.bool, device=device)
+    # group of every query (-1: matching); a few whole-matrix kernels, not two fills per group
+    group = torch.where(idx < pad, idx // (2 * group_size), -1)
+    return (idx < pad)[None, :] & (group[:, None] != group[None, :])
 
 
 class ContrastiveDenoising(nn.Module):
@@ -78,12 +76,13 @@ class ContrastiveDenoising(nn.Module):
         known_boxes = boxes.repeat(copies, 1)
         known_bid = batch_idx.repeat(copies)
 
-        noised_labels = known_labels.clone()
+        noised_labels = known_labels
         if self.label_noise_ratio > 0:
-            p = torch.rand(noised_labels.shape, device=device)
-            chosen = torch.nonzero(p < self.label_noise_ratio * 0.5).view(-1)
-            new = torch.randint(0, self.num_classes, chosen.shape, device=device)
-            noised_labels.scatter_(0, chosen, new)
+            # each label is replaced by a random class with probability ratio / 2 (the official rule);
+            # drawn for every slot and selected with where(), not nonzero(), which would wait for the GPU
+            p = torch.rand(known_labels.shape, device=device)
+            new = torch.randint(0, self.num_classes, known_labels.shape, device=device)
+            noised_labels = torch.where(p < self.label_noise_ratio * 0.5, new, known_labels)
 
         noised_boxes = known_boxes.clone()
         if self.box_noise_scale > 0 and n_total > 0:
@@ -92,7 +91,7 @@ class ContrastiveDenoising(nn.Module):
             sign = torch.randint(0, 2, known_boxes.shape, device=device).to(dtype) * 2.0 - 1.0
             part = torch.rand(known_boxes.shape, device=device, dtype=dtype)
             negative = (torch.arange(copies, device=device) % 2 == 1).repeat_interleave(n_total)
-            part[negative] += 1.0  # negatives are pushed further away than any positive
+            part = part + negative[:, None].to(dtype)  # negatives pushed further away than any positive
             xyxy = (xyxy + part * sign * half_wh * self.box_noise_scale).clamp(0.0, 1.0)
             noised_boxes = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)
 

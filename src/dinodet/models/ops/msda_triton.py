@@ -25,8 +25,9 @@ the alternatives).  Indexing inside one batch element's ``value`` is int32 (``S*
   make ``grad_value`` non-deterministic in the last bits (order of additions), like ``grid_sample``'s own
   CUDA backward.
 
-The kernels are wrapped as ``torch.library.triton_op`` custom ops (``dinodet::msda_triton_forward`` /
-``dinodet::msda_triton_backward``, visible to ``torch.compile``) under a ``torch.autograd.Function``.
+The kernels are wrapped as opaque ``torch.library.custom_op`` ops (``dinodet::msda_triton_forward`` /
+``dinodet::msda_triton_backward``, with fake implementations, so ``torch.compile`` traces through them
+without a graph break) under a ``torch.autograd.Function``.
 The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is
 imported) on CPU tensors, which is how the CPU test suite checks them without a GPU.
 """
@@ -202,7 +203,7 @@ def _check_block_q(block_q: int) -> None:
 
 
 def _forward_impl(value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, attn: Tensor,
-                  block_q: int, num_warps: int, launch) -> Tensor:
+                  block_q: int, num_warps: int) -> Tensor:
     b, s, m, d = value.shape
     _, lq, _, n_levels, n_points = attn.shape
     _check_block_q(block_q)
@@ -210,7 +211,7 @@ def _forward_impl(value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, at
     if out.numel() == 0:
         return out
     grid = (triton.cdiv(lq, block_q) * m, b)
-    launch(_msda_fwd_kernel)[grid](
+    _msda_fwd_kernel[grid](
         value, shapes, starts, loc, attn, out, s, lq,
         M=m, D=d, L=n_levels, P=n_points, BLOCK_Q=block_q, BLOCK_D=triton.next_power_of_2(d),
         FP64=value.dtype == torch.float64, num_warps=num_warps,
@@ -219,7 +220,7 @@ def _forward_impl(value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, at
 
 
 def _backward_impl(grad_out: Tensor, value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, attn: Tensor,
-                   grad_value_needed: bool, block_q: int, num_warps: int, launch) -> tuple[Tensor, Tensor, Tensor]:
+                   grad_value_needed: bool, block_q: int, num_warps: int) -> tuple[Tensor, Tensor, Tensor]:
     b, s, m, d = value.shape
     _, lq, _, n_levels, n_points = attn.shape
     _check_block_q(block_q)
@@ -230,7 +231,7 @@ def _backward_impl(grad_out: Tensor, value: Tensor, shapes: Tensor, starts: Tens
     grad_attn = torch.empty_like(attn)
     if grad_attn.numel():
         grid = (triton.cdiv(lq, block_q) * m, b)
-        launch(_msda_bwd_kernel)[grid](
+        _msda_bwd_kernel[grid](
             value, shapes, starts, loc, attn, grad_out, grad_value, grad_loc, grad_attn, s, lq,
             M=m, D=d, L=n_levels, P=n_points, BLOCK_Q=block_q, BLOCK_D=triton.next_power_of_2(d),
             FP64=fp64, GRAD_VALUE=grad_value_needed, num_warps=num_warps,
@@ -238,31 +239,32 @@ def _backward_impl(grad_out: Tensor, value: Tensor, shapes: Tensor, starts: Tens
     return grad_value.to(value.dtype), grad_loc, grad_attn
 
 
-def _direct(kernel):
-    return kernel
+# Opaque custom ops: torch.compile (and CUDA graph capture) call them as they are.  ``triton_op`` would
+# let Inductor look into the kernels, but its mutation analysis of them (torch 2.11) reported the
+# sampling locations as mutated, which breaks compiled training (a leaf that requires grad cannot be
+# written); there is nothing for Inductor to fuse into a gather kernel anyway.
+@torch.library.custom_op("dinodet::msda_triton_forward", mutates_args=())
+def _forward_op(value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, attn: Tensor,
+                block_q: int, num_warps: int) -> Tensor:
+    return _forward_impl(value, shapes, starts, loc, attn, block_q, num_warps)
 
 
-try:  # custom ops visible to torch.compile (torch >= 2.6)
-    from torch.library import triton_op, wrap_triton
+@_forward_op.register_fake
+def _forward_fake(value, shapes, starts, loc, attn, block_q, num_warps):
+    b, _, m, d = value.shape
+    return value.new_empty((b, attn.shape[1], m * d))
 
-    @triton_op("dinodet::msda_triton_forward", mutates_args=())
-    def _forward_op(value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, attn: Tensor,
-                    block_q: int, num_warps: int) -> Tensor:
-        return _forward_impl(value, shapes, starts, loc, attn, block_q, num_warps, wrap_triton)
 
-    @triton_op("dinodet::msda_triton_backward", mutates_args=())
-    def _backward_op(grad_out: Tensor, value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, attn: Tensor,
-                     grad_value_needed: bool, block_q: int, num_warps: int) -> tuple[Tensor, Tensor, Tensor]:
-        return _backward_impl(grad_out, value, shapes, starts, loc, attn, grad_value_needed, block_q, num_warps,
-                              wrap_triton)
+@torch.library.custom_op("dinodet::msda_triton_backward", mutates_args=())
+def _backward_op(grad_out: Tensor, value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, attn: Tensor,
+                 grad_value_needed: bool, block_q: int, num_warps: int) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward_impl(grad_out, value, shapes, starts, loc, attn, grad_value_needed, block_q, num_warps)
 
-except Exception:  # noqa: BLE001 - older torch, or the interpreter's kernels cannot be wrapped: launch directly
-    def _forward_op(value, shapes, starts, loc, attn, block_q, num_warps):
-        return _forward_impl(value, shapes, starts, loc, attn, block_q, num_warps, _direct)
 
-    def _backward_op(grad_out, value, shapes, starts, loc, attn, grad_value_needed, block_q, num_warps):
-        return _backward_impl(grad_out, value, shapes, starts, loc, attn, grad_value_needed, block_q, num_warps,
-                              _direct)
+@_backward_op.register_fake
+def _backward_fake(grad_out, value, shapes, starts, loc, attn, grad_value_needed, block_q, num_warps):
+    return (value.new_empty(value.shape if grad_value_needed else (0,)), torch.empty_like(loc),
+            torch.empty_like(attn))
 
 
 _LEVEL_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}

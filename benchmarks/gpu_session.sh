@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# All GPU checks and benchmarks of one (short) device session, in priority order, each under its own
+# time limit, so that a stage that breaks or hangs costs only its own limit.  Run from the repository
+# root on a CUDA machine whose python3 has torch + triton (the package itself is used from src/):
+#
+#     OUT=/tmp/gpu bash benchmarks/gpu_session.sh                 # every stage
+#     STAGES="kernel infer" OUT=/tmp/gpu bash benchmarks/gpu_session.sh
+#
+# Stages: env tests kernel infer train compile profile.  Results (JSON per stage) and the whole log
+# land in $OUT; the tables are printed again at the end.
+set -u
+OUT=${OUT:-/tmp/dinodet_gpu}
+STAGES=${STAGES:-"env tests kernel infer train compile profile"}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+LOG="$OUT/session.log"
+
+stage() {  # stage LIMIT_S CMD...: run CMD under a time limit; all output to the log, its end to stdout
+    local limit=$1 rc part="$OUT/.stage"; shift
+    echo "=== [$(date +%T)] $* (limit ${limit}s)" | tee -a "$LOG"
+    timeout "$limit" "$@" >"$part" 2>&1
+    rc=$?
+    cat "$part" >>"$LOG"
+    grep -v -E "^\s*$|Warning|warn\(" "$part" | tail -n "${TAIL:-14}"
+    rm -f "$part"
+    echo "=== [$(date +%T)] rc=$rc" | tee -a "$LOG"
+}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if want env; then
+    stage 30 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv
+    stage 60 "$PY" -c "import torch, triton, torchvision; print('torch', torch.__version__, 'triton', triton.__version__, 'tv', torchvision.__version__, torch.cuda.get_device_name())"
+fi
+if want tests; then
+    stage 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_msda_triton.py -k "cuda"
+fi
+if want kernel; then
+    stage 90 "$PY" benchmarks/msda_kernel.py --json "$OUT/msda_fp32.json"
+    stage 90 "$PY" benchmarks/msda_kernel.py --dtype bf16 --json "$OUT/msda_bf16.json"
+fi
+if want infer; then
+    stage 150 "$PY" -m dinodet bench --device cuda --task infer --modes reference,exact,channels_last,bf16,fp16 \
+        --warmup 5 --iters 20 --json "$OUT/bench_infer.json"
+fi
+if want train; then
+    stage 180 "$PY" -m dinodet bench --device cuda --task train --batch 2 --warmup 3 --iters 10 \
+        --json "$OUT/bench_train.json"
+fi
+if want compile; then
+    stage ${COMPILE_LIMIT:-300} "$PY" -m dinodet bench --device cuda --task infer --modes reference,compile_bf16,compile \
+        --warmup 5 --iters 20 --json "$OUT/bench_compile.json"
+fi
+if want profile; then
+    stage 90 "$PY" benchmarks/profile_modes.py --device cuda --task infer --mode ${PROFILE_INFER_MODE:-bf16} --json "$OUT/profile_infer.json"
+    stage 120 "$PY" benchmarks/profile_modes.py --device cuda --task train --mode bf16 --json "$OUT/profile_train.json"
+fi
+echo "=== done; full log: $LOG"
