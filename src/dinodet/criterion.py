@@ -150,20 +150,21 @@ class SetCriterion(nn.Module):
     # reductions over the same elements).
 
     def loss_labels(
-        self, logits: Tensor, labels: Tensor, pos: MatchedPositions, num_boxes: float | Tensor, log: bool
+        self, logits: Tensor, labels: Tensor, pos: MatchedPositions, num_boxes: float | Tensor,
+        log_set: int | None = None,
     ) -> dict[str, Tensor]:
         """Focal loss over all B x N x C logits of each set (unmatched queries are all-zero targets);
-        ``log`` adds ``class_error`` of the FIRST set.  logits [S, B, N, C], labels [T] (the batch's
+        ``log_set`` adds the logged ``class_error`` of that set.  logits [S, B, N, C], labels [T] (the batch's
         targets concatenated) -> {name: [S]} (class_error: 0-dim)."""
         matched_labels = labels[pos.target]
         onehot = torch.zeros_like(logits)
         onehot[pos.set, pos.image, pos.query, matched_labels] = 1
         losses = {"loss_ce": sigmoid_focal_loss_sets(logits, onehot, num_boxes, self.cfg.focal_alpha,
                                                      self.cfg.focal_gamma) * logits.shape[2]}
-        if log:
-            first = pos.set == 0
-            losses["class_error"] = 100 - _top1_accuracy(logits[0][pos.image[first], pos.query[first]],
-                                                         matched_labels[first])
+        if log_set is not None:
+            sel = pos.set == log_set
+            losses["class_error"] = 100 - _top1_accuracy(logits[log_set][pos.image[sel], pos.query[sel]],
+                                                         matched_labels[sel])
         return losses
 
     def loss_boxes(
@@ -200,11 +201,12 @@ class SetCriterion(nn.Module):
         targets: list[Target],
         indices: list[MatchIndices],
         num_boxes: float | Tensor,
-        log: bool = False,
+        log_set: int | None = None,
     ) -> dict[str, Tensor]:
-        """All losses of S prediction sets, in the official key order: {name: [S]} (class_error: 0-dim)."""
+        """All losses of S prediction sets, in the official key order: {name: [S]} (class_error of
+        set ``log_set``: 0-dim)."""
         pos = matched_positions(indices, targets, logits.device)
-        losses = self.loss_labels(logits, torch.cat([t["labels"] for t in targets]), pos, num_boxes, log)
+        losses = self.loss_labels(logits, torch.cat([t["labels"] for t in targets]), pos, num_boxes, log_set)
         losses.update(self.loss_boxes(boxes, torch.cat([t["boxes"] for t in targets]), pos, num_boxes))
         losses.update(self.loss_cardinality(logits, targets))
         return losses
@@ -229,17 +231,13 @@ class SetCriterion(nn.Module):
         )
 
         # matched sets: the decoder layers (all, or only the last without aux loss), then the proposals;
-        # all matched up front with one device->host copy
+        # all matched up front with one device->host copy.  Row k of every loss vector is set k.
         layers = list(range(num_layers)) if self.cfg.aux_loss else [num_layers - 1]
         logits = torch.cat([out.logits[layers], out.interm_logits[None]])
         boxes = torch.cat([out.boxes[layers], out.interm_boxes[None]])
         indices = self.matcher.match_sets(list(zip(logits, boxes)), targets)
-        final = len(layers) - 1
-        # the final layer first, so that class_error (computed for set 0) is the final layer's
-        order = [final, *range(final), final + 1]
-        matched = self._set_losses(logits[order], boxes[order], targets, [indices[i] for i in order], num_boxes,
-                                   log=True)
-        named = {"final": 0, **{i: k + 1 for k, i in enumerate(layers[:-1])}, "interm": len(order) - 1}
+        final_row, interm_row = len(layers) - 1, len(layers)
+        matched = self._set_losses(logits, boxes, targets, indices, num_boxes, log_set=final_row)
 
         if use_dn:
             assert meta is not None and out.dn_logits is not None and out.dn_boxes is not None
@@ -249,22 +247,19 @@ class SetCriterion(nn.Module):
         else:  # official: zeros when no denoising queries (eval, or no target in the batch)
             dn = {name: torch.zeros(num_layers, device=device) for name in AUX_LOSS_NAMES}
 
-        def set_losses(key: str | int, dn_layer: int | None) -> dict[str, Tensor]:
-            row = named[key]
-            found = {name: matched[name][row] for name in AUX_LOSS_NAMES}
-            if key == "final":
-                found = {"loss_ce": found["loss_ce"], "class_error": matched["class_error"],
-                         **{k: v for k, v in found.items() if k != "loss_ce"}}
+        def row(k: int, dn_layer: int | None = None) -> dict[str, Tensor]:
+            found = {name: matched[name][k] for name in AUX_LOSS_NAMES}
+            if k == final_row:  # official order: class_error right after loss_ce
+                found = {"loss_ce": found.pop("loss_ce"), "class_error": matched["class_error"], **found}
             if dn_layer is not None:
                 found.update({f"{name}_dn": dn[name][dn_layer] for name in AUX_LOSS_NAMES})
             return found
 
-        final_losses = set_losses("final", None)
         losses = {f"{name}_dn": dn[name][num_layers - 1] for name in AUX_LOSS_NAMES}
-        losses.update(final_losses)
-        for i in layers[:-1]:
-            losses.update({f"{k}_{i}": v for k, v in set_losses(i, i).items()})
-        losses.update({f"{k}_interm": v for k, v in set_losses("interm", None).items()})
+        losses.update(row(final_row))
+        for k, i in enumerate(layers[:-1]):
+            losses.update({f"{name}_{i}": v for name, v in row(k, dn_layer=i).items()})
+        losses.update({f"{name}_interm": v for name, v in row(interm_row).items()})
         return losses
 
 
