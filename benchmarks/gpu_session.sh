@@ -6,8 +6,11 @@
 #     OUT=/tmp/gpu bash benchmarks/gpu_session.sh                 # every stage
 #     STAGES="kernel infer" OUT=/tmp/gpu bash benchmarks/gpu_session.sh
 #
-# Stages: env tests kernel infer train compile profile.  Results (JSON per stage) and the whole log
-# land in $OUT; the tables are printed again at the end.
+# Stages: env tests kernel infer train compile profile agree.  Results (JSON per stage) and the whole
+# log land in $OUT.  "agree" (not in the default list) evaluates every CUDA mode against exact on a
+# trained checkpoint: AGREE_CKPT=runs/demo/checkpoint_best.pt AGREE_DATA=runs/demo/data (carry both;
+# it needs pycocotools, which the device image lacks: carry its wheel as the device README says and
+# put it on PYTHONPATH before calling this script).
 set -u
 OUT=${OUT:-/tmp/dinodet_gpu}
 STAGES=${STAGES:-"env tests kernel infer train compile profile"}
@@ -54,5 +57,9 @@ fi
 if want profile; then
     stage 90 "$PY" benchmarks/profile_modes.py --device cuda --task infer --mode ${PROFILE_INFER_MODE:-bf16} --json "$OUT/profile_infer.json"
     stage 120 "$PY" benchmarks/profile_modes.py --device cuda --task train --mode bf16 --json "$OUT/profile_train.json"
+fi
+if want agree; then
+    stage ${AGREE_LIMIT:-300} "$PY" benchmarks/mode_agreement.py --device cuda --checkpoint "$AGREE_CKPT" \
+        --data "$AGREE_DATA" --modes exact,bf16,fp16,compile_bf16,compile --json "$OUT/mode_agreement_cuda.json"
 fi
 echo "=== done; full log: $LOG"
