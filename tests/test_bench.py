@@ -31,6 +31,27 @@ def test_bench_cli_writes_records_for_both_tasks(tmp_path, capsys, one_thread):
     assert "channels_last" in table and "speed-up" in table
 
 
+def test_a_failing_fast_mode_is_reported_and_skipped(monkeypatch, capsys, one_thread):
+    import dinodet.bench as bench
+
+    real = bench._infer_one
+
+    def flaky(model, name, *args):
+        if name == "exact":
+            raise RuntimeError("triton: no kernel for this GPU\nlong traceback ...")
+        return real(model, name, *args)
+
+    monkeypatch.setattr(bench, "_infer_one", flaky)
+    records = run_bench("tiny", "cpu", (48, 48), task="infer", modes=["exact", "channels_last"], warmup=0, iters=1)
+    assert [r.mode for r in records] == ["reference", "channels_last"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dinodet bench: infer mode 'exact' failed and is left out: RuntimeError: triton: no kernel "
+                   "for this GPU"]
+    monkeypatch.setattr(bench, "_infer_one", lambda *a: (_ for _ in ()).throw(RuntimeError("baseline broke")))
+    with pytest.raises(RuntimeError, match="baseline broke"):  # without a baseline there is no table
+        run_bench("tiny", "cpu", (48, 48), task="infer", modes=["exact"], warmup=0, iters=1)
+
+
 def test_training_batch_is_at_least_two(one_thread):
     (record,) = [r for r in run_bench("tiny", "cpu", (48, 48), batch=1, task="train", modes=["reference"],
                                       warmup=0, iters=1)]
