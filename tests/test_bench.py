@@ -32,7 +32,7 @@ def test_bench_cli_writes_records_for_both_tasks(tmp_path, capsys, one_thread):
 
 
 def test_a_failing_fast_mode_is_reported_and_skipped(monkeypatch, capsys, one_thread):
-    import dinodet.bench as bench
+    from dinodet import bench
 
     real = bench._infer_one
 
