@@ -259,7 +259,7 @@ class SetCriterion(nn.Module):
         layers = list(range(num_layers)) if self.cfg.aux_loss else [num_layers - 1]
         logits = torch.cat([out.logits[layers], out.interm_logits[None]])
         boxes = torch.cat([out.boxes[layers], out.interm_boxes[None]])
-        indices = self.matcher.match_sets(list(zip(logits, boxes)), targets)
+        indices = self.matcher.match_stacked(logits, boxes, targets)
         final_row, interm_row = len(layers) - 1, len(layers)
         matched = self._set_losses(logits, boxes, targets, indices, num_boxes, log_set=final_row)
 

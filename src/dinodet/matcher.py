@@ -78,26 +78,43 @@ class HungarianMatcher(nn.Module):
         Returns per image (query_idx int64 [k], target_idx int64 [k]) on the CPU, k = min(Q, n_i),
         sorted by query index (scipy's order).
         """
-        return self.match_sets([(logits, boxes)], targets)[0]
+        return self.match_stacked(logits[None], boxes[None], targets)[0]
 
     @torch.no_grad()
     def match_sets(self, sets: Sequence[tuple[Tensor, Tensor]], targets: list[Target]) -> list[MatchIndices]:
         """``forward`` for several prediction sets against the same targets (e.g. every decoder
         layer and the encoder proposals) with a single device->host copy: the assignment itself
         runs on the CPU, and each copy is a wait for the device."""
-        sizes = [len(t["boxes"]) for t in targets]
-        if sum(sizes) == 0:  # the official code crashes here (view of an empty tensor with -1)
-            empty = torch.empty(0, dtype=torch.int64)
-            return [[(empty, empty.clone()) for _ in targets] for _ in sets]
         if len({(tuple(lg.shape), tuple(bx.shape)) for lg, bx in sets}) == 1:
-            # same shapes (decoder layers, encoder proposals): one cost computation over the stacked sets
-            # (element-wise the same float32 operations, so the same costs as set by set)
-            bs = sets[0][0].shape[0]
-            stacked = self.cost_matrix(torch.cat([lg for lg, _ in sets]), torch.cat([bx for _, bx in sets]), targets)
-            costs = list(stacked.split(bs))
-        else:
-            costs = [self.cost_matrix(logits, boxes, targets) for logits, boxes in sets]
-        flat = torch.cat([c.flatten() for c in costs]).cpu()
+            return self.match_stacked(torch.stack([lg for lg, _ in sets]), torch.stack([bx for _, bx in sets]), targets)
+        if not any(len(t["boxes"]) for t in targets):
+            return self._unmatched(len(sets), targets)
+        costs = [self.cost_matrix(logits, boxes, targets) for logits, boxes in sets]
+        return self._assign(costs, torch.cat([c.flatten() for c in costs]), targets)
+
+    @torch.no_grad()
+    def match_stacked(self, logits: Tensor, boxes: Tensor, targets: list[Target]) -> list[MatchIndices]:
+        """``match_sets`` for S sets of one shape, already stacked: logits [S, B, Q, C], boxes [S, B, Q, 4].
+        One cost computation over all of them (element-wise the same float32 operations, so the same
+        costs as set by set) and one device->host copy."""
+        num_sets = logits.shape[0]
+        if not any(len(t["boxes"]) for t in targets):
+            return self._unmatched(num_sets, targets)
+        cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), targets)  # [S*B, Q, T]
+        return self._assign(list(cost.view(num_sets, -1, *cost.shape[1:])), cost.flatten(), targets)
+
+    @staticmethod
+    def _unmatched(num_sets: int, targets: list[Target]) -> list[MatchIndices]:
+        # no target in the batch: the official code crashes here (view of an empty tensor with -1)
+        empty = torch.empty(0, dtype=torch.int64)
+        return [[(empty, empty.clone()) for _ in targets] for _ in range(num_sets)]
+
+    @staticmethod
+    def _assign(costs: list[Tensor], flat: Tensor, targets: list[Target]) -> list[MatchIndices]:
+        """Hungarian assignment per set and image; ``costs`` [B, Q, T] per set, ``flat`` all of them
+        flattened in order (copied to the host once)."""
+        sizes = [len(t["boxes"]) for t in targets]
+        flat = flat.cpu()
         if not torch.isfinite(flat).all():  # on the host already: no extra wait for the device
             raise NonFiniteCostError("matching costs are NaN/inf: the predictions are not finite")
         out = []

@@ -39,9 +39,9 @@ def denoising_attn_mask(num_groups: int, group_size: int, num_queries: int, devi
     """
     pad = 2 * num_groups * group_size
     size = pad + num_queries
-    idx = torch.arange(size, device=device)
     if pad == 0:
         return torch.zeros(size, size, dtype=torch.bool, device=device)
+    idx = torch.arange(size, device=device)
     # group of every query (-1: matching); a few whole-matrix kernels, not two fills per group
     group = torch.where(idx < pad, idx // (2 * group_size), -1)
     return (idx < pad)[None, :] & (group[:, None] != group[None, :])

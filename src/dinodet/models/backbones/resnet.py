@@ -17,9 +17,6 @@ _CHANNELS = {
     "resnet101": (256, 512, 1024, 2048),
 }
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
-# frozen_bn: official (ImageNet statistics kept fixed).  A randomly initialised network needs real
-# normalisation to train: gn (GroupNorm, 32 groups) does not depend on the batch, so results stay
-# independent of batch size and of the number of DDP processes; bn is plain BatchNorm.
 
 
 class FrozenBatchNorm2d(_TorchvisionFrozenBN):
@@ -55,6 +52,9 @@ class FrozenBatchNorm2d(_TorchvisionFrozenBN):
         return x * scale + shift
 
 
+# frozen_bn: official (ImageNet statistics kept fixed).  A randomly initialised network needs real
+# normalisation to train: gn (GroupNorm, 32 groups) does not depend on the batch, so results stay
+# independent of batch size and of the number of DDP processes; bn is plain BatchNorm.
 NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": partial(nn.GroupNorm, 32)}
 
 
