@@ -8,9 +8,10 @@
 #
 # Stages: env tests kernel infer train compile profile agree.  Results (JSON per stage) and the whole
 # log land in $OUT.  "agree" (not in the default list) evaluates every CUDA mode against exact on a
-# trained checkpoint: AGREE_CKPT=runs/demo/checkpoint_best.pt AGREE_DATA=runs/demo/data (carry both;
-# it needs pycocotools, which the device image lacks: carry its wheel as the device README says and
-# put it on PYTHONPATH before calling this script).
+# trained demo checkpoint: AGREE_CKPT / AGREE_DATA (default runs/agree/checkpoint_best.pt and
+# runs/agree/data: copy a CPU demo run's checkpoint_best.pt and data/ there and carry runs/agree,
+# ~50 MB); without them it first trains the demo on the GPU.  Wheels found in .whl/ (the device image
+# lacks pycocotools; see the device README for downloading a cp312 wheel) are installed to /tmp/site.
 set -u
 OUT=${OUT:-/tmp/dinodet_gpu}
 STAGES=${STAGES:-"env tests kernel infer train compile profile"}
@@ -18,6 +19,10 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 LOG="$OUT/session.log"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 
 stage() {  # stage LIMIT_S CMD...: run CMD under a time limit; all output to the log, its end to stdout
     local limit=$1 rc part="$OUT/.stage"; shift
@@ -59,7 +64,15 @@ if want profile; then
     stage 120 "$PY" benchmarks/profile_modes.py --device cuda --task train --mode bf16 --json "$OUT/profile_train.json"
 fi
 if want agree; then
-    stage ${AGREE_LIMIT:-300} "$PY" benchmarks/mode_agreement.py --device cuda --checkpoint "$AGREE_CKPT" \
-        --data "$AGREE_DATA" --modes exact,bf16,fp16,compile_bf16,compile --json "$OUT/mode_agreement_cuda.json"
+    AGREE_CKPT=${AGREE_CKPT:-runs/agree/checkpoint_best.pt}
+    AGREE_DATA=${AGREE_DATA:-runs/agree/data}
+    if [[ ! -f "$AGREE_CKPT" ]]; then  # no carried model: train the demo here (same recipe as on CPU)
+        rm -rf /tmp/dinodet_demo
+        stage ${DEMO_LIMIT:-400} "$PY" -m dinodet demo --device "${AGREE_DEVICE:-cuda}" --out /tmp/dinodet_demo --no-progress ${DEMO_ARGS:-}
+        cp /tmp/dinodet_demo/metrics.json "$OUT/demo_metrics_${AGREE_DEVICE:-cuda}.json" 2>/dev/null
+        AGREE_CKPT=/tmp/dinodet_demo/checkpoint_best.pt AGREE_DATA=/tmp/dinodet_demo/data
+    fi
+    stage ${AGREE_LIMIT:-300} "$PY" benchmarks/mode_agreement.py --device "${AGREE_DEVICE:-cuda}" --checkpoint "$AGREE_CKPT" \
+        --data "$AGREE_DATA" --modes ${AGREE_MODES:-exact,bf16,fp16,compile_bf16,compile} --json "$OUT/mode_agreement_${AGREE_DEVICE:-cuda}.json"
 fi
 echo "=== done; full log: $LOG"

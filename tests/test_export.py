@@ -3,8 +3,8 @@
 An export traces the whole model symbolically (about a minute for the tiny preset with dynamic
 shapes on a 2-core CPU), so the tests share three exports: the tiny checkpoint through the CLI with
 dynamic shapes and the grid_sample MSDA, the same weights through the Python API with a fixed 2x128x160
-input, the gather MSDA and the post-processing in the graph, and dino_r50_4scale (random weights,
-fixed small input; slow mark).
+input, the gather MSDA and the post-processing in the graph, and dino_r50_4scale plus the other
+backbone families (Swin with 5 levels, ConvNeXt) with random weights and a fixed small input (slow mark).
 """
 from __future__ import annotations
 
@@ -20,12 +20,14 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from dinodet.cli import main
-from dinodet.config import ConfigError
+from dinodet.config import ConfigError, DINOConfig
 from dinodet.data.coco_classes import COCO_CLASSES
 from dinodet.export import MAX_OPSET, MIN_OPSET, ExportError, to_onnx
 from dinodet.inference import Detector, preprocess_batch
+from dinodet.models.dino import DINO
 from dinodet.onnx_runtime import OnnxDetector
 from dinodet.postprocess import postprocess
+from dinodet.presets import get_preset
 
 FIXED_HW = (128, 160)
 
@@ -266,6 +268,38 @@ def test_r50_4scale_export_matches_pytorch(tmp_path: Path, one_thread):
     images = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(1, 96, 128, dtype=torch.bool)
     mask[:, :, 120:] = True  # some padding
+    images = images.masked_fill(mask[:, None], 0.0)
+    logits, boxes = session(out).run(None, {"images": images.numpy(), "mask": mask.numpy()})
+    ref_logits, ref_boxes = torch_outputs(detector, images, mask)
+    torch.testing.assert_close(torch.from_numpy(logits), ref_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(boxes), ref_boxes, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------- other backbones and 5 feature levels
+
+
+def _swin_t_5scale() -> DINOConfig:
+    """The dino_swinl_5scale layout on the small Swin-T body (same code path: windowed attention,
+    patch merging, a stride-4 level and the extra 5th level), so the test stays quick."""
+    cfg = get_preset("dino_swinl_5scale")
+    cfg.model.backbone.name = "swin_t"
+    cfg.model.backbone.window_size = 7
+    cfg.model.backbone.use_checkpoint = False
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make_config", [_swin_t_5scale, lambda: get_preset("dino_convnext_t_4scale")],
+                         ids=["swin_t_5scale", "convnext_t_4scale"])
+def test_other_backbones_export_matches_pytorch(make_config, tmp_path: Path, one_thread):
+    config = make_config()
+    torch.manual_seed(0)
+    detector = Detector(DINO(config.model).eval(), config)
+    out = tmp_path / "model.onnx"
+    to_onnx(detector, out, msda="grid_sample", batch_size=1, input_size=(128, 160))
+    images = torch.randn(1, 3, 128, 160, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(1, 128, 160, dtype=torch.bool)
+    mask[:, 100:, :] = True  # padding at the bottom
     images = images.masked_fill(mask[:, None], 0.0)
     logits, boxes = session(out).run(None, {"images": images.numpy(), "mask": mask.numpy()})
     ref_logits, ref_boxes = torch_outputs(detector, images, mask)
