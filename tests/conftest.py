@@ -6,7 +6,10 @@ the resize rule itself is tested at 800/1333 in test_transforms.py.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,3 +82,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Ops that make the host wait for the device: reading a value (.item(), `if tensor`, float(tensor)),
+# data-dependent shapes (nonzero, masked_select, indexing with a boolean mask: counted as
+# "boolean_index", since on CPU aten.index does that nonzero internally).  Integer indexing is fine.
+HOST_SYNC_OPS = frozenset({"_local_scalar_dense", "item", "nonzero", "masked_select", "boolean_index"})
+
+
+@contextlib.contextmanager
+def dispatched_ops() -> Iterator[Counter]:
+    """Counts the aten ops (overload names stripped) dispatched inside the block; on CPU it shows
+    which ops would wait for the device on a GPU."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: Counter = Counter()
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            counts[name] += 1
+            if name.startswith("index") and len(args) > 1 and isinstance(args[1], (list, tuple)) and any(
+                    getattr(i, "dtype", None) == torch.bool for i in args[1]):
+                counts["boolean_index"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        yield counts

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import HOST_SYNC_OPS, dispatched_ops
 
 from dinodet.config import LossConfig
 from dinodet.criterion import SetCriterion, _dn_indices, build_criterion
@@ -301,3 +302,18 @@ def test_matching_losses_reproduce_official_train_losses(path):
             assert abs(losses[name].item() - ref.item()) <= tol[name], name
     # the weighted sum is one stacked reduction (another float32 summation order than the official loop)
     torch.testing.assert_close(crit.total_loss(train["losses"]), train["loss_total"], rtol=1e-6, atol=0)
+
+
+def test_loss_and_backward_copy_to_the_host_once():
+    """The only host round trip of a training loss is the matcher's: one copy of all cost matrices,
+    whose finiteness is then checked on the host (the single value read below); the losses of all
+    sets and their backward read nothing back."""
+    crit = build_criterion(C, LossConfig())
+    targets = make_targets()
+    out = make_output(targets, grad=True)
+    with dispatched_ops() as ops:
+        losses = crit(out, targets)
+        crit.total_loss(losses).backward()
+    assert out.logits.grad is not None
+    syncs = {k: n for k, n in ops.items() if k in HOST_SYNC_OPS}
+    assert syncs == {"_local_scalar_dense": 1}, syncs

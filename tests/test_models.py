@@ -1,6 +1,7 @@
 """Model-level behaviour on the tiny preset: shapes, masks, denoising layout, hooks."""
 import pytest
 import torch
+from conftest import HOST_SYNC_OPS, dispatched_ops
 
 from dinodet.data.transforms import pad_batch
 from dinodet.models.denoising import denoising_attn_mask, num_denoising_groups
@@ -104,26 +105,15 @@ def test_denoising_noise_statistics_without_host_syncs():
     """Label noise flips ~ratio/2 of the labels, positives stay within box_noise_scale * half size of
     their box and negatives beyond it; and no op that waits for the device (nonzero, .item(), boolean
     indexing) is dispatched while building the queries."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from dinodet.models.denoising import ContrastiveDenoising
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(func.__name__.split(".")[0])
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
     dn = ContrastiveDenoising(num_classes=91, labelbook_size=91, hidden_dim=8, dn_number=100)
     n = 50
     targets = [{"labels": torch.full((n,), 3), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.4]]).repeat(n, 1)}]
-    with Ops() as ops:
+    with dispatched_ops() as ops:
         q = dn(targets, num_queries=10)
-    assert not ops.names & {"nonzero", "_local_scalar_dense", "masked_select", "item"}, ops.names
+    assert not HOST_SYNC_OPS & set(ops), ops
     groups, size = q.meta.num_groups, q.meta.group_size
     assert (groups, size) == (2, n)
     kept = (q.content[0] == dn.label_embed.weight[3]).all(-1)  # [P] label still 3
@@ -171,6 +161,30 @@ def test_training_forward_with_denoising_and_zero_noise(tiny):
     torch.testing.assert_close(start[0, :3], targets[0]["boxes"], atol=1e-6, rtol=0)
     torch.testing.assert_close(start[1, 0], targets[1]["boxes"][0], atol=1e-6, rtol=0)
     assert torch.equal(start[1, 1:3], torch.full((2, 4), 0.5))  # unused padding slots sit at sigmoid(0)
+
+
+def test_forward_passes_never_wait_for_the_device(tiny):
+    """Inference (model + post-processing) and the training forward (with denoising) dispatch no op
+    that reads a value back or has a data-dependent shape, and build no tensor from host data once
+    the per-size constants are cached ("lift_fresh": on a GPU a blocking host-to-device copy), so on
+    a GPU the host queues a whole forward without waiting.  Padding makes the masks non-trivial."""
+    from dinodet.postprocess import postprocess
+
+    cfg, model = tiny
+    images, mask = _batch([(96, 128), (80, 64)])
+    orig_sizes = torch.tensor([[96, 128], [80, 64]])
+    with torch.no_grad():
+        model(images, mask)  # caches this image size's constants
+        with dispatched_ops() as ops:
+            out = model(images, mask)
+            postprocess(out.logits[-1], out.boxes[-1], orig_sizes, num_select=50)
+    assert ops["topk"] and not (HOST_SYNC_OPS | {"lift_fresh"}) & set(ops), ops
+    targets = [{"labels": torch.tensor([1, 5]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.1]])},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.5, 0.5, 0.5]])}]
+    train_model = DINO(cfg.model).train()
+    with dispatched_ops() as ops:
+        out = train_model(images, mask, targets)
+    assert out.dn_logits is not None and not (HOST_SYNC_OPS | {"lift_fresh"}) & set(ops), ops
 
 
 def test_enc_topk_override_is_used(tiny):

@@ -80,25 +80,35 @@ def _dn_indices(targets: list[Target], meta: DenoisingMeta, device: torch.device
 
 
 class MatchedPositions(NamedTuple):
-    """Every matched (prediction, target) pair of S sets, each int64 [T_total] on the predictions' device."""
+    """Every matched (prediction, target) pair of S sets, ordered by set: int64 [T_total] tensors on the
+    predictions' device, plus what the losses need besides (built on the host, copied in one go)."""
 
     set: Tensor  # which prediction set
     image: Tensor  # image of the batch
     query: Tensor  # query (prediction slot)
     target: Tensor  # position in the batch's concatenated targets
+    num_targets: Tensor  # [B] target count per image
+    set_bounds: tuple[int, ...]  # host ints: set s holds positions set_bounds[s]:set_bounds[s + 1]
 
 
 def matched_positions(indices: list[MatchIndices], targets: list[Target], device: torch.device) -> MatchedPositions:
-    """``MatchedPositions`` of the per-set matches ``indices``; built on the host (the matches are CPU
-    tensors) and copied to ``device`` once."""
-    offsets, total = [], 0
-    for t in targets:
-        offsets.append(total)
-        total += len(t["labels"])
-    cols = [torch.stack([torch.full_like(src, s), torch.full_like(src, b), src, tgt + offsets[b]])
-            for s, set_indices in enumerate(indices) for b, (src, tgt) in enumerate(set_indices)]
+    """``MatchedPositions`` of the per-set matches ``indices`` (CPU tensors): assembled on the host and
+    sent to ``device`` as one non-blocking copy, so the host never waits for the GPU here."""
+    counts = [len(t["labels"]) for t in targets]
+    offsets = [sum(counts[:b]) for b in range(len(counts))]
+    cols, bounds = [], [0]
+    for s, set_indices in enumerate(indices):
+        for b, (src, tgt) in enumerate(set_indices):
+            cols.append(torch.stack([torch.full_like(src, s), torch.full_like(src, b), src, tgt + offsets[b]]))
+        bounds.append(bounds[-1] + sum(len(src) for src, _ in set_indices))
     pos = torch.cat(cols, 1) if cols else torch.empty(4, 0, dtype=torch.int64)
-    return MatchedPositions(*pos.to(device))
+    flat = torch.cat([pos.flatten(), torch.tensor(counts, dtype=torch.int64)])
+    if device.type == "cuda":  # page-locked source: the copy is queued and the host moves on
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    n = pos.shape[1]
+    return MatchedPositions(*flat[: 4 * n].view(4, n), flat[4 * n:], tuple(bounds))
 
 
 def _num_boxes(targets: list[Target], device: torch.device) -> float | Tensor:
@@ -185,8 +195,8 @@ class SetCriterion(nn.Module):
         onehot[pos.set, pos.image, pos.query, matched_labels] = 1
         losses = {"loss_ce": sigmoid_focal_loss(logits, onehot, num_boxes, self.cfg.focal_alpha,
                                                 self.cfg.focal_gamma) * logits.shape[2]}
-        if log_set is not None:
-            sel = pos.set == log_set
+        if log_set is not None:  # positions are ordered by set: a slice, not a mask (no host sync)
+            sel = slice(pos.set_bounds[log_set], pos.set_bounds[log_set + 1])
             losses["class_error"] = 100 - _top1_accuracy(logits[log_set][pos.image[sel], pos.query[sel]],
                                                          matched_labels[sel])
         return losses
@@ -210,11 +220,10 @@ class SetCriterion(nn.Module):
         return losses
 
     @torch.no_grad()
-    def loss_cardinality(self, logits: Tensor, targets: list[Target]) -> dict[str, Tensor]:
+    def loss_cardinality(self, logits: Tensor, num_targets: Tensor) -> dict[str, Tensor]:
         """Logged only: mean |#queries whose argmax is not the last class - #targets| per set (a DETR
         legacy: with 91 COCO classes the last index is a real category, so this is not a real
-        'no-object').  logits [S, B, N, C] -> {name: [S]}."""
-        num_targets = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
+        'no-object').  logits [S, B, N, C], num_targets [B] -> {name: [S]}."""
         num_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(2)  # [S, B]
         return {"cardinality_error": (num_pred.float() - num_targets.float()).abs().mean(1)}
 
@@ -232,7 +241,7 @@ class SetCriterion(nn.Module):
         pos = matched_positions(indices, targets, logits.device)
         losses = self.loss_labels(logits, torch.cat([t["labels"] for t in targets]), pos, num_boxes, log_set)
         losses.update(self.loss_boxes(boxes, torch.cat([t["boxes"] for t in targets]), pos, num_boxes))
-        losses.update(self.loss_cardinality(logits, targets))
+        losses.update(self.loss_cardinality(logits, pos.num_targets))
         return losses
 
     # ---------------------------------------------------------------- full criterion
@@ -257,8 +266,9 @@ class SetCriterion(nn.Module):
         # matched sets: the decoder layers (all, or only the last without aux loss), then the proposals;
         # all matched up front with one device->host copy.  Row k of every loss vector is set k.
         layers = list(range(num_layers)) if self.cfg.aux_loss else [num_layers - 1]
-        logits = torch.cat([out.logits[layers], out.interm_logits[None]])
-        boxes = torch.cat([out.boxes[layers], out.interm_boxes[None]])
+        first = layers[0]  # a slice: indexing with a Python list would copy the list to the device
+        logits = torch.cat([out.logits[first:], out.interm_logits[None]])
+        boxes = torch.cat([out.boxes[first:], out.interm_boxes[None]])
         indices = self.matcher.match_stacked(logits, boxes, targets)
         final_row, interm_row = len(layers) - 1, len(layers)
         matched = self._set_losses(logits, boxes, targets, indices, num_boxes, log_set=final_row)

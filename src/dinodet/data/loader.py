@@ -42,7 +42,8 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int = 0,
-                 sampler: Sampler[Any] | None = None, seed: int = 0, drop_last: bool = False) -> DataLoader:
+                 sampler: Sampler[Any] | None = None, seed: int = 0, drop_last: bool = False,
+                 pin_memory: bool = False) -> DataLoader:
     """A DataLoader over ``dataset`` yielding ``collate`` batches (``None`` for all-bad batches).
 
     Shuffling (``train`` without a ``sampler``) and the per-worker augmentation seeds come from a
@@ -50,7 +51,8 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
     still gets a new order because the generator advances.  With a ``sampler`` (e.g. a
     ``DistributedSampler``; call its ``set_epoch`` every epoch) the sampler decides the order.
     With ``num_workers=0`` augmentation draws from the global torch RNG (seed it with
-    ``torch.manual_seed``).
+    ``torch.manual_seed``).  ``pin_memory`` (for a CUDA device) puts batches in page-locked memory, so
+    their copies to the GPU (``non_blocking=True``) do not make the host wait.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -67,4 +69,5 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
         generator=generator,
         worker_init_fn=_seed_worker if num_workers > 0 else None,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )

@@ -358,7 +358,8 @@ class Trainer:
         from ..data.loader import build_loader
 
         self.loader = build_loader(train_set, t.batch_size, train=True, num_workers=self.cfg.data.num_workers,
-                                   sampler=self.sampler, seed=t.seed + self.info.rank)
+                                   sampler=self.sampler, seed=t.seed + self.info.rank,
+                                   pin_memory=self.device.type == "cuda")
         if state is not None:
             self._restore(state)
         else:
@@ -509,7 +510,7 @@ class Trainer:
                 continue
             images, mask, targets = batch
             images, mask = images.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
-            targets = [{k: v.to(self.device) for k, v in tg.items()} for tg in targets]
+            targets = [{k: v.to(self.device, non_blocking=True) for k, v in tg.items()} for tg in targets]
             # gradients are all-reduced once per window, at its last micro-batch
             sync = nullcontext() if (i == last or not info.enabled) else self.ddp.no_sync()
             with sync:

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .constants import device_constant
 from .msda import register_backend
 
 __all__ = ["MSDATritonFunction", "kernel_config", "level_tensors", "ms_deform_attn_triton", "set_kernel_config"]
@@ -267,31 +268,16 @@ def _backward_fake(grad_out, value, shapes, starts, loc, attn, grad_value_needed
             torch.empty_like(attn))
 
 
-_LEVEL_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-
 def level_tensors(spatial_shapes: list[tuple[int, int]], device: torch.device | str) -> tuple[Tensor, Tensor]:
     """``spatial_shapes`` as an int32 [L, 2] tensor of (H_l, W_l) and the int32 [L] level start index on
     ``device``; built once per (shapes, device) and cached (a per-call host->device copy would sync)."""
-    device = torch.device(device)
-    key = (tuple((int(h), int(w)) for h, w in spatial_shapes), device)
-    if torch.compiler.is_compiling():  # a traced constant; keep global state out of the graph
-        return _make_level_tensors(key[0], device)
-    hit = _LEVEL_CACHE.get(key)
-    if hit is None:
-        if len(_LEVEL_CACHE) > 64:  # many image sizes (e.g. multi-scale training): bound the cache
-            _LEVEL_CACHE.clear()
-        hit = _LEVEL_CACHE[key] = _make_level_tensors(key[0], device)
-    return hit
-
-
-def _make_level_tensors(shapes: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
     starts, total = [], 0
     for h, w in shapes:
         starts.append(total)
         total += h * w
-    return (torch.tensor(shapes, dtype=torch.int32, device=device).view(-1, 2),
-            torch.tensor(starts, dtype=torch.int32, device=device))
+    return (device_constant(shapes, torch.int32, device),
+            device_constant(tuple(starts), torch.int32, device))
 
 
 class MSDATritonFunction(torch.autograd.Function):
