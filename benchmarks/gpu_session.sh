@@ -12,6 +12,9 @@
 # runs/agree/data: copy a CPU demo run's checkpoint_best.pt and data/ there and carry runs/agree,
 # ~50 MB); without them it first trains the demo on the GPU.  Wheels found in .whl/ (the device image
 # lacks pycocotools; see the device README for downloading a cp312 wheel) are installed to /tmp/site.
+#
+# With the device tool (600 s per call): call 1 `STAGES="env agree tests"` carrying runs/agree and .whl,
+# call 2 `STAGES="infer train compile"`; each call: `OUT=$OUT bash benchmarks/gpu_session.sh`.
 set -u
 OUT=${OUT:-/tmp/dinodet_gpu}
 STAGES=${STAGES:-"env tests kernel infer train compile profile"}

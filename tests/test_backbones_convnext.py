@@ -216,6 +216,22 @@ def test_official_round_trip_tiny_convnext(tmp_path):
         assert torch.equal(v, loaded.model.state_dict()[k]), k
 
 
+def test_original_layout_names_agree_with_timms_converter():
+    """The official DINO checkpoints use the facebookresearch/ConvNeXt names; our mapping to them must be
+    the inverse of timm's own converter from that layout (``checkpoint_filter_fn``): an independent
+    statement of the same naming."""
+    from timm.models.convnext import checkpoint_filter_fn
+
+    bb = _micro()
+    body = {k: v for k, v in bb.body.state_dict().items() if not re.match(r"norm\d", k)}
+    original = {original_backbone_name(k): v for k, v in body.items()}
+    assert len(original) == len(body)
+    back = checkpoint_filter_fn(original, bb.body)
+    assert set(back) == set(body)
+    for k, v in body.items():
+        assert torch.equal(back[k], v), k
+
+
 # ------------------------------------------------------------------------------ ImageNet checkpoints
 
 @pytest.mark.parametrize("layout", ["original", "timm"])

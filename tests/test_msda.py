@@ -56,3 +56,18 @@ def test_unknown_backend_is_a_clear_error():
     value, shapes, loc, w = _inputs()
     with pytest.raises(ValueError, match="unknown MSDA backend 'cuda-magic'"):
         ms_deform_attn(value, shapes, loc, w, backend="cuda-magic")
+
+
+def test_device_constant_is_cached_and_usable_with_autograd():
+    """Level sizes and normalisers are built once per size; one first built under inference_mode
+    (a predict before training in the same process) must still work in a forward with gradients."""
+    from dinodet.models.ops.constants import device_constant
+
+    with torch.inference_mode():
+        a = device_constant(((3, 5), (2, 2)), torch.float32, "cpu")
+    assert device_constant(((3, 5), (2, 2)), torch.float32, "cpu") is a
+    assert device_constant(((3, 5), (2, 2)), torch.float64, "cpu") is not a
+    assert a.tolist() == [[3.0, 5.0], [2.0, 2.0]] and not a.is_inference()
+    x = torch.ones(2, 2, requires_grad=True)
+    (x * a).sum().backward()
+    assert torch.equal(x.grad, a)

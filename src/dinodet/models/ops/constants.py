@@ -26,5 +26,8 @@ def device_constant(values: tuple, dtype: torch.dtype, device: torch.device | st
     if hit is None:
         if len(_CACHE) >= _MAX_ENTRIES:
             _CACHE.clear()
-        hit = _CACHE[key] = torch.tensor(values, dtype=dtype, device=device)
+        # a normal tensor even when first asked for under inference_mode: an inference tensor could
+        # not be used by a later forward that records gradients
+        with torch.inference_mode(False):
+            hit = _CACHE[key] = torch.tensor(values, dtype=dtype, device=device)
     return hit
