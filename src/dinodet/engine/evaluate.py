@@ -120,14 +120,15 @@ def _predict_group(items: list[tuple[Tensor, dict[str, Tensor]]], model: nn.Modu
                    amp: str) -> list[dict[str, Any]]:
     images = torch.stack([im for im, _ in items]).to(device, non_blocking=True)
     mask = torch.zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool, device=device)
+    # queued before the forward, so that post-processing follows it without the host waiting
+    orig_sizes = torch.stack([t["orig_size"] for _, t in items]).to(device, non_blocking=True)
     with amp_autocast(device, amp):
         out = model(images, mask)
-    orig_sizes = torch.stack([t["orig_size"] for _, t in items]).to(device)
     det = postprocess(out.pred_logits.float(), out.pred_boxes.float(), orig_sizes, num_select)
+    scores, labels, boxes = det.scores.cpu(), det.labels.cpu(), det.boxes.cpu()  # the batch's one wait
     records = []
     for i, (_, target) in enumerate(items):
-        records.extend(coco_records(det.scores[i].cpu(), det.labels[i].cpu(), det.boxes[i].cpu(),
-                                    int(target["image_id"]), category_ids))
+        records.extend(coco_records(scores[i], labels[i], boxes[i], int(target["image_id"]), category_ids))
     return records
 
 

@@ -71,7 +71,7 @@ class MultiScaleDeformableAttention(nn.Module):
         offsets = self.sampling_offsets(query).view(b, lq, m, n_l, n_p, 2)
         weights = F.softmax(self.attention_weights(query).view(b, lq, m, n_l * n_p), -1).view(b, lq, m, n_l, n_p)
         if reference_points.shape[-1] == 2:
-            normalizer = device_constant(tuple((int(w), int(h)) for h, w in spatial_shapes), query.dtype, query.device)
+            normalizer = device_constant(tuple((w, h) for h, w in spatial_shapes), query.dtype, query.device)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             locations = (reference_points[:, :, None, :, None, :2]

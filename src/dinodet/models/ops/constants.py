@@ -16,10 +16,10 @@ _MAX_ENTRIES = 256  # many image sizes (multi-scale training): bounded; entries 
 
 def device_constant(values: tuple, dtype: torch.dtype, device: torch.device | str) -> Tensor:
     """``torch.tensor(values, dtype, device)`` for a (nested) tuple of Python numbers, built once and
-    reused; callers must not modify it in place.  Under ``torch.compile`` it is a fresh tensor (a
-    traced constant; global state stays out of the graph)."""
+    reused; callers must not modify it in place.  Under ``torch.compile``, or when a value is a
+    symbolic size (an export with dynamic shapes), it is a fresh tensor built in the trace."""
     device = torch.device(device)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not _plain(values):  # symbolic sizes of a trace: no caching
         return torch.tensor(values, dtype=dtype, device=device)
     key = (values, dtype, device)
     hit = _CACHE.get(key)
@@ -31,3 +31,8 @@ def device_constant(values: tuple, dtype: torch.dtype, device: torch.device | st
         with torch.inference_mode(False):
             hit = _CACHE[key] = torch.tensor(values, dtype=dtype, device=device)
     return hit
+
+
+def _plain(values: tuple) -> bool:
+    """Only Python numbers (no SymInt from a trace with dynamic shapes), at any nesting depth."""
+    return all(_plain(v) if isinstance(v, tuple) else type(v) in (int, float, bool) for v in values)
