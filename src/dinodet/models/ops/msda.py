@@ -117,8 +117,7 @@ def ms_deform_attn_embedding_bag(
     """
     b, s, m, d = value.shape
     _, lq, _, n_levels, _, _ = sampling_locations.shape
-    # [L, 2] (h, w)
-    shapes = device_constant(tuple((int(h), int(w)) for h, w in spatial_shapes), torch.int64, value.device)
+    shapes = device_constant(tuple((h, w) for h, w in spatial_shapes), torch.int64, value.device)  # [L, 2] (h, w)
     h_i, w_i = shapes[:, 0].view(1, 1, 1, n_levels, 1), shapes[:, 1].view(1, 1, 1, n_levels, 1)
     starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
     x = sampling_locations[..., 0] * w_i - 0.5  # pixel coordinates, pixel centres at integers
