@@ -44,7 +44,7 @@ if want env; then
     stage 60 "$PY" -c "import torch, triton, torchvision; print('torch', torch.__version__, 'triton', triton.__version__, 'tv', torchvision.__version__, torch.cuda.get_device_name())"
 fi
 if want tests; then
-    stage 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_msda_triton.py -k "cuda"
+    stage 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_msda_triton.py tests/test_models.py -k "cuda"
 fi
 if want kernel; then
     stage 90 "$PY" benchmarks/msda_kernel.py --json "$OUT/msda_fp32.json"

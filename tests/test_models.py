@@ -187,6 +187,51 @@ def test_forward_passes_never_wait_for_the_device(tiny):
     assert out.dn_logits is not None and not (HOST_SYNC_OPS | {"lift_fresh"}) & set(ops), ops
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU check is the test above)")
+def test_cuda_forward_and_loss_synchronize_only_for_the_matching(tiny):
+    """The same on a GPU, with CUDA's own sync detector: after a warm-up, an inference forward with
+    post-processing and a training forward never make the host wait, and the loss waits once (the
+    matcher's copy of the cost matrices to the host)."""
+    import copy
+    import warnings
+
+    from dinodet.criterion import build_criterion
+    from dinodet.postprocess import postprocess
+
+    cfg, model = tiny
+    dev = torch.device("cuda")
+    model = copy.deepcopy(model).to(dev)
+    criterion = build_criterion(cfg.model.num_classes, cfg.loss, cfg.model.dec_layers).to(dev)
+    images, mask = (t.to(dev) for t in _batch([(96, 128), (80, 64)]))
+    orig_sizes = torch.tensor([[96, 128], [80, 64]], device=dev)
+    targets = [{"labels": torch.tensor([1, 5], device=dev),
+                "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.1]], device=dev)},
+               {"labels": torch.tensor([2], device=dev), "boxes": torch.tensor([[0.4, 0.5, 0.5, 0.5]], device=dev)}]
+
+    def step():
+        model.eval()
+        with torch.no_grad():
+            out = model(images, mask)
+            postprocess(out.logits[-1], out.boxes[-1], orig_sizes, num_select=50)
+        model.train()
+        return model(images, mask, targets)
+
+    criterion(step(), targets)  # warm-up: per-size constants, cuDNN, Triton compilation
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = step()
+            forward = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+            criterion(out, targets)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    loss = [str(w.message) for w in caught if "synchroniz" in str(w.message)][len(forward):]
+    assert not forward, forward
+    assert len(loss) == 1, loss
+
+
 def test_enc_topk_override_is_used(tiny):
     _, model = tiny
     images, mask = _batch([(64, 64)])
