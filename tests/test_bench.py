@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 
 from dinodet.bench import parse_size, run_bench
 from dinodet.cli import main
@@ -12,8 +13,10 @@ from dinodet.cli import main
 def test_bench_cli_writes_records_for_both_tasks(tmp_path, capsys, one_thread):
     out = tmp_path / "bench" / "records.json"
     rc = main(["bench", "--preset", "tiny", "--size", "64x80", "--task", "both", "--modes", "exact,channels_last",
-               "--iters", "1", "--warmup", "0", "--json", str(out)])
+               "--iters", "1", "--warmup", "0", "--json", str(out), "--plot", str(tmp_path / "bench.png")])
     assert rc == 0
+    with Image.open(tmp_path / "bench.png") as chart:
+        assert chart.size == (800, 580)  # two tasks, one panel each
     records = json.loads(out.read_text())
     assert [(r["task"], r["mode"]) for r in records] == [
         ("infer", "reference"), ("infer", "exact"), ("infer", "channels_last"),
@@ -73,3 +76,19 @@ def test_parse_size():
     assert parse_size("800x1199") == (800, 1199)
     with pytest.raises(ValueError):
         parse_size("16x16")
+
+
+def test_speed_chart_one_panel_per_task_with_marks(tmp_path):
+    from dinodet.engine.plots import plot_speed
+
+    records = [{"task": "infer", "mode": "reference", "ms": 42.1, "speedup": 1.0},
+               {"task": "infer", "mode": "compile_bf16", "ms": 6.6, "speedup": 6.38}]
+    path = plot_speed(records, tmp_path / "charts" / "speed.png", "H100", {"infer": {"official fp32": 58.8}})
+    with Image.open(path) as chart:
+        assert chart.size == (800, 320)
+        # bars are drawn: the reference grey and the fast mode blue both appear
+        colors = {c for _, c in chart.convert("RGB").getcolors(1 << 20)}
+    assert (153, 153, 153) in colors and (31, 119, 180) in colors
+    assert not list(path.parent.glob(".*tmp*"))  # written atomically, no temporary left
+    with pytest.raises(ValueError, match="no benchmark records"):
+        plot_speed([], tmp_path / "empty.png")

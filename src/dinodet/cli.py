@@ -630,6 +630,7 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", type=int, default=5, help="timed iterations per mode (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations per mode")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the records as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw the records as a bar chart")
     p.set_defaults(func=_run_bench)
 
 
@@ -661,6 +662,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out, records_json(records))
         print(f"dinodet: records -> {out}", file=sys.stderr)
+    if args.plot:
+        from .engine.plots import plot_speed
+
+        title = f"{args.preset} {size[0]}x{size[1]} {device}"
+        print(f"dinodet: chart -> {plot_speed(records_json(records), Path(args.plot), title)}", file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Training curves (loss and AP per epoch) as a PNG.
+"""Pictures of results as PNGs: training curves (loss and AP per epoch) and speed charts (``dinodet bench``).
 
 Uses matplotlib's object API with the Agg canvas directly, so no GUI backend and no pyplot global
 state is involved (safe in headless jobs and in threads).
@@ -53,6 +53,47 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> Path:
     for ax in (ax_loss, ax_ap):
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_speed(records: Sequence[dict[str, Any]], path: Path, title: str = "",
+               marks: dict[str, dict[str, float]] | None = None) -> Path:
+    """Write ``path`` (PNG): one horizontal bar chart per task of ``dinodet bench`` records (ms per
+    image / per step for each mode, labelled with the speed-up over the reference).
+
+    ``marks``: per task, named vertical lines in ms (e.g. ``{"infer": {"official fp32": 58.8}}``).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    if not tasks:
+        raise ValueError("no benchmark records to plot")
+    fig = Figure(figsize=(8, 0.6 + 2.6 * len(tasks)), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(tasks), 1, squeeze=False)[:, 0]
+    for ax, task in zip(axes, tasks):
+        rows = [r for r in records if r["task"] == task]
+        names = [r["mode"] for r in rows]
+        ms = [float(r["ms"]) for r in rows]
+        colors = ["0.6" if n == "reference" else "tab:blue" for n in names]
+        ax.barh(range(len(rows)), ms, color=colors)
+        ax.set_yticks(range(len(rows)), names)
+        ax.invert_yaxis()  # the reference on top, as in the table
+        for i, r in enumerate(rows):
+            ax.text(ms[i], i, f" {ms[i]:.1f} ({float(r['speedup']):.2f}x)", va="center", fontsize=8)
+        for j, (label, value) in enumerate((marks or {}).get(task, {}).items()):
+            ax.axvline(value, color=f"C{j + 1}", linestyle="--", linewidth=1, label=f"{label}: {value:g}")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_xlim(0, max(ms + list((marks or {}).get(task, {}).values())) * 1.3)
+        ax.set(xlabel="ms per image" if task == "infer" else "ms per training step", title=f"{title} {task}".strip())
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, format="png")
