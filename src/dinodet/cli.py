@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .config import ConfigError
 from .data.images import ImageLoadError, iter_image_paths, load_image
+from .files import write_json_atomic
 from .presets import list_presets
 
 if TYPE_CHECKING:
@@ -476,7 +476,6 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .engine.distributed import cleanup_distributed, init_distributed
     from .engine.evaluate import category_mapping, evaluate
     from .engine.train import DataSpec, split_exists
-    from .engine.train import write_json_atomic as write_json_pretty
     from .inference import default_label_map
     from .modes import ModeRunner, check_mode
 
@@ -520,7 +519,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        write_json_pretty(out / "metrics.json", metrics)
+        write_json_atomic(out / "metrics.json", metrics)
         write_json_atomic(out / "predictions.json", result.records)
         print(f"dinodet: metrics -> {out / 'metrics.json'}, detections -> {out / 'predictions.json'}")
     return 0
@@ -728,29 +727,6 @@ def _run_export(args: argparse.Namespace) -> int:
     print(f"dinodet: wrote {result.path} (preset {result.metadata['preset']}; inputs {shapes}; "
           f"outputs {', '.join(result.outputs)}); checked with onnx.checker")
     return 0
-
-
-def _json_lines(data: Any) -> str:
-    """A JSON list with one element per line: valid JSON that is still easy to grep and diff."""
-    if isinstance(data, list):
-        return "[\n" + ",\n".join(json.dumps(x) for x in data) + ("\n]\n" if data else "]\n")
-    return json.dumps(data) + "\n"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` so readers never see a half-written file.
-
-    The temp file lives in the same folder because ``os.replace`` is atomic only within one file
-    system; a plain ``open`` (not ``mkstemp``) keeps the usual umask permissions.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(_json_lines(data))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import math
 import os
 import sys
@@ -58,6 +57,7 @@ from ..checkpoint import (
 )
 from ..config import ConfigError, DINOConfig, TrainConfig
 from ..criterion import SetCriterion, build_criterion
+from ..files import write_json_atomic
 from ..matcher import NonFiniteCostError
 from .distributed import (
     DistInfo,
@@ -274,12 +274,6 @@ def _checkpoint_weights(model: nn.Module, path: str | os.PathLike
 
 def model_name(model: nn.Module) -> str:
     return getattr(model, "preset_name", None) or "custom"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_train_state(path: Path) -> dict[str, Any]:

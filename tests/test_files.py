@@ -1,0 +1,25 @@
+"""Atomic JSON result files (``dinodet.files``)."""
+import json
+import os
+
+import pytest
+
+from dinodet.files import json_text, write_json_atomic
+
+
+def test_lists_one_element_per_line_and_dicts_indented(tmp_path):
+    records = [{"image_id": 1, "score": 0.5}, {"image_id": 2, "score": 0.25}]
+    write_json_atomic(tmp_path / "r.json", records)
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text) == records and text.splitlines()[1] == json.dumps(records[0]) + ","
+    assert json.loads(json_text([])) == []
+    assert json_text({"AP": 0.5}) == '{\n  "AP": 0.5\n}\n'
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "metrics.json"
+    write_json_atomic(path, {"AP": 0.5})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"AP": object()})  # not serialisable: fails halfway through
+    assert json.loads(path.read_text()) == {"AP": 0.5}
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json"]
