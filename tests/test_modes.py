@@ -75,3 +75,26 @@ def test_pad_to_bucket_marks_padding():
 
 def test_every_mode_has_a_description():
     assert all(m.description for m in MODES.values())
+
+
+def test_compile_mode_one_graph_per_bucket_and_exact_numbers(model_and_batch, one_thread):
+    """The compiled mode (the fastest on CPU) pads to 64-pixel buckets: a second, differently sized
+    batch in the same bucket reuses the compiled graph, and the detections are exact mode's on the
+    same padded input up to float32 rounding.  (Compiling takes a minute or two on 2 cores.)"""
+    import torch._dynamo
+
+    model, images, mask = model_and_batch
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # earlier tests (exports) may have traced graphs too
+    runner = ModeRunner(model, "compile", "cpu")
+    exact = ModeRunner(model, "exact", "cpu")
+    smaller = images[:, :, :80, :110], mask[:, :80, :110]  # 96x120 and 80x110 both pad to 128x128
+    for batch in ((images, mask), smaller):
+        fast = runner(*batch)
+        ref = exact(*pad_to_bucket(*batch))
+        # near-tied encoder proposals may swap places: compare box sets and top scores, not slots
+        nearest = torch.cdist(ref.pred_boxes, fast.pred_boxes, p=1).min(-1).values
+        assert nearest.quantile(0.9, dim=1).max() < 1e-3
+        top_ref = ref.pred_logits.sigmoid().flatten(1).topk(10).values
+        torch.testing.assert_close(fast.pred_logits.sigmoid().flatten(1).topk(10).values, top_ref, rtol=0, atol=1e-3)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
