@@ -265,8 +265,9 @@ class SetCriterion(nn.Module):
 
         # matched sets: the decoder layers (all, or only the last without aux loss), then the proposals;
         # all matched up front with one device->host copy.  Row k of every loss vector is set k.
-        layers = list(range(num_layers)) if self.cfg.aux_loss else [num_layers - 1]
-        first = layers[0]  # a slice: indexing with a Python list would copy the list to the device
+        first = 0 if self.cfg.aux_loss else num_layers - 1
+        layers = range(first, num_layers)
+        # sliced: indexing with a Python list of layers would copy that list to the device
         logits = torch.cat([out.logits[first:], out.interm_logits[None]])
         boxes = torch.cat([out.boxes[first:], out.interm_boxes[None]])
         indices = self.matcher.match_stacked(logits, boxes, targets)
