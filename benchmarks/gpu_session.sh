@@ -6,7 +6,7 @@
 #     OUT=/tmp/gpu bash benchmarks/gpu_session.sh                 # every stage
 #     STAGES="kernel infer" OUT=/tmp/gpu bash benchmarks/gpu_session.sh
 #
-# Stages: env tests kernel infer train compile profile agree.  Results (JSON per stage) and the whole
+# Stages: env tests kernel infer train compile profile agree shapes.  Results (JSON per stage) and the whole
 # log land in $OUT.  "agree" (not in the default list) evaluates every CUDA mode against exact on a
 # trained demo checkpoint: AGREE_CKPT / AGREE_DATA (default runs/agree/checkpoint_best.pt and
 # runs/agree/data: copy a CPU demo run's checkpoint_best.pt and data/ there and carry runs/agree,
@@ -14,7 +14,8 @@
 # lacks pycocotools; see the device README for downloading a cp312 wheel) are installed to /tmp/site.
 #
 # With the device tool (600 s per call): call 1 `STAGES="env agree tests"` carrying runs/agree and .whl,
-# call 2 `STAGES="infer train compile"`; each call: `OUT=$OUT bash benchmarks/gpu_session.sh`.
+# call 2 `STAGES="infer train compile"`, call 3 (time permitting) `STAGES="shapes"` (compiled inference
+# on a stream of 9 image sizes); each call: `OUT=$OUT bash benchmarks/gpu_session.sh`.
 set -u
 OUT=${OUT:-/tmp/dinodet_gpu}
 STAGES=${STAGES:-"env tests kernel infer train compile profile"}
@@ -77,5 +78,9 @@ if want agree; then
     fi
     stage ${AGREE_LIMIT:-300} "$PY" benchmarks/mode_agreement.py --device "${AGREE_DEVICE:-cuda}" --checkpoint "$AGREE_CKPT" \
         --data "$AGREE_DATA" --modes ${AGREE_MODES:-exact,bf16,fp16,compile_bf16,compile} --json "$OUT/mode_agreement_${AGREE_DEVICE:-cuda}.json"
+fi
+if want shapes; then
+    stage ${SHAPES_LIMIT:-540} "$PY" benchmarks/compile_shapes.py --device cuda --mode compile_bf16 --static \
+        --json "$OUT/compile_shapes.json"
 fi
 echo "=== done; full log: $LOG"

@@ -1,10 +1,12 @@
 """Do the fast inference modes detect what the exact mode detects?  COCO AP of every mode on one split.
 
     python benchmarks/mode_agreement.py --checkpoint runs/demo/checkpoint_best.pt --data runs/demo/data \
-        [--split val] [--device cpu] [--modes exact,channels_last,bf16] [--json OUT]
+        [--split val] [--device cpu] [--modes exact,channels_last,bf16] [--emulate] [--json OUT]
 
 Prints AP / AP50 per mode and the difference to ``exact`` (the bar: |AP difference| <= 0.005) and the
 wall time of each evaluation.  EMA weights are used when the checkpoint holds them, as ``dinodet eval``.
+``--emulate`` also runs the CUDA-only modes (fp16, compile_bf16) on a CPU: their half-precision numerics
+without the GPU kernels, a stand-in until a GPU measures them.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="val")
     p.add_argument("--device", default="cpu")
     p.add_argument("--modes", default=None, help="comma-separated (default: every mode of the device but compile*)")
+    p.add_argument("--emulate", action="store_true", help="allow CUDA-only modes on the CPU (numerics only)")
     p.add_argument("--json", dest="json_out", default=None)
     args = p.parse_args(argv)
 
@@ -48,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         modes = ["exact", *modes]
     rows = []
     for name in modes:
-        runner = ModeRunner(model, name, device)
+        runner = ModeRunner(model, name, device, emulate=args.emulate)
         start = time.perf_counter()
         result = evaluate(runner, dataset, mapping, device=device, num_select=ckpt.config.model.num_select)
         rows.append({"mode": name, "AP": result.metrics["AP"], "AP50": result.metrics["AP50"],
-                     "seconds": round(time.perf_counter() - start, 1)})
+                     "seconds": round(time.perf_counter() - start, 1), "device": device.type,
+                     "emulated": name not in supported_modes(device)})
     exact = next(r["AP"] for r in rows if r["mode"] == "exact")
     print(f"{'mode':<14} {'AP':>7} {'AP50':>7} {'dAP':>8} {'s':>7}")
     for r in rows:

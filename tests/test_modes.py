@@ -27,6 +27,7 @@ def test_modes_on_cpu():
         get_mode("turbo")
     with pytest.raises(ValueError, match="not available on cpu"):
         ModeRunner(torch.nn.Identity(), "fp16", "cpu")
+    assert ModeRunner(torch.nn.Identity(), "fp16", "cpu", emulate=True).mode.amp == "fp16"  # benchmarks only
 
 
 def test_exact_mode_matches_reference_on_cpu(model_and_batch, one_thread):
@@ -47,13 +48,14 @@ def test_runner_does_not_change_the_callers_model(model_and_batch):
     assert conv.is_contiguous() and not runner.model.backbone.body.conv1.weight.is_contiguous()
 
 
-def test_bf16_mode_detections_close_to_exact(model_and_batch, one_thread):
+@pytest.mark.parametrize("mode", ["bf16", "fp16"])  # fp16 is CUDA-only: emulated here, for its numerics
+def test_half_modes_detections_close_to_exact(model_and_batch, one_thread, mode):
     model, images, mask = model_and_batch
     exact = ModeRunner(model, "exact", "cpu")(images, mask)
-    fast = ModeRunner(model, "bf16", "cpu")(images, mask)
+    fast = ModeRunner(model, mode, "cpu", emulate=True)(images, mask)
     assert fast.pred_boxes.shape == exact.pred_boxes.shape
-    # bf16 may reorder near-tied encoder proposals (random weights tie a lot), so compare the box sets:
-    # nearly every exact box has a bf16 box within 0.02 (L1, normalised coordinates)
+    # half types may reorder near-tied encoder proposals (random weights tie a lot), so compare the box sets:
+    # nearly every exact box has a fast box within 0.02 (L1, normalised coordinates)
     nearest = torch.cdist(exact.pred_boxes, fast.pred_boxes.float(), p=1).min(-1).values
     assert nearest.quantile(0.9, dim=1).max() < 0.02
     top_exact = exact.pred_logits.sigmoid().flatten(1).topk(10).values
@@ -77,10 +79,11 @@ def test_every_mode_has_a_description():
     assert all(m.description for m in MODES.values())
 
 
-def test_compile_mode_one_graph_per_bucket_and_exact_numbers(model_and_batch, one_thread):
+def test_compile_mode_reuses_graphs_across_sizes_with_exact_numbers(model_and_batch, one_thread):
     """The compiled mode (the fastest on CPU) pads to 64-pixel buckets: a second, differently sized
-    batch in the same bucket reuses the compiled graph, and the detections are exact mode's on the
-    same padded input up to float32 rounding.  (Compiling takes a minute or two on 2 cores.)"""
+    batch in the same bucket reuses the static graph; a batch in a new bucket (new height and width)
+    compiles the one dynamic graph, which a third bucket reuses.  Detections are exact mode's on the
+    same padded input up to float32 rounding.  (Two compilations: about 4 minutes on 2 cores.)"""
     import torch._dynamo
 
     model, images, mask = model_and_batch
@@ -88,8 +91,14 @@ def test_compile_mode_one_graph_per_bucket_and_exact_numbers(model_and_batch, on
     torch._dynamo.utils.counters.clear()  # earlier tests (exports) may have traced graphs too
     runner = ModeRunner(model, "compile", "cpu")
     exact = ModeRunner(model, "exact", "cpu")
-    smaller = images[:, :, :80, :110], mask[:, :80, :110]  # 96x120 and 80x110 both pad to 128x128
-    for batch in ((images, mask), smaller):
+    torch.manual_seed(1)
+    batches = [
+        ((images, mask), 1),
+        ((images[:, :, :80, :110], mask[:, :80, :110]), 1),  # 96x120 and 80x110 both pad to 128x128
+        ((torch.randn(2, 3, 150, 200), torch.zeros(2, 150, 200, dtype=torch.bool)), 2),  # 192x256: dynamic graph
+        ((torch.randn(2, 3, 250, 140), torch.zeros(2, 250, 140, dtype=torch.bool)), 2),  # 256x192: reused
+    ]
+    for batch, graphs in batches:
         fast = runner(*batch)
         ref = exact(*pad_to_bucket(*batch))
         # near-tied encoder proposals may swap places: compare box sets and top scores, not slots
@@ -97,4 +106,4 @@ def test_compile_mode_one_graph_per_bucket_and_exact_numbers(model_and_batch, on
         assert nearest.quantile(0.9, dim=1).max() < 1e-3
         top_ref = ref.pred_logits.sigmoid().flatten(1).topk(10).values
         torch.testing.assert_close(fast.pred_logits.sigmoid().flatten(1).topk(10).values, top_ref, rtol=0, atol=1e-3)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

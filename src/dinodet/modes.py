@@ -9,7 +9,10 @@ the others trade precision for speed and are checked by their detections agreein
 
 Compiled models see a few padded sizes only: ``compile`` pads every batch up to a multiple of
 ``COMPILE_BUCKET`` pixels (the padding mask keeps the detections those of the unpadded image up to
-the backbone's view of the border), so a stream of differently sized images does not recompile.
+the backbone's view of the border).  The first bucket compiles a graph specialised to its shape (the
+fastest kernels for a single-size stream); the first images of a new width and then of a new height
+recompile it with that side symbolic (torch's automatic dynamic shapes), after which every size runs
+the one dynamic graph: a mixed-size dataset costs at most three compilations, never one per size.
 On CUDA the compiled modes also replay CUDA graphs (``torch.compile(mode="reduce-overhead")``): at
 batch 1 DINO launches about two thousand small kernels per image, and a graph replay removes their
 launch cost.  Outputs of a replay live in the graph's own buffers, so the runner hands back copies.
@@ -75,11 +78,15 @@ def supported_modes(device: torch.device | str) -> list[str]:
     return [n for n in MODES if device.type == "cuda" or n not in _CUDA_ONLY]
 
 
-def check_mode(mode: InferenceMode | str, device: torch.device | str) -> InferenceMode:
-    """The mode named ``mode``; ConfigError when it is unknown or not offered on ``device``."""
+def check_mode(mode: InferenceMode | str, device: torch.device | str, emulate: bool = False) -> InferenceMode:
+    """The mode named ``mode``; ConfigError when it is unknown or not offered on ``device``.
+
+    ``emulate=True`` lets a CUDA-only mode run on the CPU anyway (slowly: emulated half arithmetic),
+    for measuring its numerics on a machine without a GPU (``benchmarks/mode_agreement.py --emulate``).
+    """
     found = get_mode(mode) if isinstance(mode, str) else mode
     device = torch.device(device)
-    if found.name not in supported_modes(device):
+    if found.name not in supported_modes(device) and not (emulate and found.name in MODES):
         raise ConfigError(f"inference mode '{found.name}' is not available on {device.type} "
                          f"(available: {', '.join(supported_modes(device))})")
     return found
@@ -110,13 +117,15 @@ class ModeRunner(nn.Module):
     By default the runner works on a copy of the model, because the mode changes it (MSDA backend,
     memory format, compilation) and the caller's model should stay as it was; ``copy_model=False``
     adapts ``model`` itself (for owners of the model such as ``Detector``).  Being a module, it can
-    stand in for the model wherever one is evaluated.
+    stand in for the model wherever one is evaluated.  ``emulate``: see ``check_mode``.  ``dynamic``
+    is ``torch.compile``'s: None (static first, dynamic sides after a new size; see above), False
+    (one static graph per bucket shape, up to torch's recompile limit of 8) or True.
     """
 
     def __init__(self, model: nn.Module, mode: InferenceMode | str, device: torch.device | str,
-                 copy_model: bool = True):
+                 copy_model: bool = True, emulate: bool = False, dynamic: bool | None = None):
         super().__init__()
-        self.mode = check_mode(mode, device)
+        self.mode = check_mode(mode, device, emulate=emulate)
         self.device = torch.device(device)
         model = (copy.deepcopy(model) if copy_model else model).to(self.device).eval()
         set_msda_backend(model, self.mode.msda_backend)
@@ -126,7 +135,7 @@ class ModeRunner(nn.Module):
         self.cuda_graphs = self.mode.compile and self.device.type == "cuda"
         forward: Callable[[Tensor, Tensor], DINOOutput] = model
         if self.mode.compile:
-            forward = torch.compile(model, dynamic=False, mode="reduce-overhead" if self.cuda_graphs else None)
+            forward = torch.compile(model, dynamic=dynamic, mode="reduce-overhead" if self.cuda_graphs else None)
         # kept out of the module tree (a tuple), so the compiled wrapper's parameters are not listed twice
         self._forward = (forward,)
 
