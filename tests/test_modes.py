@@ -79,6 +79,7 @@ def test_every_mode_has_a_description():
     assert all(m.description for m in MODES.values())
 
 
+@pytest.mark.timeout(900)  # two compilations on 2 cores
 def test_compile_mode_reuses_graphs_across_sizes_with_exact_numbers(model_and_batch, one_thread):
     """The compiled mode (the fastest on CPU) pads to 64-pixel buckets: a second, differently sized
     batch in the same bucket reuses the static graph; a batch in a new bucket (new height and width)
