@@ -1,6 +1,7 @@
 """Inference modes: each one runs, leaves the caller's model alone, and agrees with the exact path."""
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from dinodet.models.attention import MultiScaleDeformableAttention
 from dinodet.models.dino import DINO
-from dinodet.modes import COMPILE_BUCKET, MODES, ModeRunner, get_mode, pad_to_bucket, supported_modes
+from dinodet.modes import COMPILE_BUCKET, MODES, ModeRunner, get_mode, pad_batch, pad_to_bucket, supported_modes
 from dinodet.presets import get_preset
 
 
@@ -77,18 +78,40 @@ def test_pad_to_bucket_marks_padding():
     assert same is padded and smask is pmask
 
 
+def test_pad_batch_repeats_the_last_image_and_first_images_drops_it(model_and_batch, one_thread):
+    model, images, mask = model_and_batch
+    padded, pmask = pad_batch(images, mask, 4)
+    assert padded.shape[0] == pmask.shape[0] == 4
+    assert torch.equal(padded[:2], images) and torch.equal(padded[3], images[1]) and torch.equal(pmask[2], mask[1])
+    assert pad_batch(images, mask, 2)[0] is images and pad_batch(images, mask, 1)[0] is images
+    exact = ModeRunner(model, "exact", "cpu")
+    out = exact(images, mask)
+    first = exact(padded, pmask).first_images(2)
+    for name in ("logits", "boxes", "interm_logits", "interm_boxes", "enc_topk_index"):
+        assert getattr(first, name).shape == getattr(out, name).shape
+    torch.testing.assert_close(first.pred_boxes, out.pred_boxes, rtol=0, atol=1e-5)  # images are independent
+    torch.testing.assert_close(first.pred_logits, out.pred_logits, rtol=0, atol=1e-4)
+
+
 def test_every_mode_has_a_description():
     assert all(m.description for m in MODES.values())
 
 
-def _compiled_batches_agree(model, batches):
+def _compiled_batches_agree(model, batches, backend="inductor"):
     """Run each (batch, expected graph count) through a fresh compiled runner: detections equal exact
     mode's on the same padded input up to float32 rounding, and the graph count is as expected."""
     import torch._dynamo
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # earlier tests (exports) may have traced graphs too
-    runner = ModeRunner(model, "compile", "cpu")
+    compile_fn = torch.compile
+    try:
+        # the runner calls torch.compile itself; another backend changes code generation only, not
+        # dynamo's tracing, guards and recompilation decisions
+        torch.compile = functools.partial(compile_fn, backend=backend)
+        runner = ModeRunner(model, "compile", "cpu")
+    finally:
+        torch.compile = compile_fn
     exact = ModeRunner(model, "exact", "cpu")
     for batch, graphs in batches:
         fast = runner(*batch)
@@ -109,11 +132,28 @@ def test_compile_mode_one_graph_per_bucket_and_exact_numbers(model_and_batch, on
                                     ((images[:, :, :80, :110], mask[:, :80, :110]), 1)])  # both pad to 128x128
 
 
+def test_compile_mode_new_sizes_share_one_dynamic_graph_traced(model_and_batch, one_thread):
+    """The graph count across sizes is dynamo's decision (guards, automatic dynamic shapes), whatever
+    generates the code: traced with the eager backend (under a minute), a batch in a new bucket (new
+    height and width) makes the one dynamic graph and later buckets reuse it, with exact numbers."""
+    model, images, mask = model_and_batch
+    torch.manual_seed(1)
+    _compiled_batches_agree(model, [
+        ((images, mask), 1),
+        ((torch.randn(2, 3, 150, 200), torch.zeros(2, 150, 200, dtype=torch.bool)), 2),  # 192x256: dynamic graph
+        ((torch.randn(2, 3, 250, 140), torch.zeros(2, 250, 140, dtype=torch.bool)), 2),  # 256x192: reused
+        # a smaller batch is padded to the largest seen (batch 1 would be a graph of its own, twice over)
+        ((torch.randn(1, 3, 300, 70), torch.zeros(1, 300, 70, dtype=torch.bool)), 2),
+        ((torch.randn(3, 3, 200, 200), torch.zeros(3, 200, 200, dtype=torch.bool)), 3),  # larger: dynamic batch
+        ((torch.randn(2, 3, 130, 300), torch.zeros(2, 130, 300, dtype=torch.bool)), 3),  # padded to 3: reused
+    ], backend="eager")
+
+
 @pytest.mark.skipif(not os.environ.get("DINODET_LONG_TESTS"),
                     reason="compiles a dynamic graph (over 15 minutes on 2 cores); set DINODET_LONG_TESTS=1")
 @pytest.mark.timeout(3600)
 def test_compile_mode_new_sizes_share_one_dynamic_graph(model_and_batch):
-    """A batch in a new bucket (new height and width) compiles the one dynamic graph; a third bucket reuses it."""
+    """As the traced test above, with Inductor's code: the dynamic graph's kernels give exact numbers too."""
     model, images, mask = model_and_batch
     torch.manual_seed(1)
     _compiled_batches_agree(model, [

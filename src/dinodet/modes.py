@@ -13,6 +13,9 @@ the backbone's view of the border).  The first bucket compiles a graph specialis
 fastest kernels for a single-size stream); the first images of a new width and then of a new height
 recompile it with that side symbolic (torch's automatic dynamic shapes), after which every size runs
 the one dynamic graph: a mixed-size dataset costs at most three compilations, never one per size.
+The batch size is kept too: a batch smaller than the largest one seen so far (the last, partial
+batch of a dataset) is padded with copies of its last image, because a new batch size would
+compile again (twice for a batch of one, a size torch always specialises).
 On CUDA the compiled modes also replay CUDA graphs (``torch.compile(mode="reduce-overhead")``): at
 batch 1 DINO launches about two thousand small kernels per image, and a graph replay removes their
 launch cost.  Outputs of a replay live in the graph's own buffers, so the runner hands back copies.
@@ -102,6 +105,15 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device_type=device.type, dtype=dtypes[amp])
 
 
+def pad_batch(images: Tensor, mask: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Pad images [B, 3, H, W] and mask [B, H, W] up to ``size`` images with copies of the last one."""
+    extra = size - images.shape[0]
+    if extra <= 0:
+        return images, mask
+    return (torch.cat([images, images[-1:].expand(extra, -1, -1, -1)]),
+            torch.cat([mask, mask[-1:].expand(extra, -1, -1)]))
+
+
 def pad_to_bucket(images: Tensor, mask: Tensor, bucket: int = COMPILE_BUCKET) -> tuple[Tensor, Tensor]:
     """Zero-pad images [B, 3, H, W] (and mark the padding in mask [B, H, W]) up to multiples of ``bucket``."""
     h, w = images.shape[-2:]
@@ -119,7 +131,9 @@ class ModeRunner(nn.Module):
     adapts ``model`` itself (for owners of the model such as ``Detector``).  Being a module, it can
     stand in for the model wherever one is evaluated.  ``emulate``: see ``check_mode``.  ``dynamic``
     is ``torch.compile``'s: None (static first, dynamic sides after a new size; see above), False
-    (one static graph per bucket shape, up to torch's recompile limit of 8) or True.
+    (one static graph per bucket shape, up to torch's recompile limit of 8) or True.  Compiled modes
+    pad a batch smaller than the largest seen (see above); use a new runner for a smaller batch size
+    that will persist (a stream of single images after a batched pass).
     """
 
     def __init__(self, model: nn.Module, mode: InferenceMode | str, device: torch.device | str,
@@ -138,19 +152,25 @@ class ModeRunner(nn.Module):
             forward = torch.compile(model, dynamic=dynamic, mode="reduce-overhead" if self.cuda_graphs else None)
         # kept out of the module tree (a tuple), so the compiled wrapper's parameters are not listed twice
         self._forward = (forward,)
+        self.batch_size = 0  # compiled modes: the largest batch seen, to which smaller ones are padded
 
     def forward(self, images: Tensor, mask: Tensor) -> DINOOutput:
         with torch.inference_mode():
             images, mask = images.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+            n = images.shape[0]
             if self.mode.compile:
-                images, mask = pad_to_bucket(images, mask)
+                self.batch_size = max(self.batch_size, n)
+                images, mask = pad_batch(*pad_to_bucket(images, mask), self.batch_size)
             if self.mode.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.mode.amp):
-                if not self.cuda_graphs:
-                    return self._forward[0](images, mask)
-                torch.compiler.cudagraph_mark_step_begin()
+                if self.cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 out = self._forward[0](images, mask)
+            if images.shape[0] > n:
+                out = out.first_images(n)
+            if not self.cuda_graphs:
+                return out
             # the graph's output buffers are overwritten by its next replay: hand back copies
             return dataclasses.replace(out, **{f.name: getattr(out, f.name).clone() for f in dataclasses.fields(out)
                                                if isinstance(getattr(out, f.name), Tensor)})

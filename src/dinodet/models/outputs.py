@@ -51,6 +51,15 @@ class DINOOutput:
         """[B, Q, 4] final-layer boxes, cxcywh in 0..1."""
         return self.boxes[-1]
 
+    def first_images(self, n: int) -> DINOOutput:
+        """The predictions of the batch's first ``n`` images (views; for dropping batch padding)."""
+        def f(t: Tensor | None, dim: int) -> Tensor | None:
+            return None if t is None else t.narrow(dim, 0, n)
+
+        return replace(self, logits=f(self.logits, 1), boxes=f(self.boxes, 1), interm_logits=f(self.interm_logits, 0),
+                       interm_boxes=f(self.interm_boxes, 0), enc_topk_index=f(self.enc_topk_index, 0),
+                       dn_logits=f(self.dn_logits, 1), dn_boxes=f(self.dn_boxes, 1))
+
     def float(self) -> DINOOutput:
         """The same output in float32 (losses are computed in float32 even when the model ran under autocast)."""
         def f(t: Tensor | None) -> Tensor | None:
