@@ -56,8 +56,7 @@ def test_a_failing_fast_mode_is_reported_and_skipped(monkeypatch, capsys, one_th
 
 
 def test_training_batch_is_at_least_two(one_thread):
-    (record,) = [r for r in run_bench("tiny", "cpu", (48, 48), batch=1, task="train", modes=["reference"],
-                                      warmup=0, iters=1)]
+    (record,) = run_bench("tiny", "cpu", (48, 48), batch=1, task="train", modes=["reference"], warmup=0, iters=1)
     assert record.img_per_s == pytest.approx(2 * 1000 / record.ms, rel=0.01)
 
 

@@ -1,7 +1,6 @@
 """Checkpoint I/O: official key mapping, dinodet files, safety and clear errors."""
 import argparse
 import json
-import pickle
 from pathlib import Path
 
 import pytest

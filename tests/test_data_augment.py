@@ -8,8 +8,14 @@ import torchvision.transforms.v2 as v2
 from PIL import Image
 
 from dinodet.config import DataConfig
-from dinodet.data.augment import (DetectionTransform, DropEmptyBoxes, RandomResize, RandomSizeCrop, eval_transforms,
-                                  train_transforms)
+from dinodet.data.augment import (
+    DetectionTransform,
+    DropEmptyBoxes,
+    RandomResize,
+    RandomSizeCrop,
+    eval_transforms,
+    train_transforms,
+)
 from dinodet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_size, eval_transform
 
 CFG = DataConfig(train_scales=(64, 80, 96), max_size=160, crop_resize_scales=(80, 100, 120), crop_size=(48, 90),
@@ -108,7 +114,7 @@ def test_crop_of_small_image_and_empty_box_removal():
 
     torch.manual_seed(0)
     for _ in range(5):
-        im, b = RandomSizeCrop(48, 64)(image, tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(20, 30)))
+        im, _ = RandomSizeCrop(48, 64)(image, tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(20, 30)))
         assert im.width <= 30 and im.height <= 20
     target = {"boxes": torch.tensor([[0.0, 0, 5, 5], [3, 3, 3, 8], [1, 1, 4, 1]]), "labels": torch.tensor([4, 5, 6])}
     _, t = DropEmptyBoxes()(image, target)

@@ -79,7 +79,7 @@ def test_index_counts_problems(broken_coco: Path):
     assert r.boxes == 8
     assert any("missing.jpg" in m for m in r.messages) and any("category id 99" in m for m in r.messages)
     assert 6 not in ds.coco.getImgIds()  # a missing image cannot count as missed detections
-    clipped = [a for a in ds.coco.imgToAnns[2] if a["id"] == 4][0]
+    clipped = next(a for a in ds.coco.imgToAnns[2] if a["id"] == 4)
     assert clipped["bbox"] == [50, 30, 14, 18]
     assert ds.raw_target(ds.image_ids.index(2))["boxes"].tolist() == [[10, 10, 30, 30], [50, 30, 64, 48]]
     assert "missing image files" in r.summary()

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COCO128
 from pycocotools.cocoeval import COCOeval
 
-from conftest import COCO128
 from dinodet.config import DataConfig
 from dinodet.data.coco import DetectionDataset, build_dataset, resolve_coco_paths
 from dinodet.data.labels import LabelMap

@@ -1,7 +1,6 @@
 """Collate (padding + mask, dropping unreadable items) and the seeded DataLoader builder."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch.utils.data import Dataset

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from pycocotools.coco import COCO
+from test_data_coco import SMALL, self_eval_ap
 
 from dinodet.data.coco import build_dataset
 from dinodet.data.synthetic import SHAPES, make_synthetic_coco
-from test_data_coco import SMALL, self_eval_ap
 
 KW = dict(num_train=24, num_val=8, image_size=(96, 128), seed=3, num_classes=5)
 

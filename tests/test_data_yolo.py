@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import COCO128
+from PIL import Image
+from test_data_coco import SMALL, self_eval_ap
+
 from dinodet.config import DataConfig
 from dinodet.data.coco import build_dataset
 from dinodet.data.yolo import _parse_simple_yaml, label_dir_for, read_names, resolve_yolo_paths
-from test_data_coco import SMALL, self_eval_ap
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_coco128_yolo_matches_coco_json(coco128_yolo):
 
 def test_coco128_yolo_ground_truth_evaluates(coco128_yolo):
     assert self_eval_ap(coco128_yolo.coco) == [1.0, 1.0, 1.0]
-    image, target = coco128_yolo[0]
+    _, target = coco128_yolo[0]
     assert target["boxes"].shape[0] == target["labels"].shape[0] > 0
 
 

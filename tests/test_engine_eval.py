@@ -64,7 +64,7 @@ def test_coco_metrics_perfect_predictions_and_none(mixed_sizes):
     assert set(m) == set(COCO_STATS)
     assert m["AP"] == pytest.approx(1.0) and m["AP50"] == pytest.approx(1.0)
     assert all(-1.0 <= v <= 1.0 for v in m.values())
-    assert coco_metrics(coco, []) == {k: 0.0 for k in COCO_STATS}
+    assert coco_metrics(coco, []) == dict.fromkeys(COCO_STATS, 0.0)
     assert "AP @[.50:.95]  1.0000" in format_metrics(m)
 
 

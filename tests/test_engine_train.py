@@ -228,7 +228,7 @@ def test_gradient_accumulation_matches_the_bigger_batch(shapes_root: Path, tmp_p
     # the naive 1/accumulate weighting is measurably different on these images
     import dinodet.engine.train as engine
 
-    naive = lambda counts, world: (counts[0] >= 0, torch.full(counts.shape[1:], 1.0 / counts.shape[1]))  # noqa: E731
+    naive = lambda counts, world: (counts[0] >= 0, torch.full(counts.shape[1:], 1.0 / counts.shape[1]))
     monkeypatch.setattr(engine, "window_weights", naive)
     assert _max_relative_difference(_first_window_grads(acc, tr, va, tmp_path / "naive"), g_big) > 5e-2  # 0.37
 

@@ -50,7 +50,7 @@ def test_backbone_masks_follow_padding(tiny):
 
 
 def test_tiny_image_fewer_tokens_than_queries(tiny):
-    cfg, model = tiny
+    _, model = tiny
     images, mask = _batch([(40, 40)])  # 5x5 + 3x3 + 2x2 + 1x1 = 39 tokens < 60 queries
     with torch.no_grad():
         out = model(images, mask)

@@ -37,9 +37,9 @@ def test_backend_gradients_match(backend):
     value, shapes, loc, w = _inputs(5)
     grads = []
     for name in ("pytorch", backend):
-        v, l, a = (t.clone().requires_grad_() for t in (value, loc, w))
-        ms_deform_attn(v, shapes, l, a, backend=name).square().sum().backward()
-        grads.append((v.grad, l.grad, a.grad))
+        v, lo, a = (t.clone().requires_grad_() for t in (value, loc, w))
+        ms_deform_attn(v, shapes, lo, a, backend=name).square().sum().backward()
+        grads.append((v.grad, lo.grad, a.grad))
     for ref, got in zip(*grads):
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
 

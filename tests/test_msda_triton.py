@@ -255,7 +255,7 @@ def test_cuda_gradcheck_float64():
     value, shapes, loc, w = make_inputs(seed=10, b=1, lq=5, m=2, d=3, p=2, device="cuda")
     ins = [t.clone().requires_grad_() for t in (value, loc, w)]
     # grad_value is accumulated with atomics: allow last-bit differences between two backward runs
-    assert torch.autograd.gradcheck(lambda v, l, a: ms_deform_attn_triton(v, shapes, l, a), ins,
+    assert torch.autograd.gradcheck(lambda v, loc, a: ms_deform_attn_triton(v, shapes, loc, a), ins,
                                     eps=1e-6, atol=1e-5, nondet_tol=1e-12)
 
 
@@ -327,7 +327,7 @@ def test_cuda_dispatch_and_compile(monkeypatch):
     value, shapes, loc, w = make_inputs(seed=7, dtype=torch.float32, device="cuda")
     eager = ms_deform_attn(value, shapes, loc, w, backend="triton")
     torch.testing.assert_close(eager, ms_deform_attn_pytorch(value, shapes, loc, w), rtol=1e-5, atol=1e-5)
-    compiled = torch.compile(lambda v, l, a: ms_deform_attn(v, shapes, l, a, backend="triton"), fullgraph=True)
+    compiled = torch.compile(lambda v, loc, a: ms_deform_attn(v, shapes, loc, a, backend="triton"), fullgraph=True)
     ins = [t.clone().requires_grad_() for t in (value, loc, w)]
     out = compiled(*ins)
     torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)

@@ -144,11 +144,11 @@ class DINOConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DINOConfig":
+    def from_dict(cls, d: dict[str, Any]) -> DINOConfig:
         return _from_dict(cls, d, "")
 
     @classmethod
-    def from_json(cls, s: str) -> "DINOConfig":
+    def from_json(cls, s: str) -> DINOConfig:
         return cls.from_dict(json.loads(s))
 
 

@@ -9,7 +9,7 @@ CPU-friendly model for demos and tests.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 from .config import BackboneConfig, ConfigError, DataConfig, DINOConfig, LossConfig, ModelConfig, TrainConfig
 

@@ -80,7 +80,7 @@ def original_backbone_name(body_key: str) -> str:
     return re.sub(r"^backbone\.0\.(?:body\.)?", "", official)
 
 
-def official_key_map(dinodet_keys: list[str], num_dec_layers: int, num_backbone_levels: int) -> "OrderedDict[str, str]":
+def official_key_map(dinodet_keys: list[str], num_dec_layers: int, num_backbone_levels: int) -> OrderedDict[str, str]:
     """official key -> dinodet key for every official entry a checkpoint of this model has."""
     out: OrderedDict[str, str] = OrderedDict()
     for k in dinodet_keys:
@@ -89,7 +89,7 @@ def official_key_map(dinodet_keys: list[str], num_dec_layers: int, num_backbone_
     return out
 
 
-def to_official(state: dict[str, Tensor], num_dec_layers: int, num_backbone_levels: int) -> "OrderedDict[str, Tensor]":
+def to_official(state: dict[str, Tensor], num_dec_layers: int, num_backbone_levels: int) -> OrderedDict[str, Tensor]:
     """dinodet state dict -> official-format state dict (shared heads repeated under every alias)."""
     out: OrderedDict[str, Tensor] = OrderedDict()
     for k, v in state.items():

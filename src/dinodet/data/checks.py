@@ -50,7 +50,7 @@ def check_image(path: str | Path, decode: bool = False) -> ImageCheck:
         result.upright_size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     except UnidentifiedImageError:  # PIL's message repeats the path
         result.error = "not an image, or an unsupported format"
-    except Exception as e:  # anything else PIL raises also means the file is unusable
+    except Exception as e:  # noqa: BLE001 -- anything else PIL raises also means the file is unusable
         text = str(e).strip().splitlines()
         result.error = text[0] if text else type(e).__name__
     return result

@@ -49,7 +49,7 @@ from ..config import DataConfig
 from .augment import DetectionTransform, eval_transforms, train_transforms
 from .images import ImageLoadError, load_image
 from .labels import LabelMap
-from .report import DatasetError, DataReport
+from .report import DataReport, DatasetError
 from .yolo import EXIF_ORIENTATION, read_names, resolve_yolo_paths, upright_size, yolo_to_coco
 
 logger = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
         if width is None or height is None:
             try:  # no usable size in the annotations: take the image's own
                 width, height = upright_size(path)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001
                 report.add("unreadable_images", f"{path}: no width/height in {src} and the image header is "
                                                 f"unreadable ({_first_line(e)}); skipped")
                 dropped.add(iid)

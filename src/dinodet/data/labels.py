@@ -70,20 +70,20 @@ class LabelMap:
         return {"class_names": list(self.class_names), "category_ids": list(self.category_ids)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LabelMap":
+    def from_dict(cls, d: Mapping[str, Any]) -> LabelMap:
         try:
             return cls(class_names=list(d["class_names"]), category_ids=list(d["category_ids"]))
         except KeyError as e:
             raise ValueError(f"label map dict lacks key {e}") from None
 
     @classmethod
-    def from_categories(cls, categories: Iterable[Mapping[str, Any]]) -> "LabelMap":
+    def from_categories(cls, categories: Iterable[Mapping[str, Any]]) -> LabelMap:
         """From COCO ``categories`` entries (``{'id', 'name'}``), in increasing id order."""
         cats = sorted(categories, key=lambda c: int(c["id"]))
         return cls(class_names=[str(c.get("name", c["id"])) for c in cats], category_ids=[int(c["id"]) for c in cats])
 
     @classmethod
-    def from_names(cls, names: Sequence[str], first_id: int = 0) -> "LabelMap":
+    def from_names(cls, names: Sequence[str], first_id: int = 0) -> LabelMap:
         """Names in index order; ids ``first_id, first_id+1, ...`` (YOLO: ``first_id=0``)."""
         return cls(class_names=list(names), category_ids=list(range(first_id, first_id + len(names))))
 

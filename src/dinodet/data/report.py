@@ -94,7 +94,7 @@ class DataReport:
                 lines.append(f"{value:>8d} {desc}")
         return "\n".join(lines)
 
-    def merge(self, other: "DataReport") -> None:
+    def merge(self, other: DataReport) -> None:
         """Add ``other``'s counts and messages to this report."""
         for name, _, _ in _COUNTERS:
             setattr(self, name, getattr(self, name) + getattr(other, name))

@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image
 
 from .images import IMAGE_EXTENSIONS
-from .report import DatasetError, DataReport
+from .report import DataReport, DatasetError
 
 NAMES_FILES = ("names.txt", "classes.txt", "obj.names")
 EXIF_ORIENTATION = 0x0112
@@ -238,7 +238,7 @@ def yolo_to_coco(img_dir: Path, label_dir: Path, names: list[str], report: DataR
         used_labels.add(label_path)
         try:
             width, height = upright_size(path)
-        except Exception as e:  # any PIL failure: the file is not a usable image
+        except Exception as e:  # noqa: BLE001 -- any PIL failure: the file is not a usable image
             report.add("unreadable_images", f"{path}: cannot read image header ({_first_line(e)}); skipped")
             continue
         images.append({"id": image_id, "file_name": r.as_posix(), "width": width, "height": height})

@@ -215,9 +215,9 @@ def submit_slurm(argv: list[str], run_dir: str | os.PathLike, opts: SlurmOptions
     Raises:
         ImportError: submitit is not installed (the caller turns it into a one-line error).
     """
-    import submitit  # optional dependency
-
     from pathlib import Path
+
+    import submitit  # optional dependency
 
     executor = submitit.AutoExecutor(folder=str(Path(run_dir) / opts.folder))
     params: dict[str, Any] = {

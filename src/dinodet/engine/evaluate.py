@@ -138,7 +138,7 @@ def coco_metrics(coco_gt: Any, records: Sequence[dict[str, Any]]) -> dict[str, f
     from pycocotools.cocoeval import COCOeval
 
     if not records:  # loadRes cannot take an empty list; nothing detected means AP 0
-        return {k: 0.0 for k in COCO_STATS}
+        return dict.fromkeys(COCO_STATS, 0.0)
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes([dict(r) for r in records])  # loadRes edits the dicts it gets
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")

@@ -1,7 +1,7 @@
 """Deformable decoder with iterative box refinement ("look forward twice")."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -108,7 +108,7 @@ class ConvNeXtBackbone(nn.Module):
             return []
         return [self.body.stem] + list(self.body.stages[:self.frozen_stages])
 
-    def train(self, mode: bool = True) -> "ConvNeXtBackbone":
+    def train(self, mode: bool = True) -> ConvNeXtBackbone:
         super().train(mode)
         for m in self._frozen_modules():
             m.eval()

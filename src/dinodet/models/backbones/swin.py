@@ -326,7 +326,7 @@ class SwinBackbone(nn.Module):
         for m in self._frozen_modules():
             yield from m.parameters()
 
-    def train(self, mode: bool = True) -> "SwinBackbone":
+    def train(self, mode: bool = True) -> SwinBackbone:
         super().train(mode)
         for m in self._frozen_modules():
             m.eval()
