@@ -13,9 +13,11 @@
 # ~50 MB); without them it first trains the demo on the GPU.  Wheels found in .whl/ (the device image
 # lacks pycocotools; see the device README for downloading a cp312 wheel) are installed to /tmp/site.
 #
-# With the device tool (600 s per call): call 1 `STAGES="env agree tests"` carrying runs/agree and .whl,
-# call 2 `STAGES="infer train compile"`, call 3 (time permitting) `STAGES="shapes"` (compiled inference
-# on a stream of 9 image sizes); each call: `OUT=$OUT bash benchmarks/gpu_session.sh`.
+# With the device tool (600 s per call; 15 minutes of device time per session, start-up included, so
+# plan one call): `STAGES="env tests agree" OUT=$OUT bash benchmarks/gpu_session.sh` with timeout_s 590,
+# carrying runs/agree and .whl (stages run in the order of this file: about 8 minutes).  Sessions with
+# more time: `STAGES="infer train compile"`, then `STAGES="shapes"` (compiled inference on a stream of
+# 9 image sizes).
 set -u
 OUT=${OUT:-/tmp/dinodet_gpu}
 STAGES=${STAGES:-"env tests kernel infer train compile profile"}
