@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinodet.cli import main
+from dinodet.cli import _note_compile, main
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -76,9 +76,18 @@ def test_predict_random_weights_in_process(tmp_path: Path, sample_images: list[P
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "RANDOM weights" in captured.err and "meaningless" in captured.err
+    assert "compiles the model" not in captured.err  # said only for compiled modes (below)
     assert sorted(p.name for p in out.glob("*.jpg")) == sorted([sample_images[0].name, sample_images[2].name])
     records = json.loads((out / "predictions.json").read_text())
     assert len(records) == 2 * 60  # threshold 0 keeps all num_select=60 detections of the tiny preset
+
+
+@pytest.mark.parametrize("mode", ["compile", "compile_bf16"])
+def test_compiled_modes_say_why_the_first_batches_are_slow(mode: str, capsys):
+    _note_compile(mode)
+    err = capsys.readouterr().err
+    assert err.startswith(f"dinodet: mode '{mode}' compiles the model") and "TORCHINDUCTOR_CACHE_DIR" in err
+    assert err.count("\n") == 1
 
 
 def test_missing_checkpoint_subprocess(tmp_path: Path, image_dir: Path):

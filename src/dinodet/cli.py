@@ -92,6 +92,16 @@ def _warn(message: str) -> None:
     tqdm.write(f"dinodet: warning: {message}", file=sys.stderr)  # does not break a progress bar
 
 
+def _note_compile(mode: str) -> None:
+    """Say why a compiled mode's first batches are slow, before the progress bar seems to stall."""
+    from .modes import get_mode
+
+    if get_mode(mode).compile:
+        print(f"dinodet: mode '{mode}' compiles the model on the first batch of a new image size (at most 3 "
+              "times; minutes on a CPU); the compiled code is cached for later runs (TORCHINDUCTOR_CACHE_DIR)",
+              file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------- predict
 
 
@@ -214,9 +224,11 @@ def _build_detector(args: argparse.Namespace) -> Detector | OnnxDetector:
         detector = Detector.from_random(args.preset, device=args.device, size=args.size, max_size=args.max_size,
                                         mode=args.mode)
         _warn(f"using RANDOM weights for preset '{args.preset}': the detections are meaningless")
-        return detector
-    return Detector.from_checkpoint(args.checkpoint, preset=args.preset, device=args.device, size=args.size,
-                                    max_size=args.max_size, mode=args.mode)
+    else:
+        detector = Detector.from_checkpoint(args.checkpoint, preset=args.preset, device=args.device, size=args.size,
+                                            max_size=args.max_size, mode=args.mode)
+    _note_compile(args.mode)
+    return detector
 
 
 def _predict_files(
@@ -504,6 +516,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     info, dev = init_distributed(device)
     try:
         runner = ModeRunner(model, args.mode, dev, copy_model=False)
+        if info.is_main:
+            _note_compile(args.mode)
         result = evaluate(runner, dataset, mapping, device=dev, batch_size=args.batch_size,
                           num_select=cfg.model.num_select, dist_info=info,
                           num_workers=cfg.data.num_workers, progress=not args.no_progress)
