@@ -132,10 +132,18 @@ def test_compile_mode_one_graph_per_bucket_and_exact_numbers(model_and_batch, on
                                     ((images[:, :, :80, :110], mask[:, :80, :110]), 1)])  # both pad to 128x128
 
 
-def test_compile_mode_new_sizes_share_one_dynamic_graph_traced(model_and_batch, one_thread):
+_INDUCTOR_LONG = pytest.mark.skipif(not os.environ.get("DINODET_LONG_TESTS"),
+                                    reason="compiles a dynamic graph with Inductor (over 15 minutes on 2 cores); "
+                                    "set DINODET_LONG_TESTS=1")
+
+
+@pytest.mark.parametrize("backend", ["eager",
+                                     pytest.param("inductor", marks=[_INDUCTOR_LONG, pytest.mark.timeout(3600)])])
+def test_compile_mode_new_sizes_share_one_dynamic_graph(model_and_batch, one_thread, backend):
     """The graph count across sizes is dynamo's decision (guards, automatic dynamic shapes), whatever
-    generates the code: traced with the eager backend (under a minute), a batch in a new bucket (new
-    height and width) makes the one dynamic graph and later buckets reuse it, with exact numbers."""
+    generates the code, so the default run traces with the eager backend (about a minute): a batch in a
+    new bucket (new height and width) makes the one dynamic graph and later buckets reuse it, with
+    exact numbers.  With Inductor (opt-in) the dynamic graph's kernels are checked too."""
     model, images, mask = model_and_batch
     torch.manual_seed(1)
     _compiled_batches_agree(model, [
@@ -146,18 +154,4 @@ def test_compile_mode_new_sizes_share_one_dynamic_graph_traced(model_and_batch, 
         ((torch.randn(1, 3, 300, 70), torch.zeros(1, 300, 70, dtype=torch.bool)), 2),
         ((torch.randn(3, 3, 200, 200), torch.zeros(3, 200, 200, dtype=torch.bool)), 3),  # larger: dynamic batch
         ((torch.randn(2, 3, 130, 300), torch.zeros(2, 130, 300, dtype=torch.bool)), 3),  # padded to 3: reused
-    ], backend="eager")
-
-
-@pytest.mark.skipif(not os.environ.get("DINODET_LONG_TESTS"),
-                    reason="compiles a dynamic graph (over 15 minutes on 2 cores); set DINODET_LONG_TESTS=1")
-@pytest.mark.timeout(3600)
-def test_compile_mode_new_sizes_share_one_dynamic_graph(model_and_batch):
-    """As the traced test above, with Inductor's code: the dynamic graph's kernels give exact numbers too."""
-    model, images, mask = model_and_batch
-    torch.manual_seed(1)
-    _compiled_batches_agree(model, [
-        ((images, mask), 1),
-        ((torch.randn(2, 3, 150, 200), torch.zeros(2, 150, 200, dtype=torch.bool)), 2),  # 192x256: dynamic graph
-        ((torch.randn(2, 3, 250, 140), torch.zeros(2, 250, 140, dtype=torch.bool)), 2),  # 256x192: reused
-    ])
+    ], backend=backend)
