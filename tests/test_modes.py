@@ -133,7 +133,7 @@ def test_compile_mode_one_graph_per_bucket_and_exact_numbers(model_and_batch, on
 
 
 _INDUCTOR_LONG = pytest.mark.skipif(not os.environ.get("DINODET_LONG_TESTS"),
-                                    reason="compiles a dynamic graph with Inductor (over 15 minutes on 2 cores); "
+                                    reason="compiles three graphs with Inductor (30 minutes on 2 cores); "
                                     "set DINODET_LONG_TESTS=1")
 
 
