@@ -97,21 +97,18 @@ def test_every_mode_has_a_description():
     assert all(m.description for m in MODES.values())
 
 
-def _compiled_batches_agree(model, batches, backend="inductor"):
+def _compiled_batches_agree(model, batches, monkeypatch, backend="inductor"):
     """Run each (batch, expected graph count) through a fresh compiled runner: detections equal exact
     mode's on the same padded input up to float32 rounding, and the graph count is as expected."""
     import torch._dynamo
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # earlier tests (exports) may have traced graphs too
-    compile_fn = torch.compile
-    try:
-        # the runner calls torch.compile itself; another backend changes code generation only, not
-        # dynamo's tracing, guards and recompilation decisions
-        torch.compile = functools.partial(compile_fn, backend=backend)
-        runner = ModeRunner(model, "compile", "cpu")
-    finally:
-        torch.compile = compile_fn
+    # the runner calls torch.compile itself; another backend changes code generation only, not
+    # dynamo's tracing, guards and recompilation decisions
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    runner = ModeRunner(model, "compile", "cpu")
+    monkeypatch.undo()
     exact = ModeRunner(model, "exact", "cpu")
     for batch, graphs in batches:
         fast = runner(*batch)
@@ -124,12 +121,13 @@ def _compiled_batches_agree(model, batches, backend="inductor"):
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
-def test_compile_mode_one_graph_per_bucket_and_exact_numbers(model_and_batch, one_thread):
+def test_compile_mode_one_graph_per_bucket_and_exact_numbers(model_and_batch, one_thread, monkeypatch):
     """The compiled mode (the fastest on CPU) pads to 64-pixel buckets: a second, differently sized
     batch in the same bucket reuses the compiled graph.  (Compiling takes a minute or two on 2 cores.)"""
     model, images, mask = model_and_batch
     _compiled_batches_agree(model, [((images, mask), 1),
-                                    ((images[:, :, :80, :110], mask[:, :80, :110]), 1)])  # both pad to 128x128
+                                    ((images[:, :, :80, :110], mask[:, :80, :110]), 1)],  # both pad to 128x128
+                            monkeypatch)
 
 
 _INDUCTOR_LONG = pytest.mark.skipif(not os.environ.get("DINODET_LONG_TESTS"),
@@ -139,7 +137,7 @@ _INDUCTOR_LONG = pytest.mark.skipif(not os.environ.get("DINODET_LONG_TESTS"),
 
 @pytest.mark.parametrize("backend", ["eager",
                                      pytest.param("inductor", marks=[_INDUCTOR_LONG, pytest.mark.timeout(3600)])])
-def test_compile_mode_new_sizes_share_one_dynamic_graph(model_and_batch, one_thread, backend):
+def test_compile_mode_new_sizes_share_one_dynamic_graph(model_and_batch, one_thread, monkeypatch, backend):
     """The graph count across sizes is dynamo's decision (guards, automatic dynamic shapes), whatever
     generates the code, so the default run traces with the eager backend (about a minute): a batch in a
     new bucket (new height and width) makes the one dynamic graph and later buckets reuse it, with
@@ -154,4 +152,4 @@ def test_compile_mode_new_sizes_share_one_dynamic_graph(model_and_batch, one_thr
         ((torch.randn(1, 3, 300, 70), torch.zeros(1, 300, 70, dtype=torch.bool)), 2),
         ((torch.randn(3, 3, 200, 200), torch.zeros(3, 200, 200, dtype=torch.bool)), 3),  # larger: dynamic batch
         ((torch.randn(2, 3, 130, 300), torch.zeros(2, 130, 300, dtype=torch.bool)), 3),  # padded to 3: reused
-    ], backend=backend)
+    ], monkeypatch, backend=backend)

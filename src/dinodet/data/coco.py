@@ -210,7 +210,7 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
         if width is None or height is None:
             try:  # no usable size in the annotations: take the image's own
                 width, height = upright_size(path)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 -- any PIL failure: the file has no usable size
                 report.add("unreadable_images", f"{path}: no width/height in {src} and the image header is "
                                                 f"unreadable ({_first_line(e)}); skipped")
                 dropped.add(iid)
