@@ -129,6 +129,16 @@ def test_user_errors_are_one_line(capsys, tmp_path: Path, monkeypatch, argv, fra
     assert fragment in one_line_error(capsys, *argv)
 
 
+def test_demo_never_replaces_a_dataset_it_did_not_generate(capsys, tmp_path: Path):
+    mine = tmp_path / "data" / "train2017" / "mine.jpg"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"user data")
+    assert main(["demo", "--out", str(tmp_path), "--set", "demo.num_train=2"]) == 2
+    msg = capsys.readouterr().err.splitlines()[-1]  # after the "generating ..." line
+    assert msg.startswith("dinodet: error: ") and "did not generate" in msg and str(tmp_path / "data") in msg
+    assert mine.read_bytes() == b"user data" and len(list(mine.parent.iterdir())) == 1
+
+
 def test_train_refuses_an_existing_run_without_resume(capsys, tmp_path: Path):
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     msg = one_line_error(capsys, "train", "--data", str(COCO128), "--preset", "tiny", "--out", str(tmp_path))

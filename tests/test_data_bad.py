@@ -133,3 +133,58 @@ def test_check_data_on_clean_coco128():
     assert r.images == 128 and r.ok
     assert r.non_rgb_images == 1  # 000000000086.jpg is greyscale (README)
     assert format_report(r).endswith("result: OK")
+
+
+def _unusable_coco(root: Path, write_files: bool) -> Path:
+    """Two annotated images that are both corrupt (``write_files``) or both missing."""
+    (root / "train2017").mkdir(parents=True)
+    if write_files:
+        for n in ("a.jpg", "b.jpg"):
+            (root / "train2017" / n).write_bytes(b"\xff\xd8 not a jpeg")
+    images = [{"id": i, "file_name": n, "width": 64, "height": 48} for i, n in ((1, "a.jpg"), (2, "b.jpg"))]
+    anns = [{"id": i, "image_id": i, "category_id": 1, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0}
+            for i in (1, 2)]
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_train2017.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}))
+    return root
+
+
+def test_no_usable_image_stops_with_one_line(tmp_path: Path, capsys):
+    from dinodet.cli import main
+    from dinodet.data.report import DatasetError
+
+    missing = _unusable_coco(tmp_path / "missing", write_files=False)
+    with pytest.raises(DatasetError, match="no usable image in .*instances_train2017.json"):
+        build_dataset(str(missing), "train", data_cfg=CFG)
+
+    corrupt = _unusable_coco(tmp_path / "corrupt", write_files=True)
+    assert main(["check-data", "--data", str(corrupt)]) == 1  # unreadable is found by opening the files
+    assert capsys.readouterr().out.rstrip().endswith("result: NO USABLE IMAGES")
+    # training only finds out when loading: the first epoch without a single step stops the run
+    status = main(["train", "--data", str(corrupt), "--preset", "tiny", "--out", str(tmp_path / "run"),
+                   "--no-progress", "--set", "data.num_workers=0", "--set", "data.eval_size=64",
+                   "--set", "data.max_size=64", "--set", "train.epochs=1"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dinodet: error")]
+    assert status == 2 and len(err) == 1 and "took no training step" in err[0], err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_data_problems_are_logged_with_file_names(broken_coco: Path, caplog):
+    with caplog.at_level("WARNING", logger="dinodet"):
+        build_dataset(str(broken_coco), "train", data_cfg=CFG)
+    text = caplog.text
+    assert "missing image files" in text and "missing.jpg" in text  # the count and the file
+    assert "more (`dinodet check-data` lists them all)" in text
+
+
+def test_iscrowd_written_as_a_string(tmp_path: Path):
+    from dinodet.data.coco import index_coco
+
+    anns = [{"id": i, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": c}
+            for i, c in ((1, "0"), (2, "1"), (3, 0), (4, True))]
+    data = {"images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}], "annotations": anns,
+            "categories": [{"id": 1, "name": "thing"}]}
+    index = index_coco(data, tmp_path, check_files=False)
+    assert index.report.crowd_ignored == 2 and index.report.boxes == 2  # "0" is not crowd; "1" and True are
+    assert sorted(a["iscrowd"] for a in index.gt["annotations"]) == [0, 0, 1, 1]

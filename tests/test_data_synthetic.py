@@ -75,5 +75,9 @@ def test_reuse_and_refuse_to_clobber(synth: Path, tmp_path: Path):
     make_synthetic_coco(foreign, overwrite=True, **{**KW, "num_train": 2, "num_val": 1})
     assert len(list((foreign / "train2017").iterdir())) == 2
     assert not [p for p in foreign.iterdir() if p.name.startswith(".synthetic-")]  # temp folder cleaned up
+    # a swap interrupted after the marker turned "incomplete" is ours: regenerated without overwrite
+    (foreign / "synthetic.json").write_text(json.dumps({"incomplete": True}))
+    make_synthetic_coco(foreign, **{**KW, "num_train": 3, "num_val": 1})
+    assert len(list((foreign / "train2017").iterdir())) == 3
     with pytest.raises(ValueError, match="num_classes"):
         make_synthetic_coco(tmp_path / "bad", num_classes=9)

@@ -13,6 +13,7 @@ from test_data_coco import SMALL, self_eval_ap
 
 from dinodet.config import DataConfig
 from dinodet.data.coco import build_dataset
+from dinodet.data.report import DatasetError
 from dinodet.data.yolo import _parse_simple_yaml, label_dir_for, read_names, resolve_yolo_paths
 
 
@@ -90,3 +91,45 @@ def test_roboflow_layout_polygons_and_bad_lines(tmp_path: Path):
     assert ds.image_ids == [1, 2, 3]
     boxes = sorted(a["bbox"] for a in ds.coco.imgToAnns[1])
     np.testing.assert_allclose(boxes, [[10, 5, 20, 20], [40, 15, 20, 20], [85, 20, 15, 10]], atol=1e-4)
+
+
+def _yolo_split(root: Path, split_dir: str, n: int = 1, labels: bool = True) -> None:
+    """``root/split_dir/images/*.png`` (+ ``labels/*.txt`` with one box each)."""
+    (root / split_dir / "images").mkdir(parents=True)
+    if labels:
+        (root / split_dir / "labels").mkdir()
+    for i in range(n):
+        Image.new("RGB", (40, 30)).save(root / split_dir / "images" / f"im{i}.png")
+        if labels:
+            (root / split_dir / "labels" / f"im{i}.txt").write_text("\ufeff0 0.5 0.5 0.5 0.5\n")  # with a BOM
+
+
+def test_roboflow_data_yaml_and_a_yaml_from_another_machine(tmp_path: Path):
+    from dinodet.engine.train import DataSpec, split_exists
+
+    # Roboflow's data.yaml names the folders beside it as '../train/images' (Ultralytics strips '../')
+    rf = tmp_path / "rf"
+    _yolo_split(rf, "train", 2)
+    _yolo_split(rf, "valid")
+    (rf / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\nnc: 1\nnames: ['thing']\n")
+    assert resolve_yolo_paths(rf, "val")[:2] == (rf / "valid" / "images", rf / "valid" / "labels")
+    ds = build_dataset(str(rf), "train", "yolo", train=False, data_cfg=SMALL)
+    assert len(ds) == 2 and ds.report.boxes == 2 and ds.report.ok  # the BOM does not cost line 1
+    # 'path:' of the machine the YAML was written on: the YAML's own folder is the base here
+    colab = tmp_path / "colab"
+    _yolo_split(colab, "images/train")  # colab/images/train/images: fine, any 'images' folder works
+    (colab / "data.yaml").write_text("path: /content/datasets/x\ntrain: images/train/images\nnames: ['thing']\n")
+    assert resolve_yolo_paths(colab, "train")[0] == colab / "images" / "train" / "images"
+    # a split the YAML names but that is not there is an error, not a missing split
+    (rf / "data.yaml").write_text("train: ../train/images\nval: ../validation/images\nnames: ['thing']\n")
+    with pytest.raises(DatasetError, match="'val: ../validation/images' is not a directory"):
+        split_exists(DataSpec(str(rf), "yolo"), "val")
+    assert not split_exists(DataSpec(str(rf), "yolo"), "test")  # not named, not there: simply absent
+
+
+def test_missing_label_folder_is_an_error(tmp_path: Path):
+    _yolo_split(tmp_path, "train", labels=False)
+    (tmp_path / "train" / "annotations").mkdir()  # labels under another name
+    (tmp_path / "names.txt").write_text("thing\n")
+    with pytest.raises(DatasetError, match=r"no label folder '.*train/labels'"):
+        build_dataset(str(tmp_path), "train", "yolo", data_cfg=SMALL)

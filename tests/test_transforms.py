@@ -35,6 +35,7 @@ def test_eval_size_configurable():
     assert eval_size(480, 640, size=320, max_size=512) == (320, 426)
     assert eval_size(480, 1280, size=320, max_size=512) == (192, 512)  # round(512*480/1280) = 192
     assert eval_size(100, 1000, size=800, max_size=None) == (800, 8000)
+    assert eval_size(1, 600, size=64, max_size=128) == (1, 600)  # short side rounds to 0: kept at 1 px
 
 
 def test_eval_size_bounds_on_random_shapes():

@@ -566,7 +566,7 @@ def _run_check_data(args: argparse.Namespace) -> int:
         report = check_dataset(args.data, args.format, split, decode=args.decode)
         print(f"[{split}]")
         print(format_report(report))
-        if report.images == 0:
+        if report.usable_images <= 0:
             status = 1
     return status
 

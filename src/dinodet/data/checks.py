@@ -108,7 +108,7 @@ def format_report(report: DataReport, max_messages: int = 50, label_map: LabelMa
         hidden = len(report.messages) - len(shown) + report.messages_suppressed
         if hidden:
             lines.append(f"  ... and {hidden} more")
-    if report.images == 0:
+    if report.usable_images <= 0:
         lines.append("result: NO USABLE IMAGES")
     elif report.ok:
         lines.append("result: OK")

@@ -49,7 +49,7 @@ from ..config import DataConfig
 from .augment import DetectionTransform, eval_transforms, train_transforms
 from .images import ImageLoadError, load_image
 from .labels import LabelMap
-from .report import DataReport, DatasetError
+from .report import DataReport, DatasetError, SplitNotFoundError
 from .yolo import EXIF_ORIENTATION, read_names, resolve_yolo_paths, upright_size, yolo_to_coco
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def _first(candidates: list[Path], test: Callable[[Path], bool], what: str) -> P
     for c in candidates:
         if test(c):
             return c
-    raise DatasetError(f"{what} not found; tried: " + ", ".join(str(c) for c in candidates))
+    raise SplitNotFoundError(f"{what} not found; tried: " + ", ".join(str(c) for c in candidates))
 
 
 def _positive_int(v: Any) -> int | None:
@@ -251,7 +251,7 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
                                                    f"the {width}x{height} image; dropped")
             continue
         overshoot = max(-x, -y, x + w - width, y + h - height)
-        crowd = bool(a.get("iscrowd", 0))
+        crowd = _positive_int(a.get("iscrowd", 0)) is not None  # 0, 1, and the strings "0"/"1" some tools write
         gt = {k: v for k, v in a.items() if k != "segmentation"}
         gt.update(image_id=iid, category_id=cid, iscrowd=int(crowd))
         if overshoot > CLIP_TOLERANCE:
@@ -502,19 +502,28 @@ def build_dataset(root: str | Path, split: str = "train", format: str = "coco", 
         label_map: class mapping to use (validation split, fine-tuning); by default derived from
             the data (COCO categories sorted by id; YOLO names in order).
     Raises:
-        DatasetError: layout not found or annotations unparsable (per-item problems are only
-        reported, see ``DetectionDataset.report``).
+        DatasetError: layout not found, annotations unparsable, or no usable image left (per-item
+        problems are only reported, see ``DetectionDataset.report``).
     """
     cfg = data_cfg or DataConfig()
     index = build_index(root, split, format, ann_file, img_dir, label_map)
     transforms = train_transforms(cfg) if train else eval_transforms(cfg)
     dataset = DetectionDataset(index, transforms)
     _log_report(dataset.report)
+    if len(dataset) == 0:
+        problems = dataset.report.num_problems
+        raise DatasetError(f"no usable image in '{dataset.report.source}'"
+                           + (f" ({problems} problems: see above, or `dinodet check-data`)" if problems else ""))
     return dataset
 
 
-def _log_report(report: DataReport) -> None:
+def _log_report(report: DataReport, shown: int = 5) -> None:
+    """Log the counts and the first ``shown`` per-file messages (``dinodet check-data`` lists all)."""
     if report.ok:
         logger.info("%s: %d images, %d boxes", report.source, report.images, report.boxes)
-    else:
-        logger.warning("%s: data problems (see the report or `dinodet check-data`):\n%s", report.source, report.summary())
+        return
+    first = "".join(f"\n  {m}" for m in report.messages[:shown])
+    more = len(report.messages) + report.messages_suppressed - shown
+    if more > 0:
+        first += f"\n  ... and {more} more (`dinodet check-data` lists them all)"
+    logger.warning("%s: data problems:\n%s%s", report.source, report.summary(), first)

@@ -79,6 +79,11 @@ class DataReport:
         return sum(getattr(self, name) for name, _, problem in _COUNTERS if problem)
 
     @property
+    def usable_images(self) -> int:
+        """Indexed images not found unreadable (so far: only opened images can be found so)."""
+        return self.images - self.unreadable_images
+
+    @property
     def ok(self) -> bool:
         return self.num_problems == 0
 
@@ -108,6 +113,10 @@ class DataReport:
 
 class DatasetError(ValueError):
     """A dataset that cannot be used at all (layout not found, annotation file unparsable); one-line message."""
+
+
+class SplitNotFoundError(DatasetError):
+    """A split's files are in none of the places the layout allows (the split may simply not exist)."""
 
 
 _FIELD_NAMES = frozenset(name for name, _, _ in _COUNTERS)

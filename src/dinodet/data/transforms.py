@@ -46,7 +46,7 @@ def eval_size(height: int, width: int, size: int = 800, max_size: int | None = 1
     if max_size is not None:
         short, long = float(min(height, width)), float(max(height, width))
         if long / short * size > max_size:
-            size = round(max_size * short / long)
+            size = max(1, round(max_size * short / long))  # >= 1: a 1x2000 strip must not become 0 px
     if (width <= height and width == size) or (height <= width and height == size):
         return height, width
     if width < height:

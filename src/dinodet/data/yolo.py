@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image
 
 from .images import IMAGE_EXTENSIONS
-from .report import DataReport, DatasetError
+from .report import DataReport, DatasetError, SplitNotFoundError
 
 NAMES_FILES = ("names.txt", "classes.txt", "obj.names")
 EXIF_ORIENTATION = 0x0112
@@ -161,10 +161,16 @@ def resolve_yolo_paths(root: str | Path, split: str = "train", names_file: str |
             [root / "images" / s for s in _split_candidates(split)] + [root / s / "images" for s in _split_candidates(split)],
             f"YOLO images of split '{split}'",
         )
-    return images, label_dir_for(images), names_path
+    labels = label_dir_for(images)
+    if not labels.is_dir():  # a misnamed folder would silently make every image a negative
+        raise YoloFormatError(f"no label folder '{labels}' for the images in '{images}' (YOLO labels sit in the "
+                              "image path with its last 'images' replaced by 'labels')")
+    return images, labels, names_path
 
 
 def _images_from_yaml(path: Path, split: str) -> Path | None:
+    """The image folder a data YAML names for ``split``, found as Ultralytics finds it, plus the
+    YAML's own folder as base when ``path:`` does not exist here (a YAML copied from another machine)."""
     if path.suffix.lower() not in (".yaml", ".yml"):
         return None
     data = _read_yaml(path)
@@ -173,12 +179,19 @@ def _images_from_yaml(path: Path, split: str) -> Path | None:
         return None
     if not isinstance(entry, str):
         raise YoloFormatError(f"'{path}': '{split}:' lists several sources; pass the image directory explicitly")
-    base = Path(str(data.get("path") or "."))
-    base = base if base.is_absolute() else path.parent / base
-    images = Path(entry) if Path(entry).is_absolute() else base / entry
-    if not images.is_dir():
-        raise YoloFormatError(f"'{path}': '{split}: {entry}' is not a directory ({images})")
-    return images
+    if Path(entry).is_absolute():
+        candidates = [Path(entry)]
+    else:
+        given = Path(str(data.get("path") or "."))
+        bases = [given if given.is_absolute() else path.parent / given, path.parent]
+        # Roboflow exports say '../train/images' for the folder beside data.yaml (Ultralytics' rule)
+        rels = [entry, entry[3:]] if entry.startswith("../") else [entry]
+        candidates = list(dict.fromkeys(b / r for b in bases for r in rels))
+    for images in candidates:
+        if images.is_dir():
+            return images
+    raise YoloFormatError(f"'{path}': '{split}: {entry}' is not a directory (tried "
+                          + ", ".join(str(c) for c in candidates) + ")")
 
 
 def label_dir_for(img_dir: Path) -> Path:
@@ -203,7 +216,7 @@ def _first_dir(candidates: list[Path], what: str) -> Path:
     for c in candidates:
         if c.is_dir():
             return c
-    raise YoloFormatError(f"{what} not found; tried: " + ", ".join(str(c) for c in candidates))
+    raise SplitNotFoundError(f"{what} not found; tried: " + ", ".join(str(c) for c in candidates))
 
 
 def upright_size(path: Path) -> tuple[int, int]:
@@ -263,7 +276,7 @@ def yolo_to_coco(img_dir: Path, label_dir: Path, names: list[str], report: DataR
 def _read_label_file(path: Path, report: DataReport) -> list[tuple[tuple[float, float, float, float], int]]:
     """Parse one label file into ((cx, cy, w, h) normalised, class) pairs; bad lines are reported."""
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()  # -sig: drop a BOM
     except OSError as e:
         report.add("invalid_annotations", f"{path}: cannot read label file ({e}); image treated as negative")
         return []

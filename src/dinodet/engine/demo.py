@@ -91,13 +91,17 @@ def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> tuple[DemoSettin
 
 
 def make_demo_data(run_dir: Path, s: DemoSettings) -> Path:
-    """Generate (or reuse, when already there with the same settings) RUN_DIR/data."""
+    """Generate (or reuse, when already there with the same settings) RUN_DIR/data.  A dataset there
+    that the demo did not generate is never replaced: the run stops with a one-line error."""
     from ..data.synthetic import make_synthetic_coco
 
     try:
         return make_synthetic_coco(run_dir / DATA_DIR, num_train=s.num_train, num_val=s.num_val,
                                    image_size=(s.image_size, s.image_size), seed=s.seed, num_classes=s.num_classes,
-                                   size_range=(s.min_size, s.max_size), overwrite=True)
+                                   size_range=(s.min_size, s.max_size))
+    except FileExistsError:
+        raise ConfigError(f"'{run_dir / DATA_DIR}' holds a dataset the demo did not generate; "
+                          "choose another --out folder") from None
     except ValueError as e:
         raise ConfigError(f"demo dataset: {e}") from None
 

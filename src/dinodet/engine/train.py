@@ -468,12 +468,17 @@ class Trainer:
                    unit="batch", file=sys.stderr, dynamic_ncols=True,
                    disable=not (self.opts.progress and info.is_main))
         batches = iter(self.loader)
+        steps_before, windows = c.step, 0
         try:
             while True:
                 window = list(itertools.islice(batches, t.accumulate))
                 if not window:
+                    if windows and c.step == steps_before:  # every batch was dropped (same on every rank)
+                        raise TrainingError(f"epoch {epoch + 1} took no training step: no image of it could be "
+                                            "read (see the data problems above, or `dinodet check-data --decode`)")
                     self._check_finite()
                     return self._mean_losses(sums), False
+                windows += 1
                 if self._train_window(window, sums) and c.step % t.log_every == 0:
                     self._check_finite()
                     bar.set_postfix(loss=f"{sums[-2].item() / max(sums[-1].item(), 1):.3f}",
@@ -658,9 +663,10 @@ class DataSpec:
 
 
 def split_exists(spec: DataSpec, split: str) -> bool:
-    """Whether ``split`` can be located (its annotations/images found; not yet parsed)."""
+    """Whether ``split`` can be located (its annotations/images found; not yet parsed).  A split that
+    is named but broken (a data YAML's path that does not exist, a missing label folder) raises."""
     from ..data.coco import resolve_coco_paths
-    from ..data.report import DatasetError
+    from ..data.report import SplitNotFoundError
     from ..data.yolo import resolve_yolo_paths
 
     try:
@@ -668,7 +674,7 @@ def split_exists(spec: DataSpec, split: str) -> bool:
             resolve_yolo_paths(spec.root, split)
         else:
             resolve_coco_paths(spec.root, split)
-    except DatasetError:
+    except SplitNotFoundError:
         return False
     return True
 
