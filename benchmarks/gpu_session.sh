@@ -11,7 +11,8 @@
 # trained demo checkpoint: AGREE_CKPT / AGREE_DATA (default runs/agree/checkpoint_best.pt and
 # runs/agree/data: copy a CPU demo run's checkpoint_best.pt and data/ there and carry runs/agree,
 # ~50 MB); without them it first trains the demo on the GPU.  Wheels found in .whl/ (the device image
-# lacks pycocotools; see the device README for downloading a cp312 wheel) are installed to /tmp/site.
+# lacks pycocotools) are installed to /tmp/site.  Both are git-ignored, so a fresh checkout lacks them:
+# `bash benchmarks/prepare_gpu_session.sh` makes them on the CPU machine (about 15 minutes) first.
 #
 # With the device tool (600 s per call; 15 minutes of device time per session, start-up included, so
 # plan one call): `STAGES="env tests agree" OUT=$OUT bash benchmarks/gpu_session.sh` with timeout_s 590,
