@@ -1,6 +1,7 @@
 """Checkpoint I/O: official key mapping, dinodet files, safety and clear errors."""
 import argparse
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -137,18 +138,58 @@ def test_arbitrary_pickles_are_refused(tmp_path, capsys):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         torch.save({"model": {"x": torch.zeros(1)}, "payload": _Evil()}, f, pickle_protocol=2)
-    with pytest.raises(CheckpointError, match="refusing"):
+    with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
+    # names what was refused, and never passes on torch's advice to load with weights_only=False
+    assert "refused" in str(err.value) and "GLOBAL print" in str(err.value)
+    assert "weights_only" not in str(err.value)
+    raw = tmp_path / "evil.pkl"  # a plain pickle (no zip container)
+    raw.write_bytes(pickle.dumps({"payload": _Evil()}))
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(raw)
     assert "pwned" not in capsys.readouterr().out
 
 
-def test_missing_and_garbage_files(tmp_path):
+@pytest.mark.parametrize("content, fragment", [
+    (b"definitely not a checkpoint", "not a PyTorch checkpoint (it starts with 'definitely not a checkpo')"),
+    (b"this is a text file\n", "not a PyTorch checkpoint (it starts with 'this is a text file')"),
+    (b"<!DOCTYPE html><html>404</html>", "not a PyTorch checkpoint (it starts with '<!DOCTYPE html>"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:00\n", "Git LFS pointer"),
+    (b"", "not a PyTorch checkpoint (empty)"),
+    (b"\x80\x02garbage after a pickle header", "Unsupported operand"),
+    (b"PK\x03\x04 a truncated zip", "not a readable checkpoint"),
+])
+def test_files_that_are_not_checkpoints(tmp_path, content, fragment):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(junk)
+    assert str(err.value).startswith(f"{junk}: ") and fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_malformed_dinodet_checkpoints(tmp_path, tiny_model):
+    cfg, model = tiny_model
+    good = torch.load(save_checkpoint(tmp_path / "m.pt", model, cfg), weights_only=True)
+    for name, bad, fragment in [("nomodel", {k: v for k, v in good.items() if k != "model"}, "'model' state dict"),
+                                ("listmodel", {**good, "model": [1, 2]}, "'model' state dict"),
+                                ("names", {**good, "class_names": "a,b"}, "'class_names' must be a list")]:
+        torch.save(bad, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=fragment):
+            load_checkpoint(tmp_path / f"{name}.pt")
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad.safetensors"
+    save_file(dict(model.state_dict()), str(path), metadata={"format": good["format"], "config": good["config"],
+                                                              "class_names": "[not json"})
+    with pytest.raises(CheckpointError, match="invalid class metadata"):
+        load_checkpoint(path)
+
+
+def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.pth")
-    junk = tmp_path / "junk.pth"
-    junk.write_bytes(b"definitely not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pth"):
-        load_checkpoint(junk)
 
 
 def test_backbone_checkpoint_is_loaded(tmp_path):

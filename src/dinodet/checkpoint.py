@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,20 +61,47 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+_PICKLE_PROTO = 0x80  # first byte of a protocol-2+ pickle: torch's legacy format, raw pickles
+
+
 def read_torch_file(path: str | os.PathLike) -> Any:
-    """torch.load with weights_only=True (argparse.Namespace allowed); errors become CheckpointError."""
+    """torch.load with weights_only=True (argparse.Namespace allowed); errors become CheckpointError.
+
+    The file is untrusted input: whatever it holds, the outcome is its content or one
+    CheckpointError line saying what the file is or which object was refused."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointError(f"{path}: a Git LFS pointer, not the weights (fetch them with `git lfs pull`)")
+    if not head.startswith(_ZIP_MAGIC) and not (head and head[0] == _PICKLE_PROTO):
+        start = head[:24].decode("utf-8", "replace").split("\n")[0].strip()
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (it starts with {start!r})" if start
+                              else f"{path}: not a PyTorch checkpoint (empty)")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Detected pickle protocol 4": noise here
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
-        raise CheckpointError(f"{path}: refusing to load objects a weights-only checkpoint may not contain ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: refused, a weights-only checkpoint may not contain this "
+                              f"({_unpickler_reason(str(e))})") from None
+    except Exception as e:  # noqa: BLE001 -- a crafted or damaged file can fail the unpickler in any way
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+
+
+def _unpickler_reason(message: str) -> str:
+    """The line of torch's weights-only refusal that names what was refused (not its advice to
+    load with weights_only=False, which would execute the file's code)."""
+    advice = ("Weights only load failed", "(1)", "(2)", "Check the documentation", "Please file")
+    for line in message.splitlines():
+        line = line.split("WeightsUnpickler error:")[-1].strip()
+        if line and not line.startswith(advice):
+            return line.split(". ")[0].rstrip(".")  # e.g. "Unsupported global: GLOBAL print was not ..."
+    return "an object outside the allowed types"
 
 
 def _namespace_to_dict(args: Any) -> dict[str, Any] | None:
@@ -279,8 +307,15 @@ def _load_dinodet(obj: dict[str, Any], path: Path) -> LoadedCheckpoint:
         cfg = DINOConfig.from_json(obj["config"])
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: invalid stored config ({e})") from None
+    state = obj.get("model")
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: dinodet checkpoint without a 'model' state dict of tensors")
+    for key in ("class_names", "category_ids"):
+        value = obj.get(key)
+        if value is not None and not isinstance(value, list):
+            raise CheckpointError(f"{path}: '{key}' must be a list, not {type(value).__name__}")
     model = build_model(cfg)
-    _load_exact(model, obj["model"], path)
+    _load_exact(model, state, path)
     extra = {k: v for k, v in obj.items() if k not in ("format", "config", "model", "class_names", "category_ids")}
     return LoadedCheckpoint(model, cfg, obj.get("class_names"), obj.get("category_ids"), "dinodet", extra)
 
@@ -299,9 +334,11 @@ def _load_safetensors(path: Path) -> LoadedCheckpoint:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     if meta.get("format") != FORMAT_TAG or "config" not in meta:
         raise CheckpointError(f"{path}: safetensors file without dinodet metadata")
-    obj = {"format": FORMAT_TAG, "config": meta["config"], "model": state,
-           "class_names": json.loads(meta.get("class_names", "null")),
-           "category_ids": json.loads(meta.get("category_ids", "null"))}
+    try:
+        names, ids = json.loads(meta.get("class_names", "null")), json.loads(meta.get("category_ids", "null"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: invalid class metadata ({e})") from None
+    obj = {"format": FORMAT_TAG, "config": meta["config"], "model": state, "class_names": names, "category_ids": ids}
     return _load_dinodet(obj, path)
 
 
