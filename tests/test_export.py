@@ -19,10 +19,12 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from conftest import TEST_MAX_SIZE, TEST_SIZE
+
 from dinodet.cli import main
 from dinodet.config import ConfigError, DINOConfig
 from dinodet.data.coco_classes import COCO_CLASSES
-from dinodet.export import MAX_OPSET, MIN_OPSET, ExportError, to_onnx
+from dinodet.export import MAX_OPSET, METADATA_FORMAT, MIN_OPSET, ExportError, to_onnx
 from dinodet.inference import Detector, preprocess_batch
 from dinodet.models.dino import DINO
 from dinodet.onnx_runtime import OnnxDetector
@@ -48,12 +50,29 @@ def one_line_error(capsys: pytest.CaptureFixture[str], *fragments: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def dynamic_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
-    """The tiny checkpoint exported by the CLI: dynamic shapes, grid_sample MSDA, logits + boxes."""
+def run_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_detector: Detector) -> Path:
+    """Like a training run's checkpoint.pt: raw weights, EMA weights (the tiny_detector's, which predict
+    and eval use) and the run's own evaluation resize (the test size, not tiny's default)."""
+    from dinodet.checkpoint import save_checkpoint
+    from dinodet.config import apply_overrides
+
+    cfg = apply_overrides(tiny_detector.config, [f"data.eval_size={TEST_SIZE}", f"data.max_size={TEST_MAX_SIZE}"])
+    torch.manual_seed(1)
+    raw = DINO(cfg.model)
+    path = tmp_path_factory.mktemp("run") / "checkpoint.pt"
+    save_checkpoint(path, raw, cfg, extra={"ema": {"module": tiny_detector.model.state_dict()}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def dynamic_onnx(tmp_path_factory: pytest.TempPathFactory, run_checkpoint: Path) -> Path:
+    """The run checkpoint exported by the CLI with its own defaults: dynamic shapes, grid_sample MSDA,
+    logits + boxes, the EMA weights, the run's evaluation resize."""
     out = tmp_path_factory.mktemp("onnx") / "tiny_dynamic.onnx"
     torch.set_num_threads(1)
-    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--format", "onnx", "--out", str(out),
+    assert main(["export", "--checkpoint", str(run_checkpoint), "--format", "onnx", "--out", str(out),
                  "--dynamic", "--msda", "grid_sample"]) == 0
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # the temporary file was renamed
     return out
 
 
@@ -96,6 +115,7 @@ def test_cli_export_writes_checked_onnx_with_metadata(dynamic_onnx: Path, capsys
     model = onnx.load(str(dynamic_onnx))
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["preset"] == "tiny" and meta["msda"] == "grid_sample" and meta["dynamic"] == "true"
+    assert (meta["size"], meta["max_size"]) == (str(TEST_SIZE), str(TEST_MAX_SIZE))  # the checkpoint's resize
     assert json.loads(meta["class_names"]) == list(COCO_CLASSES)
     assert json.loads(meta["category_ids"]) == list(range(91))
     contract = json.loads(meta["input_contract"])
@@ -187,10 +207,11 @@ def same_records(a: list[dict], b: list[dict]) -> None:
             raise AssertionError(f"no onnxruntime detection matches {r}")
 
 
-def test_predict_onnxruntime_backend_matches_torch(dynamic_onnx: Path, tiny_checkpoint: Path, image_dir: Path,
-                                                   tmp_path: Path, size_args: list[str], one_thread):
-    common = [str(image_dir), "--threshold", "0", "--batch-size", "2", *size_args]
-    assert main(["predict", *common, "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "torch")]) == 0
+def test_predict_onnxruntime_backend_matches_torch(dynamic_onnx: Path, run_checkpoint: Path, image_dir: Path,
+                                                   tmp_path: Path, one_thread):
+    # no --size: each backend resizes by its file's defaults, which must agree (and EMA weights on both)
+    common = [str(image_dir), "--threshold", "0", "--batch-size", "2"]
+    assert main(["predict", *common, "--checkpoint", str(run_checkpoint), "--out", str(tmp_path / "torch")]) == 0
     assert main(["predict", *common, "--backend", "onnxruntime", "--model", str(dynamic_onnx),
                  "--out", str(tmp_path / "ort")]) == 0
     ref = json.loads((tmp_path / "torch" / "predictions.json").read_text())
@@ -253,6 +274,11 @@ def test_predict_onnxruntime_errors_are_one_line(image_dir: Path, tmp_path: Path
     onnx.save(onnx.helper.make_model(onnx.helper.make_graph([node], "g", vi[:1], vi[1:])), str(plain))
     assert main(["predict", image, "--model", str(plain), "--out", str(tmp_path / "o")]) == 2
     one_line_error(capsys, "not a dinodet ONNX export")
+    model = onnx.load(str(plain))  # the format tag, but not the rest of the metadata
+    onnx.helper.set_model_props(model, {"format": METADATA_FORMAT, "preset": "tiny", "class_names": "[oops"})
+    onnx.save(model, str(plain))
+    assert main(["predict", image, "--model", str(plain), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, "invalid dinodet metadata")
 
 
 # ----------------------------------------------------------------------------- dino_r50_4scale

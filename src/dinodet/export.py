@@ -124,8 +124,8 @@ def to_onnx(
     msda: str = DEFAULT_MSDA,
     batch_size: int | None = None,
     input_size: tuple[int, int] | None = None,
-    size: int = 800,
-    max_size: int = 1333,
+    size: int | None = None,
+    max_size: int | None = None,
     check: bool = True,
 ) -> ExportResult:
     """Export a model to ONNX (see the module docstring for the input/output contract).
@@ -143,8 +143,10 @@ def to_onnx(
         msda: ``grid_sample`` or ``gather`` (see the module docstring).
         batch_size, input_size: the fixed input shape when not ``dynamic`` (default 1 and
             (max_size, max_size)); not allowed with ``dynamic``.
-        size, max_size: the resize the model expects (recorded in the metadata for the runtime).
-        check: run ``onnx.checker`` on the written file.
+        size, max_size: the resize the model expects (recorded in the metadata for the runtime);
+            default: the checkpoint's evaluation resize (``data.eval_size`` / ``data.max_size``),
+            or a Detector's own, so that the runtime predicts what ``dinodet predict`` does.
+        check: run ``onnx.checker`` on the written file (before it replaces ``out``).
 
     Raises:
         ExportError: bad options, missing ONNX packages, or a model that does not export.
@@ -153,22 +155,23 @@ def to_onnx(
     check_opset(opset)
     if msda not in MSDA_VARIANTS:
         raise ExportError(f"unknown MSDA variant '{msda}' (choose from: {', '.join(MSDA_VARIANTS)})")
-    if size < 1 or max_size < size:
-        raise ExportError(f"need 1 <= size <= max_size, got size {size} max_size {max_size}")
+    _check_resize(size, max_size)  # what is given, before the slow loading
     if dynamic and (batch_size is not None or input_size is not None):
         raise ExportError("a batch size / input size fixes the input shape: not allowed with dynamic")
     batch_size = 1 if batch_size is None else int(batch_size)
-    input_size = (max_size, max_size) if input_size is None else tuple(int(v) for v in input_size)
     if batch_size < 1:
         raise ExportError(f"batch size must be >= 1, got {batch_size}")
-    if len(input_size) != 2 or min(input_size) < DYNAMIC_MIN_SIDE:
+    if input_size is not None and (len(input_size) != 2 or min(input_size) < DYNAMIC_MIN_SIDE):
         raise ExportError(f"input size must be two sides (H W) >= {DYNAMIC_MIN_SIDE}, got {list(input_size)}")
     _require_onnx()
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise ExportError(f"the output file must end in .onnx, got '{out}'")
 
-    model, config, class_names, category_ids = _load_model(checkpoint, preset)
+    model, config, class_names, category_ids, resize = _load_model(checkpoint, preset)
+    size, max_size = resize[0] if size is None else size, resize[1] if max_size is None else max_size
+    _check_resize(size, max_size)
+    input_size = (max_size, max_size) if input_size is None else (int(input_size[0]), int(input_size[1]))
     names, ids = _label_map(config, class_names, category_ids)
     wrapper = ExportWrapper(model, with_postprocess, config.model.num_select).eval()
     input_names = ["images", "mask"] + (["orig_sizes"] if with_postprocess else [])
@@ -215,13 +218,26 @@ def to_onnx(
 
     onnx.helper.set_model_props(proto, metadata)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _save(proto, out)
-    if check:
-        try:
-            onnx.checker.check_model(str(out))
-        except onnx.checker.ValidationError as e:
-            raise ExportError(f"the exported graph fails onnx.checker: {_first_line(str(e))}") from None
+    # written and checked under a temporary name, then renamed: a failed export never replaces a good file
+    tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}.onnx")
+    try:
+        _save(proto, tmp, data_name=f"{out.name}.data")
+        if check:
+            try:
+                onnx.checker.check_model(str(tmp))
+            except onnx.checker.ValidationError as e:
+                raise ExportError(f"the exported graph fails onnx.checker: {_first_line(str(e))}") from None
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return ExportResult(out, opset, input_names, output_names, metadata)
+
+
+def _check_resize(size: int | None, max_size: int | None) -> None:
+    if size is not None and size < 1:
+        raise ExportError(f"size must be >= 1, got {size}")
+    if max_size is not None and max_size < (size or 1):
+        raise ExportError(f"need 1 <= size <= max_size, got size {size} max_size {max_size}")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -241,20 +257,24 @@ def _first_line(text: str) -> str:
     return text.splitlines()[0] if text else "unknown error"
 
 
-def _load_model(checkpoint: Any, preset: str | None) -> tuple[nn.Module, DINOConfig, Any, Any]:
+def _load_model(checkpoint: Any, preset: str | None) -> tuple[nn.Module, DINOConfig, Any, Any, tuple[int, int]]:
+    """(model, config, class names, category ids, (size, max_size) it expects)."""
     from .inference import Detector
 
     if isinstance(checkpoint, Detector):
         if preset is not None and preset != checkpoint.config.name:
             raise ConfigError(f"the detector is a '{checkpoint.config.name}' model, not '{preset}'")
         ids = checkpoint._category_ids.tolist()
-        return checkpoint.model.cpu().eval(), checkpoint.config, checkpoint.class_names, ids
+        return (checkpoint.model.cpu().eval(), checkpoint.config, checkpoint.class_names, ids,
+                (checkpoint.size, checkpoint.max_size))
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise ExportError(f"expected a checkpoint path or a Detector, got {type(checkpoint).__name__}")
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, use_ema_weights
 
     ckpt = load_checkpoint(checkpoint, preset=preset)
-    return ckpt.model.eval(), ckpt.config, ckpt.class_names, ckpt.category_ids
+    use_ema_weights(ckpt)  # a training run's checkpoint.pt: the weights predict and eval use
+    data = ckpt.config.data
+    return ckpt.model.eval(), ckpt.config, ckpt.class_names, ckpt.category_ids, (data.eval_size, data.max_size)
 
 
 def _label_map(config: DINOConfig, class_names: Any, category_ids: Any) -> tuple[list[str], list[int]]:
@@ -456,7 +476,8 @@ def _toposort(graph: Any) -> None:
     graph.node.extend(nodes[i] for i in order)
 
 
-def _save(proto: Any, out: Path) -> None:
+def _save(proto: Any, out: Path, data_name: str) -> None:
+    """Save ``proto``; graphs over 2 GB keep their weights in ``data_name`` beside ``out``."""
     import onnx
 
     size = sum(t.ByteSize() for t in proto.graph.initializer)
@@ -464,7 +485,7 @@ def _save(proto: Any, out: Path) -> None:
         onnx.save_model(proto, str(out))
     else:
         onnx.save_model(proto, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{out.name}.data")
+                        location=data_name)
 
 
 def _contract(input_names: Sequence[str], output_names: Sequence[str], dynamic: bool, batch_size: int,

@@ -77,13 +77,18 @@ class OnnxDetector:
             raise CheckpointError(f"{path}: not a dinodet ONNX export (no '{METADATA_FORMAT}' metadata)")
         self.path = path
         self.metadata = dict(meta)
-        self.preset = meta["preset"]
-        self.class_names: list[str] = json.loads(meta["class_names"])
-        self._category_ids = torch.tensor(json.loads(meta["category_ids"]), dtype=torch.int64)
-        self.num_select = int(meta["num_select"])
-        self.with_postprocess = json.loads(meta["with_postprocess"])
-        self.size = int(meta["size"]) if size is None else size
-        self.max_size = int(meta["max_size"]) if max_size is None else max_size
+        try:  # the file is untrusted input: incomplete or malformed metadata is one clear error
+            self.preset = meta["preset"]
+            self.class_names: list[str] = json.loads(meta["class_names"])
+            self._category_ids = torch.tensor(json.loads(meta["category_ids"]), dtype=torch.int64)
+            self.num_select = int(meta["num_select"])
+            self.with_postprocess = json.loads(meta["with_postprocess"])
+            self.size = int(meta["size"]) if size is None else size
+            self.max_size = int(meta["max_size"]) if max_size is None else max_size
+        except KeyError as e:
+            raise CheckpointError(f"{path}: dinodet metadata without {e}") from None
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: invalid dinodet metadata ({_first_line(str(e))})") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         shape = self.session.get_inputs()[0].shape  # [B, 3, H, W]; ints where fixed
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
