@@ -111,13 +111,15 @@ def _error_cases(tmp: Path, image_dir: Path, image: Path, ckpt: Path) -> dict[st
         "bad_device": ([str(image), *rand, "--device", "npu7"], ["npu7"]),
         "stem_clash": ([str(image), str(clash), *rand], [image.stem]),
         "cuda_only_mode": ([str(image), *rand, "--mode", "fp16"], ["fp16", "not available on cpu"]),
+        "unavailable_device": ([str(image), *rand, "--device", "mps"], ["'mps' is not available"]),
+        "out_is_a_file": ([str(image), *rand, "--out", str(tmp / "file.txt")], ["file.txt", "must be a folder"]),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["wrong_preset", "unknown_preset", "unreadable_image", "missing_input", "no_images", "preset_needed",
-     "bad_device", "stem_clash", "cuda_only_mode"],
+     "bad_device", "stem_clash", "cuda_only_mode", "unavailable_device", "out_is_a_file"],
 )
 def test_errors_are_one_line_exit_2(
     case: str, tmp_path: Path, image_dir: Path, sample_images: list[Path], tiny_checkpoint: Path, size_args, capsys
@@ -125,12 +127,44 @@ def test_errors_are_one_line_exit_2(
     (tmp_path / "empty").mkdir()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / sample_images[0].name).write_bytes(b"")
+    (tmp_path / "file.txt").write_text("not a folder")
     argv, fragments = _error_cases(tmp_path, image_dir, sample_images[0], tiny_checkpoint)[case]
     out = tmp_path / "out"
-    rc = main(["predict", *argv, "--out", str(out), *size_args])
+    rc = main(["predict", *argv, *([] if "--out" in argv else ["--out", str(out)]), *size_args])
     assert rc == 2
     assert_one_line_error(capsys.readouterr().err, *fragments)
     assert not (out / "predictions.json").exists()
+
+
+def test_one_bad_item_among_many_is_skipped(tmp_path: Path, sample_images: list[Path], size_args, capsys):
+    """A missing input and an output that cannot be written each cost one image and one warning."""
+    out = tmp_path / "out"
+    (out / f"{sample_images[1].stem}.jpg").mkdir(parents=True)  # the annotated picture cannot be written
+    rc = main(["predict", str(sample_images[0]), str(tmp_path / "typo.jpg"), str(sample_images[1]),
+               "--random-weights", "--preset", "tiny", "--threshold", "0", "--out", str(out), *size_args])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "typo.jpg" in err and f"cannot write '{out / sample_images[1].stem}.jpg'" in err
+    records = json.loads((out / "predictions.json").read_text())
+    assert {r["file_name"] for r in records} == {sample_images[0].name}
+
+
+def test_a_failing_batch_is_retried_image_by_image(tmp_path: Path, capsys):
+    from dinodet.cli import _predict_chunk
+
+    class Fussy:  # fails on any batch holding the 7-pixel-wide image
+        def predict(self, images, threshold, batch_size):
+            if any(im.width == 7 for im in images):
+                raise RuntimeError("CUDA out of memory (simulated)\nmore detail")
+            return [im.width for im in images]
+
+    chunk = [(tmp_path / f"{w}.jpg", Image.new("RGB", (w, 5))) for w in (5, 7, 9)]
+    got = _predict_chunk(Fussy(), chunk, 0.3, skip_failures=True)
+    assert [(path.name, pred) for (path, _), pred in got] == [("5.jpg", 5), ("9.jpg", 9)]
+    err = capsys.readouterr().err
+    assert err.count("cannot predict") == 1 and "7.jpg': CUDA out of memory (simulated); skipped" in err
+    with pytest.raises(RuntimeError):  # a lone image: the error is the run's
+        _predict_chunk(Fussy(), chunk[1:2], 0.3, skip_failures=False)
 
 
 def test_refuses_to_overwrite_inputs(image_dir: Path, size_args, capsys):

@@ -120,6 +120,8 @@ def test_check_data_prints_the_report(capsys):
     (["train", "--data", str(COCO128), "--preset", "tiny", "--out", "R", "--set", "train.amp=fp8"], "train.amp"),
     (["eval", "--data", str(COCO128), "--checkpoint", "/nonexistent.pt"], "checkpoint not found"),
     (["eval", "--data", str(COCO128), "--checkpoint", "x.pt", "--mode", "fp16"], "'fp16' is not available on cpu"),
+    (["eval", "--data", str(COCO128), "--checkpoint", "x.pt", "--out", str(COCO128 / "README.md")],
+     "must be a folder"),  # found before the checkpoint is even read
     (["check-data", "--data", "/nonexistent/data"], "/nonexistent/data"),
     (["demo", "--out", "R", "--set", "demo.nope=3"], "unknown config key: demo.nope"),
     (["demo", "--out", "R", "--set", "model.nope=3"], "unknown config key: model.nope"),

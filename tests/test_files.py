@@ -23,3 +23,19 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         write_json_atomic(path, {"AP": object()})  # not serialisable: fails halfway through
     assert json.loads(path.read_text()) == {"AP": 0.5}
     assert sorted(os.listdir(tmp_path)) == ["metrics.json"]
+
+
+def test_images_are_written_atomically_in_the_format_of_their_name(tmp_path):
+    from PIL import Image
+
+    from dinodet.files import save_image_atomic
+
+    path = tmp_path / "picture.jpg"
+    save_image_atomic(Image.new("RGB", (8, 6), "red"), path, quality=90)
+    with Image.open(path) as im:
+        assert im.format == "JPEG" and im.size == (8, 6)
+    with pytest.raises(TypeError):
+        save_image_atomic(Image.new("RGB", (8, 6)), path, quality=90, subsampling="bogus")  # fails in the writer
+    with Image.open(path) as im:
+        assert im.format == "JPEG"  # the earlier picture is intact
+    assert sorted(os.listdir(tmp_path)) == ["picture.jpg"]

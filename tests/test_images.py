@@ -107,3 +107,14 @@ def test_iter_image_paths_expands_directories(tmp_path: Path):
 def test_iter_image_paths_missing_input(tmp_path: Path):
     with pytest.raises(ImageLoadError, match="missing_dir"):
         iter_image_paths([tmp_path / "missing_dir"])
+    (tmp_path / "a.jpg").write_bytes(b"")
+    # among existing inputs a missing one is kept, for load_image to report and the caller to skip
+    assert iter_image_paths([tmp_path / "a.jpg", tmp_path / "typo.jpg"]) == [tmp_path / "a.jpg", tmp_path / "typo.jpg"]
+
+
+def test_decompression_bomb_is_an_unreadable_image(tmp_path: Path, monkeypatch):
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses > 2x this many pixels
+    with pytest.raises(ImageLoadError, match="huge.png"):
+        load_image(path)

@@ -47,6 +47,14 @@ def test_pil_and_tensor_inputs_agree_with_paths(
     assert (by_float.scores[:5] - by_path.scores[:5]).abs().max() < 0.05
 
 
+def test_pil_images_of_any_mode(tiny_detector: Detector, sample_images: list[Path]):
+    rgb = load_image(sample_images[0])
+    by_rgb, by_rgba = tiny_detector.predict([rgb, rgb.convert("RGBA")], threshold=0.0)
+    torch.testing.assert_close(by_rgba.boxes, by_rgb.boxes)  # the alpha channel is dropped
+    (by_gray,) = tiny_detector.predict(rgb.convert("L"), threshold=0.0)
+    assert by_gray.image_size == (480, 640) and len(by_gray) > 0
+
+
 def test_boxes_are_in_original_image_pixels(
     tiny_detector: Detector, sample_images: list[Path], sample_predictions: list[Prediction]
 ):

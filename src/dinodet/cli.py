@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .config import ConfigError
 from .data.images import ImageLoadError, iter_image_paths, load_image
-from .files import write_json_atomic
+from .files import save_image_atomic, write_json_atomic
 from .presets import list_presets
 
 if TYPE_CHECKING:
@@ -158,6 +158,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         raise ImageLoadError(f"no images found in {', '.join(repr(str(p)) for p in args.images)}")
     out_dir = Path(args.out)
     _check_output_names(paths, out_dir)
+    _check_out_folder(out_dir)
     detector = _build_detector(args)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -165,14 +166,14 @@ def _run_predict(args: argparse.Namespace) -> int:
     skip_unreadable = len(paths) > 1
     records, done = _predict_files(detector, paths, out_dir, args.threshold, args.batch_size, skip_unreadable)
     if done == 0:
-        _error(f"none of the {len(paths)} images could be read; nothing written")
+        _error(f"none of the {len(paths)} images could be processed (see the warnings above); nothing written")
         return EXIT_USAGE
     json_path = out_dir / "predictions.json"
     write_json_atomic(json_path, records)
     skipped = len(paths) - done
     print(
         f"dinodet: {len(records)} detection(s) in {done} image(s) -> {json_path}"
-        + (f" ({skipped} unreadable image(s) skipped)" if skipped else "")
+        + (f" ({skipped} image(s) skipped, see the warnings above)" if skipped else "")
     )
     return 0
 
@@ -194,10 +195,19 @@ def _check_predict_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if (args.size is not None and args.size < 1) or (args.size and args.max_size and args.max_size < args.size):
-        raise ConfigError(f"need 1 <= --size <= --max-size, got --size {args.size} --max-size {args.max_size}")
+    for flag, value in (("--size", args.size), ("--max-size", args.max_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if args.size and args.max_size and args.max_size < args.size:
+        raise ConfigError(f"need --size <= --max-size, got --size {args.size} --max-size {args.max_size}")
     if args.backend == "onnxruntime" and args.mode != "exact":
         raise ConfigError("--mode applies to the PyTorch backend; an ONNX model runs as it was exported")
+
+
+def _check_out_folder(out_dir: Path) -> None:
+    """Before the slow work: ``--out`` must be (or become) a folder."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out '{out_dir}' is a file; it must be a folder (created if needed)")
 
 
 def _check_output_names(paths: Sequence[Path], out_dir: Path) -> None:
@@ -250,17 +260,40 @@ def _predict_files(
     with tqdm(total=len(paths), unit="img", disable=len(paths) < PROGRESS_MIN_IMAGES, file=sys.stderr) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = _load_images(paths[start : start + batch_size], skip_unreadable)
-            if chunk:
-                preds = detector.predict([im for _, im in chunk], threshold=threshold, batch_size=batch_size)
-                for (path, image), pred in zip(chunk, preds):
-                    draw_detections(image, pred.boxes, pred.class_names, pred.scores).save(
-                        out_dir / f"{path.stem}.jpg", quality=90
-                    )
-                    records.extend(_records(path.name, pred.category_ids.tolist(),
-                                            box_xyxy_to_xywh(pred.boxes).tolist(), pred.scores.tolist()))
-                    done += 1
+            for (path, image), pred in _predict_chunk(detector, chunk, threshold, skip_unreadable):
+                picture = out_dir / f"{path.stem}.jpg"
+                try:
+                    save_image_atomic(draw_detections(image, pred.boxes, pred.class_names, pred.scores), picture,
+                                      quality=90)
+                except OSError as e:
+                    if not skip_unreadable:
+                        raise
+                    _warn(f"cannot write '{picture}': {e.strerror or e}; skipped")
+                    continue
+                records.extend(_records(path.name, pred.category_ids.tolist(),
+                                        box_xyxy_to_xywh(pred.boxes).tolist(), pred.scores.tolist()))
+                done += 1
             bar.update(min(batch_size, len(paths) - start))
     return records, done
+
+
+def _predict_chunk(detector: Detector | OnnxDetector, chunk: list[tuple[Path, Image.Image]], threshold: float,
+                   skip_failures: bool) -> list[tuple[tuple[Path, Image.Image], Any]]:
+    """((path, image), prediction) for a batch of loaded images.  When the batch fails (e.g. out of
+    memory on one huge image) each image is retried alone, and one that still fails is reported and
+    skipped (with ``skip_failures``; else the error propagates)."""
+    if not chunk:
+        return []
+    try:
+        return list(zip(chunk, detector.predict([im for _, im in chunk], threshold=threshold, batch_size=len(chunk))))
+    except Exception as e:
+        if not skip_failures:
+            raise
+        if len(chunk) > 1:
+            return [r for item in chunk for r in _predict_chunk(detector, [item], threshold, skip_failures)]
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _warn(f"cannot predict '{chunk[0][0]}': {reason}; skipped")
+        return []
 
 
 def _load_images(paths: Sequence[Path], skip_unreadable: bool) -> list[tuple[Path, Image.Image]]:
@@ -495,6 +528,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = _checked_device(args.device)
     check_mode(args.mode, device)
+    if args.out:
+        _check_out_folder(Path(args.out))
     ckpt = load_checkpoint(args.checkpoint, preset=args.preset)
     cfg = apply_overrides(ckpt.config, args.overrides)
     model = ckpt.model
@@ -717,8 +752,9 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, metavar="N", help="fixed batch size without --dynamic (default 1)")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                    help="fixed padded input size without --dynamic (default MAX_SIZE MAX_SIZE)")
-    p.add_argument("--size", type=int, default=800, help="short side the model expects (default 800)")
-    p.add_argument("--max-size", type=int, default=1333, help="cap on the long side (default 1333)")
+    p.add_argument("--size", type=int, help="short side the model expects (default: the checkpoint's "
+                   "evaluation size, 800 for the official models)")
+    p.add_argument("--max-size", type=int, help="cap on the long side (default: the checkpoint's, 1333 officially)")
     p.set_defaults(func=_run_export)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +16,28 @@ def json_text(data: Any) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON (``json_text``) to ``path`` through a temporary file and a rename.
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it to ``path``.
 
     The temporary file lives in the same folder because ``os.replace`` is atomic only within one
-    file system; a plain ``open`` (not ``mkstemp``) keeps the usual umask permissions.
+    file system; its name keeps the suffix (image writers pick the format from it), and a plain
+    ``open`` (not ``mkstemp``) keeps the usual umask permissions.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json_text(data))
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON (``json_text``) to ``path`` atomically (``write_atomic``)."""
+    write_atomic(path, lambda tmp: tmp.write_text(json_text(data), encoding="utf-8"))
+
+
+def save_image_atomic(image: Any, path: Path, **options: Any) -> None:
+    """``image.save(path, **options)`` (a PIL image) atomically (``write_atomic``)."""
+    write_atomic(path, lambda tmp: image.save(tmp, **options))

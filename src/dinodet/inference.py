@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .checkpoint import load_checkpoint, use_ema_weights
 from .config import ConfigError, DINOConfig
 from .data.coco_classes import COCO_CLASSES
-from .data.images import load_image
+from .data.images import load_image, to_rgb
 from .data.transforms import eval_transform, image_hw, pad_batch
 from .models.dino import DINO
 from .modes import ModeRunner
@@ -58,6 +58,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise ConfigError(f"device '{device}' requested but CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(f"device '{device}' does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    if dev.type not in ("cpu", "cuda"):  # mps, xpu, ...: one allocation says whether it is usable here
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError):  # torch's message lists every dispatch key: too long to show
+            raise ConfigError(f"device '{device}' is not available here (not in this torch build, or no such "
+                              "hardware)") from None
     return dev
 
 
@@ -111,8 +117,11 @@ class Detector:
             config.model.num_classes, class_names, category_ids
         )
         self._category_ids = torch.tensor(category_id_list, dtype=torch.int64)
-        self.size = size or config.data.eval_size
-        self.max_size = max_size or config.data.max_size
+        self.size = config.data.eval_size if size is None else size
+        self.max_size = config.data.max_size if max_size is None else max_size
+        if self.size < 1 or self.max_size < self.size:
+            raise ConfigError(f"need 1 <= size <= max_size, got size {self.size} and max_size {self.max_size} "
+                              "(a larger size needs a larger max_size too)")
 
     @property
     def mode(self) -> str:
@@ -208,7 +217,8 @@ def preprocess_batch(items: Sequence[ImageInput], size: int, max_size: int | Non
         images float32 [B, 3, H, W], mask bool [B, H, W] (True on padding) and the original
         (height, width) of every image, int64 [B, 2].  Shared by every inference backend.
     """
-    loaded = [load_image(x) if isinstance(x, (str, Path)) else x for x in items]
+    loaded = [load_image(x) if isinstance(x, (str, Path)) else to_rgb(x) if isinstance(x, Image.Image) else x
+              for x in items]
     orig_sizes = torch.tensor([image_hw(im) for im in loaded], dtype=torch.int64)  # [B, 2] (h, w)
     batch, mask = pad_batch([eval_transform(im, size, max_size) for im in loaded])
     return batch, mask, orig_sizes

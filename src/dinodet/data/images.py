@@ -35,16 +35,16 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as im:
             # exif_transpose decodes the pixels, so truncated files fail here, inside the try.
             upright = ImageOps.exif_transpose(im)
-            return _to_rgb(upright)
+            return to_rgb(upright)
     except UnidentifiedImageError as e:  # PIL's own message repeats the path; say it once
         raise ImageLoadError(f"cannot read image '{path}': not an image, or an unsupported format") from e
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         # PIL reports corrupt data with several exception types; SyntaxError comes from some
-        # plugin parsers (e.g. broken PNG chunks).
+        # plugin parsers (e.g. broken PNG chunks); a decompression bomb is a file too large to trust.
         raise ImageLoadError(f"cannot read image '{path}': {_first_line(e)}") from e
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB; ``convert`` always returns a new, fully loaded image."""
     if im.mode == "P" and "transparency" in im.info:
         # Palette images with transparency must pass through RGBA or PIL warns and may mis-map.
@@ -63,20 +63,22 @@ def _first_line(e: BaseException) -> str:
 def iter_image_paths(inputs: Iterable[str | Path]) -> list[Path]:
     """Expand files and directories into a list of image files.
 
-    Files are kept as given (in order); a directory contributes its direct children with an image
-    suffix (see ``IMAGE_EXTENSIONS``), sorted by name.  Paths are not checked for readability here;
-    ``load_image`` reports unreadable ones.
+    Files are kept as given (in order), missing ones too: ``load_image`` reports them like
+    unreadable ones, so that one mistyped name among many is skipped, not fatal.  A directory
+    contributes its direct children with an image suffix (see ``IMAGE_EXTENSIONS``), sorted by name.
 
     Raises:
-        ImageLoadError: an input does not exist.
+        ImageLoadError: none of the inputs exists.
     """
     paths: list[Path] = []
+    found = False
     for item in inputs:
         p = Path(item)
+        found = found or p.exists()
         if p.is_dir():
             paths.extend(sorted(c for c in p.iterdir() if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS))
-        elif p.exists():
-            paths.append(p)
         else:
-            raise ImageLoadError(f"no such file or directory: '{p}'")
+            paths.append(p)
+    if paths and not found:
+        raise ImageLoadError("no such file or directory: " + ", ".join(repr(str(p)) for p in paths))
     return paths

@@ -111,6 +111,7 @@ def write_prediction_pictures(dataset: Any, records: list[dict[str, Any]], out_d
     """Draw the detections (COCO records, xywh in original pixels) above ``threshold`` on the first
     ``limit`` images of ``dataset``; returns how many pictures were written."""
     from ..data.images import load_image
+    from ..files import save_image_atomic
     from ..visualize import draw_detections
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,6 +127,6 @@ def write_prediction_pictures(dataset: Any, records: list[dict[str, Any]], out_d
         boxes = [[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in dets)]
         labels = [names.get(r["category_id"], str(r["category_id"])) for r in dets]
         picture = draw_detections(load_image(path), boxes, labels, [r["score"] for r in dets])
-        picture.save(out_dir / f"{path.stem}.jpg", quality=90)
+        save_image_atomic(picture, out_dir / f"{path.stem}.jpg", quality=90)
         written += 1
     return written
