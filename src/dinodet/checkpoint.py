@@ -165,7 +165,10 @@ def _load_exact(model: nn.Module, state: dict[str, Tensor], path, name_of=lambda
 
 def build_model(cfg: DINOConfig) -> DINO:
     """Instantiate ``cfg``; ImageNet backbone weights are loaded if ``cfg.model.backbone.checkpoint`` is set."""
-    model = DINO(cfg.model)
+    try:
+        model = DINO(cfg.model)
+    except ValueError as e:  # an unknown backbone, norm or kernel name, or settings that do not fit together
+        raise ConfigError(f"model config: {e}") from None
     model.preset_name = cfg.name
     if cfg.model.backbone.checkpoint:
         load_backbone_weights(model, cfg.model.backbone.checkpoint)
@@ -295,7 +298,7 @@ def _load_official(obj: dict[str, Any], path: Path, preset: str | None) -> Loade
             raise CheckpointError(f"{path}: official checkpoint without stored args; pass --preset")
         try:
             cfg = config_from_official_args(args)
-        except ConfigError as e:
+        except (ValueError, TypeError) as e:  # ConfigError, or a stored value int()/float() cannot take
             raise CheckpointError(f"{path}: {e}") from None
     model = build_model(cfg)
     load_official_state(model, obj["model"], path)

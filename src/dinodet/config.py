@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,16 +165,83 @@ def _from_dict(cls, d: dict[str, Any], prefix: str):
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in d.items():
         sub = _dataclass_type(cls, name)
         if sub is not None:
             kwargs[name] = _from_dict(sub, value, f"{prefix}{name}.")
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
         else:
-            kwargs[name] = value
-    return cls(**kwargs)
+            kwargs[name] = _typed(hints[name], value, prefix + name)
+    cfg = cls(**kwargs)
+    return check_config(cfg) if cls is DINOConfig else cfg
+
+
+def _typed(hint: Any, value: Any, key: str) -> Any:
+    """``value`` as the field type ``hint`` (int, float, bool, str, tuple[int, ...], tuple[int, int],
+    X | None), or ConfigError naming ``key``.  JSON gives lists for tuples and may give 12.0 for 12."""
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        if isinstance(value, (list, tuple)) and (args[-1] is Ellipsis or len(value) == len(args)):
+            return tuple(_typed(args[0], v, key) for v in value)
+        size = "a list of integers" if args[-1] is Ellipsis else f"a list of {len(args)} integers"
+        raise ConfigError(f"{key} must be {size}, got {value!r}")
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+    raise ConfigError(f"{key} must be {what}, got {value!r}")
+
+
+# Ranges of the numeric settings (inclusive; None: open).  Checked whenever a config is read from
+# data (overrides, checkpoints, official args), so a bad value is one line, not a traceback later.
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    **{f"model.{k}": (1, None) for k in ("num_classes", "hidden_dim", "num_heads", "num_feature_levels",
+                                         "dec_layers", "dim_feedforward", "enc_n_points", "dec_n_points",
+                                         "num_queries", "num_select", "dn_labelbook_size")},
+    "model.enc_layers": (0, None), "model.dn_number": (0, None), "model.dropout": (0, 1),
+    "model.dn_box_noise_scale": (0, None), "model.dn_label_noise_ratio": (0, 1),
+    "model.pe_temperature_h": (0, None), "model.pe_temperature_w": (0, None), "model.proposal_base_size": (0, None),
+    "model.backbone.window_size": (1, None), "model.backbone.drop_path_rate": (0, 1),
+    "model.backbone.return_layers": (0, 3),  # stages of stride 4, 8, 16, 32
+    **{f"loss.{k}": (0, None) for k in ("cost_class", "cost_bbox", "cost_giou", "cls_loss_coef", "bbox_loss_coef",
+                                        "giou_loss_coef", "interm_loss_coef", "focal_gamma")},
+    "loss.focal_alpha": (0, 1),
+    "data.max_size": (1, None), "data.eval_size": (1, None), "data.num_workers": (0, None),
+    "data.train_scales": (1, None), "data.crop_resize_scales": (1, None), "data.crop_size": (1, None),
+    **{f"train.{k}": (1, None) for k in ("epochs", "batch_size", "accumulate", "lr_drop", "eval_every",
+                                         "eval_batch_size", "log_every")},
+    **{f"train.{k}": (0, None) for k in ("lr", "lr_backbone", "weight_decay", "clip_max_norm", "seed")},
+    "train.ema_decay": (0, 1),
+}
+
+
+def check_config(cfg: DINOConfig) -> DINOConfig:
+    """Raise ConfigError naming the first setting outside its range (``_RANGES``); returns ``cfg``."""
+    for key, (lo, hi) in _RANGES.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        values = value if isinstance(value, tuple) else (value,)
+        if isinstance(value, tuple) and not value:
+            raise ConfigError(f"{key} must not be empty")
+        for v in values:
+            if v is not None and ((lo is not None and v < lo) or (hi is not None and v > hi)):
+                bound = f"in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else f">= {lo:g}"
+                raise ConfigError(f"{key} must be {bound}, got {value!r}")
+    if cfg.data.crop_size[0] > cfg.data.crop_size[1]:
+        raise ConfigError(f"data.crop_size is (min, max), got {list(cfg.data.crop_size)}")
+    return cfg
 
 
 def _dataclass_type(cls, name: str):

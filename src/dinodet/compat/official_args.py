@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import BackboneConfig, ConfigError, DINOConfig, LossConfig, ModelConfig
+from ..config import BackboneConfig, ConfigError, DINOConfig, LossConfig, ModelConfig, check_config
 
 _RESNETS = ("resnet50", "resnet101")
 # official backbone name -> (dinodet name, window size); the official build never sets a drop-path rate,
@@ -94,4 +94,4 @@ def config_from_official_args(args: dict[str, Any]) -> DINOConfig:
         focal_alpha=float(args.get("focal_alpha", 0.25)),
     )
     name = f"official_{backbone}_{model.num_feature_levels}scale"
-    return DINOConfig(name=name, model=model, loss=loss)
+    return check_config(DINOConfig(name=name, model=model, loss=loss))
