@@ -120,8 +120,6 @@ def test_check_data_prints_the_report(capsys):
     (["train", "--data", str(COCO128), "--preset", "tiny", "--out", "R", "--set", "train.amp=fp8"], "train.amp"),
     (["train", "--data", str(COCO128), "--preset", "tiny", "--out", "R", "--set", "train.lr=abc"],
      "train.lr must be a number"),
-    (["train", "--data", str(COCO128), "--preset", "tiny", "--out", "R", "--set", "model.backbone.name=\"resnet9\""],
-     "unknown ResNet"),
     (["eval", "--data", str(COCO128), "--checkpoint", "/nonexistent.pt"], "checkpoint not found"),
     (["eval", "--data", str(COCO128), "--checkpoint", "x.pt", "--mode", "fp16"], "'fp16' is not available on cpu"),
     (["eval", "--data", str(COCO128), "--checkpoint", "x.pt", "--out", str(COCO128 / "README.md")],
@@ -143,6 +141,13 @@ def test_demo_never_replaces_a_dataset_it_did_not_generate(capsys, tmp_path: Pat
     msg = capsys.readouterr().err.splitlines()[-1]  # after the "generating ..." line
     assert msg.startswith("dinodet: error: ") and "did not generate" in msg and str(tmp_path / "data") in msg
     assert mine.read_bytes() == b"user data" and len(list(mine.parent.iterdir())) == 1
+
+
+def test_unknown_backbone_is_one_error_line(capsys, tmp_path: Path):
+    assert main(["train", "--data", str(COCO128), "--preset", "tiny", "--out", str(tmp_path), "--set",
+                 'model.backbone.name="resnet9"']) == 2
+    err = capsys.readouterr().err.splitlines()  # after the "training 'tiny' on ..." line
+    assert err[-1].startswith("dinodet: error: model config: unknown ResNet 'resnet9'") and "Traceback" not in err
 
 
 def test_train_refuses_an_existing_run_without_resume(capsys, tmp_path: Path):
