@@ -143,6 +143,24 @@ def test_demo_never_replaces_a_dataset_it_did_not_generate(capsys, tmp_path: Pat
     assert mine.read_bytes() == b"user data" and len(list(mine.parent.iterdir())) == 1
 
 
+def test_eval_of_a_best_checkpoint_says_it_holds_ema_weights(tmp_path: Path, capsys):
+    """checkpoint_best.pt of an EMA run stores the EMA weights as its weights (and says so)."""
+    from dinodet.checkpoint import build_model, save_checkpoint
+    from dinodet.config import apply_overrides
+    from dinodet.data.synthetic import make_synthetic_coco
+    from dinodet.presets import get_preset
+
+    data = make_synthetic_coco(tmp_path / "data", num_train=2, num_val=2, image_size=(64, 64), seed=0, num_classes=4)
+    cfg = apply_overrides(get_preset("tiny", num_classes=4), ["data.eval_size=64", "data.max_size=64",
+                                                              "model.num_queries=20", "model.num_select=20"])
+    best = save_checkpoint(tmp_path / "checkpoint_best.pt", build_model(cfg), cfg,
+                           ["circle", "square", "triangle", "cross"], [1, 2, 3, 4], extra={"ema_weights": True})
+    assert main(["eval", "--data", str(data), "--checkpoint", str(best), "--out", str(tmp_path / "ev"),
+                 "--no-progress"]) == 0
+    assert "(EMA weights)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["ema_weights"] is True
+
+
 def test_unknown_backbone_is_one_error_line(capsys, tmp_path: Path):
     assert main(["train", "--data", str(COCO128), "--preset", "tiny", "--out", str(tmp_path), "--set",
                  'model.backbone.name="resnet9"']) == 2

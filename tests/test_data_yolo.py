@@ -133,3 +133,10 @@ def test_missing_label_folder_is_an_error(tmp_path: Path):
     (tmp_path / "names.txt").write_text("thing\n")
     with pytest.raises(DatasetError, match=r"no label folder '.*train/labels'"):
         build_dataset(str(tmp_path), "train", "yolo", data_cfg=SMALL)
+
+
+def test_split_folders_come_from_the_data_yaml_even_with_names_txt():
+    # coco128 has names.txt (the names) and coco128.yaml, whose 'val:' is the training images
+    images, labels, names = resolve_yolo_paths(COCO128, "val")
+    assert (images, labels, names.name) == (COCO128 / "images" / "train2017", COCO128 / "labels" / "train2017",
+                                            "names.txt")

@@ -285,6 +285,75 @@ def test_new_run_refuses_to_overwrite_and_resume_without_checkpoint_starts_fresh
         run(cfg, tr, va, tmp_path / "r", max_steps=1)
 
 
+def test_resume_applies_changed_schedule_settings(shapes_root: Path, tmp_path: Path):
+    """--set on resume wins over the stored optimizer / scheduler / EMA settings (config.json said
+    so before, while the stored values were used)."""
+    cfg = small_config("train.epochs=1", "train.ema=true", "train.ema_decay=0.9")
+    tr, va = datasets(shapes_root, cfg)
+    run(cfg, tr, va, tmp_path / "r")
+    changed = small_config("train.epochs=2", "train.ema=true", "train.ema_decay=0.5", "train.lr=1e-6",
+                           "train.weight_decay=0.5", "train.lr_drop=1")
+    run(changed, tr, va, tmp_path / "r", resume=True)
+    state = read_torch_file(tmp_path / "r" / CHECKPOINT)
+    main_group = next(g for g in state["optimizer"]["param_groups"] if g["name"] == "main")
+    # lr_drop 1: dropped once for the resumed epoch, once more by the scheduler after it
+    assert main_group["lr"] == pytest.approx(1e-8) and main_group["initial_lr"] == 1e-6
+    assert all(g["weight_decay"] == 0.5 for g in state["optimizer"]["param_groups"])
+    assert state["scheduler"]["step_size"] == 1 and state["ema"]["decay"] == 0.5
+
+
+def test_resume_refuses_data_with_classes_the_run_lacks(shapes_root: Path, tmp_path: Path):
+    import json
+    import shutil
+
+    cfg = small_config()
+    tr, va = datasets(shapes_root, cfg)
+    run(cfg, tr, va, tmp_path / "r", max_steps=1)
+    other = tmp_path / "other"
+    shutil.copytree(shapes_root, other)
+    ann = other / "annotations" / "instances_train2017.json"
+    data = json.loads(ann.read_text())
+    data["categories"][0]["name"] = "giraffe"
+    ann.write_text(json.dumps(data))
+    # as the CLI does on resume: the data is indexed with the run's classes
+    tr2 = build_dataset(other, "train", data_cfg=cfg.data, label_map=tr.label_map)
+    with pytest.raises(CheckpointError, match="not trained on this dataset's classes .*'giraffe'"):
+        run(cfg, tr2, va, tmp_path / "r", resume=True)
+
+
+def test_earlier_results_are_never_overwritten_and_damaged_state_is_one_error(shapes_root: Path, tmp_path: Path):
+    cfg = small_config()
+    tr, va = datasets(shapes_root, cfg)
+    run(cfg, tr, va, tmp_path / "r", max_steps=1)
+    state = read_torch_file(tmp_path / "r" / CHECKPOINT)
+    torch.save({k: v for k, v in state.items() if k != "epoch"}, tmp_path / "r" / CHECKPOINT)
+    with pytest.raises(CheckpointError, match="damaged training state .*KeyError"):
+        run(cfg, tr, va, tmp_path / "r", resume=True)
+    (tmp_path / "r" / CHECKPOINT).unlink()  # e.g. deleted by hand: best checkpoint and metrics remain
+    for resume in (False, True):
+        with pytest.raises(ConfigError, match="earlier run's results .*checkpoint_best.pt"):
+            run(cfg, tr, va, tmp_path / "r", resume=resume)
+
+
+def test_best_checkpoint_and_log_come_before_checkpoint(shapes_root: Path, tmp_path: Path, monkeypatch):
+    """checkpoint.pt records best_AP and the epoch: an interrupt before it is written must not
+    leave a best_AP without its file, nor lose the epoch's log record."""
+    import dinodet.engine.train as engine
+
+    order = []
+
+    def recording_save(path, *args, **kwargs):
+        log = path.parent / "metrics.jsonl"
+        order.append((path.name, log.is_file() and len(log.read_text().splitlines())))
+        return save_checkpoint(path, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "save_checkpoint", recording_save)
+    cfg = small_config()
+    tr, va = datasets(shapes_root, cfg)
+    run(cfg, tr, va, tmp_path / "r")
+    assert order == [(BEST_CHECKPOINT, 1), (CHECKPOINT, 1)]
+
+
 @pytest.mark.slow
 def test_overfits_four_images(tmp_path: Path):
     """The whole loop learns: 4 synthetic images, 100 steps of batch 4 -> AP50 ~1 (threshold 0.8).

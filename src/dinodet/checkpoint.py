@@ -42,6 +42,7 @@ class LoadedCheckpoint:
     category_ids: list[int] | None = None  # category id of each class index; None: index == id
     source: str = "dinodet"  # "dinodet" or "official"
     extra: dict[str, Any] | None = None  # anything else stored in the file (optimizer state, epoch...)
+    path: str = ""  # the file it was read from (for messages)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -117,7 +118,7 @@ def _summarise(keys: list[str], limit: int = 12) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _key_problems(missing: list[str], unexpected: list[str]) -> str:
+def key_problems(missing: list[str], unexpected: list[str]) -> str:
     """'missing keys: ...; unexpected keys: ...' (only the parts that apply)."""
     parts = [f"missing keys: {_summarise(missing)}"] if missing else []
     if unexpected:
@@ -132,7 +133,7 @@ def load_official_state(model: DINO, state: dict[str, Tensor], path: str | os.Pa
     missing = [k for k in key_map if k not in state]
     unexpected = [k for k in state if k not in key_map]
     if missing or unexpected:
-        problems = _key_problems(missing, unexpected)
+        problems = key_problems(missing, unexpected)
         raise CheckpointError(f"{path}: does not match preset '{cfg_name(model)}': {problems}")
     ours: dict[str, Tensor] = {}
     for off, k in key_map.items():
@@ -160,7 +161,7 @@ def _load_exact(model: nn.Module, state: dict[str, Tensor], path, name_of=lambda
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         missing = [name_of(k) for k in result.missing_keys]
-        raise CheckpointError(f"{path}: " + _key_problems(missing, list(result.unexpected_keys)))
+        raise CheckpointError(f"{path}: " + key_problems(missing, list(result.unexpected_keys)))
 
 
 def build_model(cfg: DINOConfig) -> DINO:
@@ -239,7 +240,7 @@ def _load_imagenet_trunk(body: nn.Module, state: dict[str, Tensor], path, family
     missing = [k for k in ours if k not in mapped and not any(re.search(p, k) for p in may_miss)]
     what = f"backbone '{bcfg.name}'" + (f" (window_size {bcfg.window_size})" if family == "swin" else "")
     if missing or unexpected:
-        problems = _key_problems([original_backbone_name(k) for k in missing], unexpected)
+        problems = key_problems([original_backbone_name(k) for k in missing], unexpected)
         raise CheckpointError(f"{path}: does not fit {what}: " + problems)
     for k, v in mapped.items():
         if tuple(v.shape) != tuple(ours[k].shape):
@@ -259,7 +260,14 @@ def use_ema_weights(ckpt: LoadedCheckpoint) -> bool:
     ema = (ckpt.extra or {}).get("ema")
     if not ema:
         return False
-    ckpt.model.load_state_dict(ema["module"])
+    try:
+        result = ckpt.model.load_state_dict(ema["module"], strict=False)
+    except (RuntimeError, TypeError, KeyError, AttributeError) as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), type(e).__name__)
+        raise CheckpointError(f"{ckpt.path}: damaged EMA weights ({first})") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{ckpt.path}: damaged EMA weights ("
+                              + key_problems(result.missing_keys, result.unexpected_keys) + ")")
     return True
 
 
@@ -285,6 +293,7 @@ def load_checkpoint(path: str | os.PathLike, preset: str | None = None, device: 
             raise CheckpointError(f"{path}: neither an official DINO checkpoint nor a dinodet checkpoint")
     if preset is not None and loaded.source == "dinodet" and preset != loaded.config.name:
         raise CheckpointError(f"{path}: checkpoint was made with preset '{loaded.config.name}', not '{preset}'")
+    loaded.path = str(path)
     loaded.model.to(device).eval()
     return loaded
 

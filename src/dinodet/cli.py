@@ -370,16 +370,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from .engine.distributed import dist_info_from_env
-    from .engine.train import CHECKPOINT, DataSpec, TrainOptions, build_train_datasets, train
+    from .engine.train import CHECKPOINT, DataSpec, TrainOptions, build_train_datasets, check_run_dir, train
 
     _check_train_args(args)
     run_dir = Path(args.out)
     if args.slurm:
         return _submit_slurm(args, run_dir)
     cfg, label_map = _train_config(args, run_dir / CHECKPOINT)
-    if (run_dir / CHECKPOINT).is_file() and not args.resume:
-        raise ConfigError(f"'{run_dir}' already holds a run ({CHECKPOINT}); pass --resume to continue it "
-                          "or choose another --out")
+    check_run_dir(run_dir, args.resume)  # before the (possibly slow) dataset indexing
     info = dist_info_from_env()
     train_set, val_set = build_train_datasets(DataSpec(args.data, args.format), cfg, label_map, info)
     if info.is_main:
@@ -533,7 +531,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint, preset=args.preset)
     cfg = apply_overrides(ckpt.config, args.overrides)
     model = ckpt.model
-    ema = use_ema_weights(ckpt)
+    # a training checkpoint.pt holds EMA weights beside the raw ones; checkpoint_best.pt holds them as its weights
+    ema = use_ema_weights(ckpt) or bool((ckpt.extra or {}).get("ema_weights"))
     split = args.split or "val"
     if args.split is None and not split_exists(DataSpec(args.data, args.format), split):
         _warn(f"no 'val' split in '{args.data}'; evaluating the 'train' split")
@@ -632,12 +631,11 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from .data.coco import build_dataset
     from .engine.demo import PREDICTIONS_DIR, demo_config, make_demo_data, write_prediction_pictures
-    from .engine.train import CHECKPOINT, Trainer, TrainOptions
+    from .engine.train import Trainer, TrainOptions, check_run_dir
 
     settings, cfg = demo_config(args.overrides)
     run_dir = Path(args.out)
-    if (run_dir / CHECKPOINT).is_file() and not args.resume:
-        raise ConfigError(f"'{run_dir}' already holds a run ({CHECKPOINT}); pass --resume or choose another --out")
+    check_run_dir(run_dir, args.resume)
     device = _checked_device(args.device)
     print(f"dinodet: generating {settings.num_train} + {settings.num_val} synthetic images in {run_dir / 'data'}",
           file=sys.stderr)

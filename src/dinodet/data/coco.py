@@ -34,7 +34,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,7 @@ class DatasetIndex:
     labels: np.ndarray
     offsets: np.ndarray
     report: DataReport
+    categories: dict[int, str] = field(default_factory=dict)  # id -> name, as the data declares them
 
 
 def make_coco(gt: dict[str, Any]) -> COCO:
@@ -301,6 +302,7 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
         image_ids=np.asarray(order, dtype=np.int64),
         sizes=np.asarray([[images[i]["height"], images[i]["width"]] for i in order], dtype=np.int64).reshape(-1, 2),
         boxes=arr[:, :4].astype(np.float32), labels=arr[:, 4].astype(np.int64), offsets=offsets, report=report,
+        categories=dataset_cats,
     )
 
 
@@ -392,6 +394,7 @@ class DetectionDataset(Dataset):
         self.index = index
         self.transforms = transforms
         self.label_map = index.label_map
+        self.data_categories = index.categories  # may differ from label_map when one was given
         self.report = index.report
         self.coco = make_coco(index.gt)
         self._bad: set[int] = set()  # unreadable images of this process: not retried

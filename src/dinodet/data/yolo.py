@@ -157,7 +157,9 @@ def resolve_yolo_paths(root: str | Path, split: str = "train", names_file: str |
     if img_dir is not None:
         images = _existing(img_dir, root, "image directory")
     else:
-        images = _images_from_yaml(names_path, split) or _first_dir(
+        # split folders come from a data YAML even when the names come from names.txt (coco128 has both)
+        yaml_path = names_path if names_path.suffix.lower() in (".yaml", ".yml") else _data_yaml(root)
+        images = (_images_from_yaml(yaml_path, split) if yaml_path else None) or _first_dir(
             [root / "images" / s for s in _split_candidates(split)] + [root / s / "images" for s in _split_candidates(split)],
             f"YOLO images of split '{split}'",
         )
@@ -166,6 +168,17 @@ def resolve_yolo_paths(root: str | Path, split: str = "train", names_file: str |
         raise YoloFormatError(f"no label folder '{labels}' for the images in '{images}' (YOLO labels sit in the "
                               "image path with its last 'images' replaced by 'labels')")
     return images, labels, names_path
+
+
+def _data_yaml(root: Path) -> Path | None:
+    """The dataset YAML of ``root`` that names split folders (``data.yaml`` first), if any."""
+    for yml in sorted([*root.glob("*.yaml"), *root.glob("*.yml")], key=lambda p: (p.stem != "data", p.name)):
+        try:
+            if any(k in _read_yaml(yml) for k in ("train", "val", "test")):
+                return yml
+        except YoloFormatError:
+            continue
+    return None
 
 
 def _images_from_yaml(path: Path, split: str) -> Path | None:

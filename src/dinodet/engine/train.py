@@ -51,6 +51,7 @@ from ..checkpoint import (
     FORMAT_TAG,
     CheckpointError,
     build_model,
+    key_problems,
     load_checkpoint,
     read_torch_file,
     save_checkpoint,
@@ -73,7 +74,7 @@ from .distributed import (
 )
 from .ema import ModelEMA
 from .evaluate import HEADLINE, EvalResult, amp_autocast, evaluate
-from .logging import RunLogger
+from .logging import METRICS_LOG, RunLogger
 from .plots import plot_curves
 
 CHECKPOINT = "checkpoint.pt"
@@ -271,6 +272,23 @@ def model_name(model: nn.Module) -> str:
     return getattr(model, "preset_name", None) or "custom"
 
 
+def check_run_dir(run_dir: Path, resume: bool) -> bool:
+    """Whether the run in ``run_dir`` is to be resumed (``resume`` and a checkpoint.pt there).
+
+    Raises ConfigError rather than overwrite an earlier run's results: a checkpoint.pt without
+    ``resume``, or results (best checkpoint, metrics) with no checkpoint.pt to continue from."""
+    if (run_dir / CHECKPOINT).is_file():
+        if not resume:
+            raise ConfigError(f"'{run_dir}' already holds a run ({CHECKPOINT}); pass --resume to continue it "
+                              "or choose another --out")
+        return True
+    earlier = [name for name in (BEST_CHECKPOINT, FINAL_METRICS, METRICS_LOG) if (run_dir / name).exists()]
+    if earlier:
+        raise ConfigError(f"'{run_dir}' holds an earlier run's results ({', '.join(earlier)}) but no {CHECKPOINT} "
+                          "to resume from; choose another --out")
+    return False
+
+
 def read_train_state(path: Path) -> dict[str, Any]:
     """The raw content of a training checkpoint (RUN_DIR/checkpoint.pt), validated."""
     obj = read_torch_file(path)
@@ -319,13 +337,13 @@ class Trainer:
 
         ckpt_path = self.run_dir / CHECKPOINT
         state = None
-        if opts.resume and ckpt_path.is_file():
+        if self.info.is_main:
+            for stale in self.run_dir.glob(".checkpoint*.tmp"):  # left by a process killed while saving
+                stale.unlink(missing_ok=True)
+        if check_run_dir(self.run_dir, opts.resume):
             state = read_train_state(ckpt_path)
         elif opts.resume:
             _warn(f"--resume: no {ckpt_path} yet; starting a new run", self.info)
-        elif ckpt_path.is_file():
-            raise ConfigError(f"'{self.run_dir}' already holds a run ({CHECKPOINT}); pass --resume to continue it "
-                              "or choose another --out")
 
         seed_everything(t.seed)  # the same initial weights on every rank
         self.model = build_model(self.cfg).to(self.device)
@@ -375,33 +393,80 @@ class Trainer:
         if stored != (self.label_map.class_names, self.label_map.category_ids):
             raise CheckpointError(f"{path}: the run was trained on other classes than this dataset's "
                                   f"({len(stored[1] or [])} vs {self.label_map.num_classes}); use --finetune-from")
+        # the data was indexed with the run's classes: check it declares no class the run lacks
+        trained = dict(zip(self.label_map.category_ids, self.label_map.class_names))
+        new = [f"{cid} '{name}'" for cid, name in getattr(self.train_set, "data_categories", {}).items()
+               if trained.get(cid) != name]
+        if new:
+            raise CheckpointError(f"{path}: the run was not trained on this dataset's classes "
+                                  f"{', '.join(new[:5])}{' ...' if len(new) > 5 else ''}; "
+                                  "use --finetune-from to train on them")
+        hint = "; a --set that changes the architecture cannot resume (use --finetune-from)"
         try:
-            self.model.load_state_dict(state["model"])
+            result = self.model.load_state_dict(state["model"], strict=False)
+        except (RuntimeError, TypeError, AttributeError) as e:  # e.g. "size mismatch for class_head.bias: ..."
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            first = next((ln for ln in lines if ln.startswith("size mismatch")), lines[0] if lines else "")
+            raise CheckpointError(f"{path}: does not fit the configured model ({first}){hint}") from None
+        if result.missing_keys or result.unexpected_keys:
+            problems = key_problems(result.missing_keys, result.unexpected_keys)
+            raise CheckpointError(f"{path}: does not fit the configured model ({problems}){hint}")
+        try:  # the file is untrusted input: any malformed part is one CheckpointError line
             self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path}: does not fit the configured model ({first})") from None
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None:
-            if state.get("ema"):
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            if self.ema is not None and state.get("ema"):
                 self.ema.load_state_dict(state["ema"])
-            else:
-                _warn("EMA enabled on resume but the checkpoint has none; starting it from the current weights",
-                      self.info)
-        self.counters = _Counters(int(state["epoch"]), int(state["batches_done"]), int(state["step"]),
-                                  float(state.get("best_ap", -math.inf)))
-        rng, gens = state.get("rng") or [], state.get("loader_generator") or []
-        if len(rng) == self.info.world_size and len(gens) == self.info.world_size:
-            set_rng_state(rng[self.info.rank])
-            if self.loader.generator is not None:
-                self.loader.generator.set_state(gens[self.info.rank])
-        else:
+            self.counters = _Counters(int(state["epoch"]), int(state["batches_done"]), int(state["step"]),
+                                      float(state.get("best_ap", -math.inf)))
+            rng, gens = list(state.get("rng") or []), list(state.get("loader_generator") or [])
+            same_world = len(rng) == self.info.world_size and len(gens) == self.info.world_size
+            if same_world:
+                set_rng_state(rng[self.info.rank])
+                if self.loader.generator is not None:
+                    self.loader.generator.set_state(gens[self.info.rank])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: damaged training state ({type(e).__name__}: {first})") from None
+        if self.ema is not None and not state.get("ema"):
+            _warn("EMA enabled on resume but the checkpoint has none; starting it from the current weights",
+                  self.info)
+        self._apply_changed_settings()
+        if not same_world:
             _warn(f"checkpoint written by {len(rng)} process(es), resuming with {self.info.world_size}: "
                   "the random streams restart (the run is not bit-identical to an uninterrupted one)", self.info)
             seed_everything(self.cfg.train.seed + self.info.rank + 1000 * self.counters.epoch)
         _say(f"resuming from {path} (epoch {self.counters.epoch}, step {self.counters.step})", self.info)
+
+    def _apply_changed_settings(self) -> None:
+        """On resume the config (with this run's --set) wins over the stored optimizer, scheduler and
+        EMA settings: lr / lr_backbone (the current lr rescaled by new/old, keeping past drops),
+        weight_decay, lr_drop and ema_decay.  Unchanged settings are left untouched, so a plain
+        resume stays bit-identical."""
+        t, sched, changed = self.cfg.train, self.scheduler, []
+        base = {"main": t.lr, "backbone": t.lr_backbone}
+        for i, group in enumerate(self.optimizer.param_groups):
+            name = group.get("name", "main")
+            old = float(group.get("initial_lr", sched.base_lrs[i]))
+            if old != base[name]:
+                group["lr"] = group["lr"] * base[name] / old if old > 0 else base[name]
+                group["initial_lr"] = sched.base_lrs[i] = base[name]
+                changed.append(f"{'lr' if name == 'main' else 'lr_' + name} {old:g} -> {base[name]:g}")
+            if group["weight_decay"] != t.weight_decay:
+                changed.append(f"weight_decay {group['weight_decay']:g} -> {t.weight_decay:g}")
+                group["weight_decay"] = t.weight_decay
+        if sched.step_size != t.lr_drop:
+            changed.append(f"lr_drop {sched.step_size} -> {t.lr_drop}")
+            drops = sched.last_epoch // t.lr_drop  # the lr the new schedule gives at this epoch
+            for i, group in enumerate(self.optimizer.param_groups):
+                group["lr"] = sched.base_lrs[i] * sched.gamma**drops
+            sched.step_size = t.lr_drop
+        if self.ema is not None and self.ema.decay != t.ema_decay:
+            changed.append(f"ema_decay {self.ema.decay:g} -> {t.ema_decay:g}")
+            self.ema.decay = t.ema_decay
+        if changed:
+            _say("resume with changed settings: " + ", ".join(dict.fromkeys(changed)), self.info)
 
     def _training_state(self) -> dict[str, Any]:
         """Everything besides the weights needed to continue; collective (every rank must call)."""
@@ -430,13 +495,13 @@ class Trainer:
         if not self.info.is_main:
             return
         lm = self.label_map
-        extra = {**train_state, "metrics": result.metrics if result else None}
-        save_checkpoint(self.run_dir / CHECKPOINT, self.model, self.cfg, lm.class_names, lm.category_ids, extra)
-        if improved:
+        if improved:  # first: checkpoint.pt records best_ap, which must never name a file not written
             assert result is not None
             save_checkpoint(self.run_dir / BEST_CHECKPOINT, self.eval_model, self.cfg, lm.class_names,
                             lm.category_ids, {"epoch": self.counters.epoch, "step": self.counters.step,
                                               "metrics": result.metrics, "ema_weights": self.ema is not None})
+        extra = {**train_state, "metrics": result.metrics if result else None}
+        save_checkpoint(self.run_dir / CHECKPOINT, self.model, self.cfg, lm.class_names, lm.category_ids, extra)
 
     # ---------------------------------------------------------------- training
 
@@ -590,8 +655,10 @@ class Trainer:
                 train_state = self._training_state()  # RNG captured before evaluating
                 last = c.epoch >= t.epochs or self._max_steps_reached()
                 result = self.evaluate() if (last or c.epoch % t.eval_every == 0) else None
-                self._save(train_state, result)
+                # logged first: an interrupt while saving then still leaves the epoch in metrics.jsonl
+                # (a resume drops records newer than its checkpoint, so none is ever doubled)
                 self._log_epoch(progress, losses, result, time.time() - epoch_start, time.time() - start)
+                self._save(train_state, result)
                 if result is not None:
                     self.last_eval = result
             if self.last_eval is None:  # e.g. resuming a finished run: evaluate its final weights
