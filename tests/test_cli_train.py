@@ -156,8 +156,11 @@ def test_eval_of_a_best_checkpoint_says_it_holds_ema_weights(tmp_path: Path, cap
     best = save_checkpoint(tmp_path / "checkpoint_best.pt", build_model(cfg), cfg,
                            ["circle", "square", "triangle", "cross"], [1, 2, 3, 4], extra={"ema_weights": True})
     assert main(["eval", "--data", str(data), "--checkpoint", str(best), "--out", str(tmp_path / "ev"),
-                 "--no-progress"]) == 0
-    assert "(EMA weights)" in capsys.readouterr().out
+                 "--no-progress", "--set", "model.num_queries=5", "--set", "model.num_select=10"]) == 0
+    out = capsys.readouterr()
+    assert "(EMA weights)" in out.out
+    assert "warning: model.num_queries: the checkpoint's model is evaluated as built; ignored" in out.err
+    assert "model.num_select" not in out.err  # the top-k size does apply
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["ema_weights"] is True
 
 

@@ -163,6 +163,15 @@ def test_finetune_reinitialises_class_heads_only_when_classes_differ(tmp_path: P
     for k, v in same.state_dict().items():
         assert torch.equal(v, src_state[k]), k
 
+    # a run's checkpoint.pt with EMA weights: fine-tuning starts from those, as predict/eval/export use them
+    torch.manual_seed(3)
+    ema_state = build_model(src_cfg).state_dict()
+    run_ckpt = save_checkpoint(tmp_path / "run.pt", src, src_cfg, ["a", "b", "c", "d"], [1, 2, 3, 4],
+                               extra={"ema": {"module": ema_state}})
+    load_finetune_weights(same, run_ckpt, ["a", "b", "c", "d"], [1, 2, 3, 4])
+    for k, v in same.state_dict().items():
+        assert torch.equal(v, ema_state[k]), k
+
 
 def test_finetune_from_an_official_checkpoint(tmp_path: Path):
     """Official files load into the run's own architecture, with their 91 COCO slots dropped."""

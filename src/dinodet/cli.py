@@ -530,6 +530,11 @@ def _run_eval(args: argparse.Namespace) -> int:
         _check_out_folder(Path(args.out))
     ckpt = load_checkpoint(args.checkpoint, preset=args.preset)
     cfg = apply_overrides(ckpt.config, args.overrides)
+    # the model is the checkpoint's: of its settings only the top-k size applies at evaluation
+    ignored = [o.split("=")[0].strip() for o in args.overrides
+               if o.strip().startswith("model.") and o.split("=")[0].strip() != "model.num_select"]
+    if ignored:
+        _warn(f"{', '.join(ignored)}: the checkpoint's model is evaluated as built; ignored")
     model = ckpt.model
     # a training checkpoint.pt holds EMA weights beside the raw ones; checkpoint_best.pt holds them as its weights
     ema = use_ema_weights(ckpt) or bool((ckpt.extra or {}).get("ema_weights"))

@@ -55,6 +55,7 @@ from ..checkpoint import (
     load_checkpoint,
     read_torch_file,
     save_checkpoint,
+    use_ema_weights,
 )
 from ..config import ConfigError, DINOConfig, TrainConfig
 from ..criterion import SetCriterion, build_criterion
@@ -253,6 +254,7 @@ def _checkpoint_weights(model: nn.Module, path: str | os.PathLike
         state = obj
     if state is None:
         ckpt = load_checkpoint(path)
+        use_ema_weights(ckpt)  # a run's checkpoint.pt: start from the weights it evaluated, as predict/eval/export
         return ckpt.model.state_dict(), ckpt.config.model.num_classes, ckpt.class_names, ckpt.category_ids
     mcfg = copy.deepcopy(model.cfg)
     ours = {v: k for k, v in official_key_map(list(model.state_dict()), mcfg.dec_layers,
