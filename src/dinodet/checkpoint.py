@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .compat.official_args import config_from_official_args
 from .compat.official_keys import official_key_map, original_backbone_name
 from .config import ConfigError, DINOConfig
+from .errors import first_line
 from .models.backbones import backbone_family
 from .models.dino import DINO
 from .presets import get_preset
@@ -90,8 +91,7 @@ def read_torch_file(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path}: refused, a weights-only checkpoint may not contain this "
                               f"({_unpickler_reason(str(e))})") from None
     except Exception as e:  # noqa: BLE001 -- a crafted or damaged file can fail the unpickler in any way
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(e)})") from None
 
 
 def _unpickler_reason(message: str) -> str:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .config import ConfigError
 from .data.images import ImageLoadError, iter_image_paths, load_image
+from .errors import first_line
 from .files import save_image_atomic, write_json_atomic
 from .presets import list_presets
 
@@ -82,8 +83,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def _error(message: str) -> None:
     # First line only: the contract is one line per error, whatever an exception carries.
-    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
-    print(f"dinodet: error: {first}", file=sys.stderr)
+    print(f"dinodet: error: {first_line(message)}", file=sys.stderr)
 
 
 def _warn(message: str) -> None:
@@ -291,8 +291,7 @@ def _predict_chunk(detector: Detector | OnnxDetector, chunk: list[tuple[Path, Im
             raise
         if len(chunk) > 1:
             return [r for item in chunk for r in _predict_chunk(detector, [item], threshold, skip_failures)]
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _warn(f"cannot predict '{chunk[0][0]}': {reason}; skipped")
+        _warn(f"cannot predict '{chunk[0][0]}': {first_line(e)}; skipped")
         return []
 
 

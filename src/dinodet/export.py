@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from . import __version__
 from .config import ConfigError, DINOConfig
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .errors import first_line
 from .postprocess import postprocess
 
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 25, 18
@@ -226,7 +227,7 @@ def to_onnx(
             try:
                 onnx.checker.check_model(str(tmp))
             except onnx.checker.ValidationError as e:
-                raise ExportError(f"the exported graph fails onnx.checker: {_first_line(str(e))}") from None
+                raise ExportError(f"the exported graph fails onnx.checker: {first_line(str(e))}") from None
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -250,11 +251,6 @@ def _require_onnx() -> None:
     except ImportError:
         raise ExportError("ONNX export needs the 'onnx' and 'onnxscript' packages: "
                           "pip install 'dinodet[onnx]'") from None
-
-
-def _first_line(text: str) -> str:
-    text = text.strip()
-    return text.splitlines()[0] if text else "unknown error"
 
 
 def _load_model(checkpoint: Any, preset: str | None) -> tuple[nn.Module, DINOConfig, Any, Any, tuple[int, int]]:
@@ -331,9 +327,9 @@ def _capture(wrapper: nn.Module, example: tuple[Tensor, ...], input_names: list[
     except torch._dynamo.exc.UserError as e:
         # A dimension that cannot stay dynamic over the whole range: report it, never specialise.
         hint = " ".join(ln.strip() for ln in str(e).splitlines() if "Not all values" in ln or "specialized" in ln)
-        raise ExportError(f"the model cannot be exported with dynamic shapes: {hint or _first_line(str(e))}") from None
+        raise ExportError(f"the model cannot be exported with dynamic shapes: {hint or first_line(str(e))}") from None
     except Exception as e:  # noqa: BLE001 - torch.export raises many types; the user needs one line
-        raise ExportError(f"torch.export failed: {type(e).__name__}: {_first_line(str(e))}") from None
+        raise ExportError(f"torch.export failed: {type(e).__name__}: {first_line(str(e))}") from None
 
 
 def _translate(program: torch.export.ExportedProgram, example: tuple[Tensor, ...], opset: int,
@@ -347,7 +343,7 @@ def _translate(program: torch.export.ExportedProgram, example: tuple[Tensor, ...
                                      input_names=input_names, output_names=output_names, verbose=False)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"ONNX translation failed at opset {opset}: {type(e).__name__}: "
-                          f"{_first_line(str(e))}") from None
+                          f"{first_line(str(e))}") from None
 
 
 # ReduceX ops whose axes became an input in opset 18 (ReduceSum already in 13)
@@ -398,7 +394,7 @@ def _downgrade_opset(proto: Any, opset: int) -> Any:
     try:
         converted = onnx.version_converter.convert_version(proto, opset)
     except Exception as e:  # noqa: BLE001 - the converter raises RuntimeError/ValueError/...
-        raise ExportError(f"cannot convert the graph to opset {opset} ({_first_line(str(e))}); "
+        raise ExportError(f"cannot convert the graph to opset {opset} ({first_line(str(e))}); "
                           "use opset >= 18") from None
     for node in converted.graph.node:
         if node.op_type in _AXES_INPUT_18:
@@ -445,7 +441,7 @@ def _to_fp16(proto: Any) -> Any:
     try:
         converted = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"float16 conversion failed: {type(e).__name__}: {_first_line(str(e))}") from None
+        raise ExportError(f"float16 conversion failed: {type(e).__name__}: {first_line(str(e))}") from None
     _toposort(converted.graph)  # the converter puts the input casts after their users
     return converted
 

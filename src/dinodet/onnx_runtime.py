@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .errors import first_line
 from .export import METADATA_FORMAT
 from .inference import (
     ImageInput,
@@ -29,11 +30,6 @@ from .inference import (
 from .postprocess import Detections, postprocess
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
-def _first_line(text: str) -> str:
-    text = text.strip()
-    return text.splitlines()[0] if text else "unknown error"
 
 
 class OnnxDetector:
@@ -71,7 +67,7 @@ class OnnxDetector:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=[_PROVIDERS[kind]])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise CheckpointError(f"{path}: not a readable ONNX model ({_first_line(str(e))})") from None
+            raise CheckpointError(f"{path}: not a readable ONNX model ({first_line(str(e))})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("format") != METADATA_FORMAT:
             raise CheckpointError(f"{path}: not a dinodet ONNX export (no '{METADATA_FORMAT}' metadata)")
@@ -88,7 +84,7 @@ class OnnxDetector:
         except KeyError as e:
             raise CheckpointError(f"{path}: dinodet metadata without {e}") from None
         except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{path}: invalid dinodet metadata ({_first_line(str(e))})") from None
+            raise CheckpointError(f"{path}: invalid dinodet metadata ({first_line(str(e))})") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         shape = self.session.get_inputs()[0].shape  # [B, 3, H, W]; ints where fixed
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None

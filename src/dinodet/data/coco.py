@@ -46,6 +46,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..config import DataConfig
+from ..errors import first_line
 from .augment import DetectionTransform, eval_transforms, train_transforms
 from .images import ImageLoadError, load_image
 from .labels import LabelMap
@@ -213,7 +214,7 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
                 width, height = upright_size(path)
             except Exception as e:  # noqa: BLE001 -- any PIL failure: the file has no usable size
                 report.add("unreadable_images", f"{path}: no width/height in {src} and the image header is "
-                                                f"unreadable ({_first_line(e)}); skipped")
+                                                f"unreadable ({first_line(e)}); skipped")
                 dropped.add(iid)
                 continue
         images[iid] = {**entry, "width": width, "height": height}
@@ -345,11 +346,6 @@ def _fmt(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:.1f}" for v in values) + "]"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 def build_index(root: str | Path, split: str = "train", format: str = "coco", ann_file: str | Path | None = None,
                 img_dir: str | Path | None = None, label_map: LabelMap | None = None,
                 report: DataReport | None = None) -> DatasetIndex:
@@ -439,7 +435,7 @@ class DetectionDataset(Dataset):
         except ImageLoadError:
             raise
         except Exception as e:  # e.g. PIL's DecompressionBombError, MemoryError on absurd headers
-            raise ImageLoadError(f"cannot read image '{path}': {_first_line(e)}") from e
+            raise ImageLoadError(f"cannot read image '{path}': {first_line(e)}") from e
         h, w = self.image_size(i)
         if image.size == (w, h):
             return image

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import first_line
+
 # Lower-case suffixes picked up when a directory is expanded; explicitly named files are always
 # tried, whatever their suffix.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -41,7 +43,7 @@ def load_image(path: str | Path) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         # PIL reports corrupt data with several exception types; SyntaxError comes from some
         # plugin parsers (e.g. broken PNG chunks); a decompression bomb is a file too large to trust.
-        raise ImageLoadError(f"cannot read image '{path}': {_first_line(e)}") from e
+        raise ImageLoadError(f"cannot read image '{path}': {first_line(e)}") from e
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -53,11 +55,6 @@ def to_rgb(im: Image.Image) -> Image.Image:
         # 16/32-bit grayscale: scale to 8 bit instead of clipping everything above 255 to white.
         im = im.point(lambda v: v / 256).convert("L")
     return im.convert("RGB")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def iter_image_paths(inputs: Iterable[str | Path]) -> list[Path]:

@@ -27,6 +27,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..errors import first_line
 from .images import IMAGE_EXTENSIONS
 from .report import DataReport, DatasetError, SplitNotFoundError
 
@@ -265,7 +266,7 @@ def yolo_to_coco(img_dir: Path, label_dir: Path, names: list[str], report: DataR
         try:
             width, height = upright_size(path)
         except Exception as e:  # noqa: BLE001 -- any PIL failure: the file is not a usable image
-            report.add("unreadable_images", f"{path}: cannot read image header ({_first_line(e)}); skipped")
+            report.add("unreadable_images", f"{path}: cannot read image header ({first_line(e)}); skipped")
             continue
         images.append({"id": image_id, "file_name": r.as_posix(), "width": width, "height": height})
         if label_path.is_file():
@@ -323,6 +324,3 @@ def _read_label_file(path: Path, report: DataReport) -> list[tuple[tuple[float, 
     return out
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

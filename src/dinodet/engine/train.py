@@ -59,6 +59,7 @@ from ..checkpoint import (
 )
 from ..config import ConfigError, DINOConfig, TrainConfig
 from ..criterion import SetCriterion, build_criterion
+from ..errors import first_line
 from ..files import write_json_atomic
 from ..matcher import NonFiniteCostError
 from .distributed import (
@@ -429,8 +430,7 @@ class Trainer:
                 if self.loader.generator is not None:
                     self.loader.generator.set_state(gens[self.info.rank])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path}: damaged training state ({type(e).__name__}: {first})") from None
+            raise CheckpointError(f"{path}: damaged training state ({type(e).__name__}: {first_line(e)})") from None
         if self.ema is not None and not state.get("ema"):
             _warn("EMA enabled on resume but the checkpoint has none; starting it from the current weights",
                   self.info)
