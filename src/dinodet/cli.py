@@ -342,7 +342,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="images per process per step (train.batch_size)")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), help="mixed precision (train.amp)")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt (same end state as an "
-                   "uninterrupted run); the stored config is used, --set/--epochs/... still apply")
+                   "uninterrupted run); the stored config is used, --set/--epochs/... still apply (changed schedule settings "
+                   "are applied and named)")
     p.add_argument("--finetune-from", metavar="CKPT", help="start from an official or dinodet checkpoint; the "
                    "class heads are re-initialised when its classes differ from the dataset's")
     p.add_argument("--backbone-checkpoint", metavar="PATH", help="ImageNet weights for the backbone (original "
