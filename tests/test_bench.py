@@ -64,8 +64,12 @@ def test_training_batch_is_at_least_two(one_thread):
     (["--size", "800"], "size must look like 800x1199"),
     (["--modes", "warp"], "unknown mode(s) warp"),
     (["--preset", "dino_r9000"], "unknown preset"),
+    (["--modes", "fp16", "--device", "cpu"], "mode 'fp16' cannot be benchmarked for infer on cpu"),
+    (["--modes", "channels_last", "--task", "train"], "mode 'channels_last' cannot be benchmarked for train"),
+    (["--json", "{tmp}"], "is a folder; give a file name"),  # found before the benchmark runs
 ])
-def test_bad_bench_arguments_are_one_line_errors(argv, message, capsys):
+def test_bad_bench_arguments_are_one_line_errors(argv, message, capsys, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]

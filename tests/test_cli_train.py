@@ -127,6 +127,8 @@ def test_check_data_prints_the_report(capsys):
     (["check-data", "--data", "/nonexistent/data"], "/nonexistent/data"),
     (["demo", "--out", "R", "--set", "demo.nope=3"], "unknown config key: demo.nope"),
     (["demo", "--out", "R", "--set", "model.nope=3"], "unknown config key: model.nope"),
+    (["demo", "--out", "R", "--set", "demo.picture_threshold=abc"], "demo.picture_threshold must be a number"),
+    (["demo", "--out", "R", "--set", "demo.max_pictures=x"], "demo.max_pictures must be an integer"),
 ])
 def test_user_errors_are_one_line(capsys, tmp_path: Path, monkeypatch, argv, fragment):
     monkeypatch.chdir(tmp_path)
@@ -162,6 +164,37 @@ def test_eval_of_a_best_checkpoint_says_it_holds_ema_weights(tmp_path: Path, cap
     assert "warning: model.num_queries: the checkpoint's model is evaluated as built; ignored" in out.err
     assert "model.num_select" not in out.err  # the top-k size does apply
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["ema_weights"] is True
+
+
+def test_under_torchrun_only_rank_0_warns_and_a_peer_failure_is_one_line(capsys, tmp_path: Path, monkeypatch):
+    import logging
+
+    import dinodet.cli as cli
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cli._warn("said once per job")
+    assert capsys.readouterr().err == ""
+
+    def peer_gone(args):  # what a collective raises when rank 0 has exited
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500")
+
+    monkeypatch.setattr(cli, "_run_check_data", peer_gone)
+    monkeypatch.setattr(logging.getLogger("dinodet"), "level", logging.NOTSET)  # restored after the test
+    assert main(["check-data", "--data", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("dinodet: error: process 1: another process of the job stopped")
+    assert logging.getLogger("dinodet").level == logging.ERROR  # data warnings come from rank 0 alone
+    assert main(["demo", "--out", str(tmp_path)]) == 2  # the demo is one process
+    assert "runs in one process" in capsys.readouterr().err
+
+
+def test_slurm_requeue_resumes_instead_of_fine_tuning_again():
+    from dinodet.engine.distributed import resume_argv
+
+    argv = ["train", "--data", "D", "--finetune-from", "best.pt", "--out", "R", "--preset", "tiny"]
+    assert resume_argv(argv) == ["train", "--data", "D", "--out", "R", "--preset", "tiny", "--resume"]
+    assert resume_argv(["train", "--finetune-from=best.pt", "--resume"]) == ["train", "--resume"]
 
 
 def test_unknown_backbone_is_one_error_line(capsys, tmp_path: Path):

@@ -39,3 +39,10 @@ def test_images_are_written_atomically_in_the_format_of_their_name(tmp_path):
     with Image.open(path) as im:
         assert im.format == "JPEG"  # the earlier picture is intact
     assert sorted(os.listdir(tmp_path)) == ["picture.jpg"]
+
+
+def test_errors_name_the_target_not_the_temporary_file(tmp_path):
+    target = tmp_path / "missing_folder" / "metrics.json"
+    with pytest.raises(OSError) as err:
+        write_json_atomic(target, {"AP": 0.5})
+    assert err.value.filename == str(target) and ".tmp" not in str(err.value)

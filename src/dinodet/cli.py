@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = None if argv is None else list(argv)  # what --slurm resubmits
+    if not _is_main_process():  # data problems are reported once per job, by rank 0
+        logging.getLogger("dinodet").setLevel(logging.ERROR)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -69,6 +73,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # e.g. output folder not writable, disk full
         _error(f"{e.strerror}: '{e.filename}'" if e.filename and e.strerror else str(e))
         return EXIT_USAGE
+    except RuntimeError as e:
+        # under torchrun, when another process stops (e.g. rank 0 on a full disk), this one's next
+        # collective fails: one line here, the failing process says why
+        if not _is_main_process() and _peer_failure(e):
+            _error(f"process {os.environ.get('RANK')}: another process of the job stopped ({first_line(e)})")
+            return 1
+        raise
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun / SLURM job, or a plain process: the one that prints warnings."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _peer_failure(e: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    return (dist.is_available() and isinstance(e, dist.DistBackendError)) or any(
+        s in str(e) for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -87,6 +110,8 @@ def _error(message: str) -> None:
 
 
 def _warn(message: str) -> None:
+    if not _is_main_process():  # under torchrun every process would repeat it
+        return
     from tqdm import tqdm
 
     tqdm.write(f"dinodet: warning: {message}", file=sys.stderr)  # does not break a progress bar
@@ -331,7 +356,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
             "the training images).  RUN_DIR (--out) receives checkpoint.pt (resumable), "
             "checkpoint_best.pt, metrics.jsonl, tb/ (TensorBoard), curves.png, config.json and, at the "
             "end, metrics.json (final COCO evaluation).  The number of classes comes from the dataset.  "
-            "The same command runs distributed under `torchrun --nproc_per_node N` (or --slurm)."
+            "The same command runs distributed under `torchrun --nproc_per_node N -m dinodet train ...` (or --slurm)."
         ),
     )
     _add_data_args(p)
@@ -638,6 +663,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .engine.demo import PREDICTIONS_DIR, demo_config, make_demo_data, write_prediction_pictures
     from .engine.train import Trainer, TrainOptions, check_run_dir
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("the demo runs in one process; under torchrun use `dinodet train` on its data")
     settings, cfg = demo_config(args.overrides)
     run_dir = Path(args.out)
     check_run_dir(run_dir, args.resume)
@@ -686,8 +713,8 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from .bench import format_table, parse_size, records_json, run_bench
-    from .modes import MODES
+    from .bench import TRAIN_MODES, format_table, parse_size, records_json, run_bench
+    from .modes import MODES, supported_modes
     from .presets import get_preset
 
     device = _checked_device(args.device)
@@ -704,13 +731,26 @@ def _run_bench(args: argparse.Namespace) -> int:
         unknown = [m for m in modes if m not in MODES]
         if unknown:
             raise ConfigError(f"unknown mode(s) {', '.join(unknown)} (available: {', '.join(MODES)})")
+        offered = {"infer": supported_modes(device), "train": list(TRAIN_MODES)}
+        tasks = ["infer", "train"] if args.task == "both" else [args.task]
+        for m in modes:
+            fits = [t for t in tasks if m in offered[t]]
+            if not fits:
+                raise ConfigError(f"mode '{m}' cannot be benchmarked for {args.task} on {device} "
+                                  f"(available: {', '.join(dict.fromkeys(x for t in tasks for x in offered[t]))})")
+            if len(fits) < len(tasks):
+                _warn(f"mode '{m}' is benchmarked for {fits[0]} only")
+    for out in (args.json_out, args.plot):  # before the work: a bad output path must not cost the whole run
+        if out and Path(out).is_dir():
+            raise ConfigError(f"'{out}' is a folder; give a file name")
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
     print(f"dinodet: benchmarking {args.preset} at {size[0]}x{size[1]} on {device} "
           f"({args.warmup} warm-up + {args.iters} timed iterations per mode)", file=sys.stderr)
     records = run_bench(args.preset, device, size, args.batch, args.task, modes, warmup=args.warmup, iters=args.iters)
     print(format_table(records))
     if args.json_out:
         out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out, records_json(records))
         print(f"dinodet: records -> {out}", file=sys.stderr)
     if args.plot:

@@ -172,12 +172,12 @@ def _from_dict(cls, d: dict[str, Any], prefix: str):
         if sub is not None:
             kwargs[name] = _from_dict(sub, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = _typed(hints[name], value, prefix + name)
+            kwargs[name] = typed_value(hints[name], value, prefix + name)
     cfg = cls(**kwargs)
     return check_config(cfg) if cls is DINOConfig else cfg
 
 
-def _typed(hint: Any, value: Any, key: str) -> Any:
+def typed_value(hint: Any, value: Any, key: str) -> Any:
     """``value`` as the field type ``hint`` (int, float, bool, str, tuple[int, ...], tuple[int, int],
     X | None), or ConfigError naming ``key``.  JSON gives lists for tuples and may give 12.0 for 12."""
     args = typing.get_args(hint)
@@ -188,7 +188,7 @@ def _typed(hint: Any, value: Any, key: str) -> Any:
         args = typing.get_args(hint)
     if typing.get_origin(hint) is tuple:
         if isinstance(value, (list, tuple)) and (args[-1] is Ellipsis or len(value) == len(args)):
-            return tuple(_typed(args[0], v, key) for v in value)
+            return tuple(typed_value(args[0], v, key) for v in value)
         size = "a list of integers" if args[-1] is Ellipsis else f"a list of {len(args)} integers"
         raise ConfigError(f"{key} must be {size}, got {value!r}")
     if hint is bool and isinstance(value, bool):

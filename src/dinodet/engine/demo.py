@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, DINOConfig, apply_overrides
+from ..config import ConfigError, DINOConfig, apply_overrides, typed_value
 from ..presets import get_preset
 
 DEMO_PRESET = "tiny"
@@ -74,6 +75,7 @@ def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> tuple[DemoSettin
     cfg = apply_overrides(get_preset(DEMO_PRESET), list(DEMO_OVERRIDES) + cfg_items)
     cfg.name = DEMO_PRESET  # the architecture is tiny's; checkpoints then load with --preset tiny
     values = dataclasses.asdict(DemoSettings())
+    hints = typing.get_type_hints(DemoSettings)
     for item in demo_items:
         key, raw = item.split("=", 1)
         name = key.strip().removeprefix("demo.")
@@ -83,10 +85,15 @@ def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> tuple[DemoSettin
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        values[name] = value
+        values[name] = typed_value(hints[name], value, key.strip())
     settings = DemoSettings(**values)
-    if not isinstance(settings.image_size, int) or settings.image_size < 32:
-        raise ConfigError(f"demo.image_size must be an integer >= 32, got {settings.image_size!r}")
+    # checked here, before the training they would otherwise end (the dataset's own are checked on generation)
+    if settings.image_size < 32:
+        raise ConfigError(f"demo.image_size must be >= 32, got {settings.image_size}")
+    if settings.max_pictures < 0:
+        raise ConfigError(f"demo.max_pictures must be >= 0, got {settings.max_pictures}")
+    if not 0.0 <= settings.picture_threshold <= 1.0:
+        raise ConfigError(f"demo.picture_threshold must be in [0, 1], got {settings.picture_threshold}")
     return settings, cfg
 
 

@@ -205,8 +205,24 @@ class SlurmJob:
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit
 
-        argv = self.argv if "--resume" in self.argv else [*self.argv, "--resume"]
-        return submitit.helpers.DelayedSubmission(SlurmJob(argv))
+        return submitit.helpers.DelayedSubmission(SlurmJob(resume_argv(self.argv)))
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """The command line that continues the run of ``argv``: with ``--resume``, and without
+    ``--finetune-from`` (the run's own checkpoint.pt now holds the weights to continue from)."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--finetune-from":
+            skip = i + 1 < len(argv)
+            continue
+        if arg.startswith("--finetune-from="):
+            continue
+        out.append(arg)
+    return out if "--resume" in out else [*out, "--resume"]
 
 
 def submit_slurm(argv: list[str], run_dir: str | os.PathLike, opts: SlurmOptions) -> str:
