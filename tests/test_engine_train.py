@@ -105,6 +105,10 @@ def test_resolve_config_takes_classes_from_data_and_checks_train_settings():
     for bad in ("train.amp=fp8", "train.accumulate=0", "train.batch_size=0"):
         with pytest.raises(ConfigError):
             resolve_config(apply_overrides(get_preset("tiny"), [bad]), 3)
+    built_in_python = get_preset("tiny")
+    built_in_python.train.epochs = 0  # not read from data: checked here
+    with pytest.raises(ConfigError, match="train.epochs must be >= 1"):
+        resolve_config(built_in_python, 3)
 
 
 def test_ema_update_math():

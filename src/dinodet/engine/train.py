@@ -57,7 +57,7 @@ from ..checkpoint import (
     save_checkpoint,
     use_ema_weights,
 )
-from ..config import ConfigError, DINOConfig, TrainConfig
+from ..config import ConfigError, DINOConfig, TrainConfig, check_config
 from ..criterion import SetCriterion, build_criterion
 from ..errors import first_line
 from ..files import write_json_atomic
@@ -122,6 +122,7 @@ def resolve_config(cfg: DINOConfig, num_classes: int) -> DINOConfig:
     cfg = copy.deepcopy(cfg)
     cfg.model.num_classes = int(num_classes)
     cfg.model.dn_labelbook_size = None
+    check_config(cfg)  # a config built in Python has not been through the checks of one read from data
     check_train_config(cfg.train)
     return cfg
 
