@@ -315,6 +315,17 @@ def test_resume_applies_changed_schedule_settings(shapes_root: Path, tmp_path: P
     assert state["scheduler"]["step_size"] == 1 and state["ema"]["decay"] == 0.5
 
 
+def test_resume_inside_an_epoch_with_another_batch_size(shapes_root: Path, tmp_path: Path, capsys):
+    """Stopped after 2 of 4 samples with batch 1: resumed with batch 2, one step finishes the epoch."""
+    tr, va = datasets(shapes_root, small_config())
+    run(small_config("train.batch_size=1"), tr, va, tmp_path / "r", max_steps=2)
+    assert read_torch_file(tmp_path / "r" / CHECKPOINT)["batches_done"] == 2
+    run(small_config("train.batch_size=2"), tr, va, tmp_path / "r", resume=True)
+    state = read_torch_file(tmp_path / "r" / CHECKPOINT)
+    assert (state["epoch"], state["batches_done"], state["step"]) == (1, 0, 3)
+    assert "continuing after 2 of its samples" in capsys.readouterr().err
+
+
 def test_resume_refuses_data_with_classes_the_run_lacks(shapes_root: Path, tmp_path: Path):
     import json
     import shutil

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 import os
 import sys
@@ -436,11 +437,32 @@ class Trainer:
             _warn("EMA enabled on resume but the checkpoint has none; starting it from the current weights",
                   self.info)
         self._apply_changed_settings()
+        self._rescale_epoch_position(state)
         if not same_world:
             _warn(f"checkpoint written by {len(rng)} process(es), resuming with {self.info.world_size}: "
                   "the random streams restart (the run is not bit-identical to an uninterrupted one)", self.info)
             seed_everything(self.cfg.train.seed + self.info.rank + 1000 * self.counters.epoch)
         _say(f"resuming from {path} (epoch {self.counters.epoch}, step {self.counters.step})", self.info)
+
+    def _rescale_epoch_position(self, state: dict[str, Any]) -> None:
+        """A run stopped inside an epoch resumes after the samples it had seen.  Its position is
+        counted in micro-batches per process, so another batch size or process count converts it
+        (exact for another batch size; with another process count the samples are partitioned
+        differently, so which ones are left is approximate)."""
+        c = self.counters
+        try:
+            old_batch = int(json.loads(state["config"])["train"]["batch_size"])
+            old_world = int(state.get("world_size", 1))
+        except (KeyError, TypeError, ValueError):
+            return
+        new_batch, new_world = self.cfg.train.batch_size, self.info.world_size
+        if c.batches_done == 0 or (old_batch, old_world) == (new_batch, new_world):
+            return
+        seen = c.batches_done * old_batch * old_world  # samples of this epoch, all processes
+        c.batches_done = min(seen // (new_batch * new_world), self._epoch_batches())
+        _warn(f"resuming inside epoch {c.epoch + 1} with batch size {new_batch} x {new_world} process(es) "
+              f"(stopped with {old_batch} x {old_world}): continuing after {seen} of its samples"
+              + (", approximately (another process count)" if old_world != new_world else ""), self.info)
 
     def _apply_changed_settings(self) -> None:
         """On resume the config (with this run's --set) wins over the stored optimizer, scheduler and
