@@ -62,6 +62,7 @@ from . import __version__
 from .config import ConfigError, DINOConfig
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .errors import first_line
+from .files import write_atomic
 from .postprocess import postprocess
 
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 25, 18
@@ -219,18 +220,16 @@ def to_onnx(
 
     onnx.helper.set_model_props(proto, metadata)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # written and checked under a temporary name, then renamed: a failed export never replaces a good file
-    tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}.onnx")
-    try:
+    def save_and_check(tmp: Path) -> None:
         _save(proto, tmp, data_name=f"{out.name}.data")
         if check:
             try:
                 onnx.checker.check_model(str(tmp))
             except onnx.checker.ValidationError as e:
                 raise ExportError(f"the exported graph fails onnx.checker: {first_line(str(e))}") from None
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    # checked under the temporary name: a failed export never replaces a good file
+    write_atomic(out, save_and_check)
     return ExportResult(out, opset, input_names, output_names, metadata)
 
 
