@@ -280,10 +280,20 @@ def test_resume_gives_the_same_end_state(shapes_root: Path, tmp_path: Path):
             assert torch.equal(got["optimizer"]["state"][pid]["exp_avg"], st["exp_avg"])
     assert resumed["AP"] == straight["AP"] == resumed_mid["AP"]
 
-    # metrics.jsonl of the resumed run: one record per epoch, no duplicates
+    # the epoch stopped inside and resumed logs the mean over all its batches, as the straight run
     import json
 
-    records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    def epoch_records(name: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    mid_records, straight_records = epoch_records("mid"), epoch_records("straight")
+    assert [r["epoch"] for r in mid_records] == [1, 1.5, 2]
+    for key in ("train_loss", "train_loss_ce", "train_loss_bbox_dn"):
+        assert mid_records[-1][key] == straight_records[-1][key], key
+    assert mid_records[1]["train_loss"] != straight_records[-1]["train_loss"]  # only the first batch
+
+    # metrics.jsonl of the resumed run: one record per epoch, no duplicates
+    records = epoch_records("split")
     assert [r["epoch"] for r in records] == [1, 2]
     for name in (BEST_CHECKPOINT, CURVES, FINAL_METRICS, "config.json"):
         assert (tmp_path / "split" / name).is_file(), name

@@ -364,6 +364,10 @@ class Trainer:
         self.scaler = build_grad_scaler(self.device, t.amp)
         self.ema = ModelEMA(self.model, t.ema_decay) if t.ema else None
         self.counters = _Counters()
+        # loss sums of the epoch a max_steps stop interrupted (all ranks'), continued after --resume
+        # so that epoch's logged means cover every batch of it, not only those after the resume
+        self._carried_sums: list[float] | None = None
+        self._stopped_sums: list[float] | None = None
 
         self.sampler = ResumableSampler(train_set, num_replicas=self.info.world_size, rank=self.info.rank,
                                         shuffle=True, seed=t.seed, drop_last=False)
@@ -425,6 +429,9 @@ class Trainer:
                 self.ema.load_state_dict(state["ema"])
             self.counters = _Counters(int(state["epoch"]), int(state["batches_done"]), int(state["step"]),
                                       float(state.get("best_ap", -math.inf)))
+            carried = state.get("epoch_loss_sums")
+            if carried is not None and self.counters.batches_done > 0 and len(carried) == len(LOGGED_LOSSES) + 2:
+                self._carried_sums = [float(v) for v in carried]
             rng, gens = list(state.get("rng") or []), list(state.get("loader_generator") or [])
             same_world = len(rng) == self.info.world_size and len(gens) == self.info.world_size
             if same_world:
@@ -506,6 +513,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "epoch": c.epoch, "batches_done": c.batches_done, "step": c.step, "best_ap": c.best_ap,
+            "epoch_loss_sums": self._stopped_sums if c.batches_done else None,
             "world_size": self.info.world_size,
             "rng": rng, "loader_generator": gens,
             "label_map": self.label_map.to_dict(),
@@ -549,6 +557,9 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(c.batches_done * t.batch_size)
         sums = torch.zeros(len(LOGGED_LOSSES) + 2, dtype=torch.float64, device=self.device)  # terms, total, count
+        if self._carried_sums is not None and info.is_main:  # already summed over ranks: counted once
+            sums += torch.tensor(self._carried_sums, dtype=sums.dtype, device=sums.device)
+        self._carried_sums = None
         bar = tqdm(total=self._epoch_batches(), initial=c.batches_done, desc=f"epoch {epoch + 1}/{t.epochs}",
                    unit="batch", file=sys.stderr, dynamic_ncols=True,
                    disable=not (self.opts.progress and info.is_main))
@@ -562,7 +573,7 @@ class Trainer:
                         raise TrainingError(f"epoch {epoch + 1} took no training step: no image of it could be "
                                             "read (see the data problems above, or `dinodet check-data --decode`)")
                     self._check_finite()
-                    return self._mean_losses(sums), False
+                    return self._mean_losses(sums, stopped=False), False
                 windows += 1
                 if self._train_window(window, sums) and c.step % t.log_every == 0:
                     self._check_finite()
@@ -572,7 +583,7 @@ class Trainer:
                 bar.update(len(window))
                 if self._max_steps_reached() and c.batches_done < self._epoch_batches():
                     self._check_finite()
-                    return self._mean_losses(sums), True
+                    return self._mean_losses(sums, stopped=True), True
         finally:
             bar.close()
 
@@ -644,9 +655,11 @@ class Trainer:
         raise TrainingError(f"the loss became non-finite (NaN/inf) by step {self.counters.step} (last non-finite "
                             f"terms: {bad or 'none, the sum overflowed'}); try a lower train.lr or train.amp=off")
 
-    def _mean_losses(self, sums: Tensor) -> dict[str, float]:
-        """Epoch means over every micro-batch of every rank."""
+    def _mean_losses(self, sums: Tensor, stopped: bool) -> dict[str, float]:
+        """Epoch means over every micro-batch of every rank (so far, when ``stopped`` inside the
+        epoch: the sums are then kept for the checkpoint)."""
         total = all_reduce_sum(sums, self.info).cpu()
+        self._stopped_sums = total.tolist() if stopped else None
         n = max(total[-1].item(), 1.0)
         means = {f"train_{k}": total[i].item() / n for i, k in enumerate(LOGGED_LOSSES)}
         return {"train_loss": total[-2].item() / n, **means}
