@@ -54,8 +54,10 @@ def test_train_then_eval_on_coco128(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     assert "no 'val' split" in result.stderr  # coco128 has only train2017: evaluated on it, with a warning
     assert "AP @.50" in result.stdout
-    for name in ("checkpoint.pt", "checkpoint_best.pt", "metrics.jsonl", "curves.png", "config.json", "tb"):
+    for name in ("checkpoint.pt", "checkpoint_best.pt", "metrics.jsonl", "curves.png", "config.json", "tb",
+                 "pr_curve.png", "per_class_ap.png"):
         assert (run_dir / name).exists(), name
+    assert len(list((run_dir / "val_predictions").glob("*.jpg"))) == 8  # --pictures' default
     metrics = check_metrics(run_dir / "metrics.json")
     assert metrics["step"] == 2 and metrics["num_images"] == 128
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -65,11 +67,14 @@ def test_train_then_eval_on_coco128(tmp_path: Path):
 
     out = tmp_path / "eval"
     result = run_cli("eval", "--data", COCO128, "--checkpoint", run_dir / "checkpoint.pt", "--batch-size", "4",
-                     "--out", out, "--no-progress")
+                     "--out", out, "--no-progress", "--pictures", "3")
     assert result.returncode == 0, result.stderr
-    assert "AP @[.50:.95]" in result.stdout
+    assert "AP @[.50:.95]" in result.stdout and "AP per class:" in result.stdout
     ev = check_metrics(out / "metrics.json")
     assert ev["split"] == "train"
+    assert len(ev["per_class"]) == 80 and ev["per_class"]["person"]["AP"] >= 0.0
+    assert (out / "pr_curve.png").is_file() and (out / "per_class_ap.png").is_file()
+    assert len(list((out / "train_predictions").glob("*.jpg"))) == 3
     assert ev["AP"] == metrics["AP"]  # same weights, same images: the training run's final evaluation
     detections = json.loads((out / "predictions.json").read_text())
     coco_ids = {c["id"] for c in json.loads((COCO128 / "annotations" / "instances_train2017.json").read_text())["categories"]}
@@ -100,6 +105,7 @@ def test_demo_small_run(tmp_path: Path, capsys):
     assert metrics["num_images"] == 2
     assert len(list((run_dir / "val_predictions").glob("*.jpg"))) == 2
     assert (run_dir / "curves.png").is_file() and (run_dir / "data" / "annotations").is_dir()
+    assert (run_dir / "per_class_ap.png").is_file()
     assert "AP @.50" in capsys.readouterr().out
 
 
@@ -124,6 +130,9 @@ def test_check_data_prints_the_report(capsys):
     (["eval", "--data", str(COCO128), "--checkpoint", "x.pt", "--mode", "fp16"], "'fp16' is not available on cpu"),
     (["eval", "--data", str(COCO128), "--checkpoint", "x.pt", "--out", str(COCO128 / "README.md")],
      "must be a folder"),  # found before the checkpoint is even read
+    (["eval", "--data", "D", "--checkpoint", "x.pt", "--pictures", "-1"], "--pictures must be >= 0"),
+    (["train", "--data", "D", "--preset", "tiny", "--out", "R", "--picture-threshold", "2"],
+     "--picture-threshold must be in [0, 1]"),
     (["check-data", "--data", "/nonexistent/data"], "/nonexistent/data"),
     (["demo", "--out", "R", "--set", "demo.nope=3"], "unknown config key: demo.nope"),
     (["demo", "--out", "R", "--set", "model.nope=3"], "unknown config key: model.nope"),

@@ -14,10 +14,13 @@ from dinodet.engine.evaluate import (
     category_mapping,
     coco_metrics,
     coco_records,
+    coco_scores,
     evaluate,
     format_metrics,
+    format_per_class,
     same_size_groups,
 )
+from dinodet.engine.pictures import PER_CLASS_AP, PR_CURVE, write_eval_pictures
 from dinodet.inference import Detector
 
 COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
@@ -92,3 +95,81 @@ def test_category_mapping_by_id_then_by_name():
     assert (mapping, how) == ([None, 1, 0], "name")
     with pytest.raises(ValueError, match="none of the model's classes"):
         category_mapping(["a"], [1], ["b"], [2])
+
+
+def _perfect(coco, skip_image: int | None = None) -> list[dict]:
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+            for a in coco.dataset["annotations"] if not a.get("iscrowd") and a["image_id"] != skip_image]
+
+
+def test_per_class_ap_and_precision_recall_curves(mixed_sizes):
+    coco = mixed_sizes.coco
+    scores = coco_scores(coco, _perfect(coco))
+    with_gt = {coco.cats[a["category_id"]]["name"] for a in coco.dataset["annotations"]}
+    assert set(scores.per_class) == {c["name"] for c in coco.dataset["categories"]}  # every dataset class
+    for name, v in scores.per_class.items():
+        assert v == ({"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0)} if name in with_gt
+                     else {"AP": -1.0, "AP50": -1.0}), name
+    assert len(scores.pr_curves["recall"]) == 101 and scores.pr_curves["recall"][-1] == 1.0
+    assert scores.pr_curves["IoU=0.50"] == [pytest.approx(1.0)] * 101
+    # one class's detections gone: that class scores 0, the others stay perfect, the mean curve drops
+    person = next(c["id"] for c in coco.dataset["categories"] if c["name"] == "person")
+    scores = coco_scores(coco, [r for r in _perfect(coco) if r["category_id"] != person])
+    assert scores.per_class["person"] == {"AP": 0.0, "AP50": 0.0}
+    assert scores.per_class["bowl"]["AP"] == pytest.approx(1.0)
+    assert 0.0 < scores.pr_curves["IoU=0.50"][0] < 1.0
+    table = format_per_class(scores.per_class)
+    assert "person" in table and "0.000" in table and " -" in table  # classes without GT show "-"
+    assert len(table.splitlines()) == -(-len(scores.per_class) // 3)
+
+
+def test_scores_on_a_subset_of_the_images(mixed_sizes):
+    coco = mixed_sizes.coco
+    dropped = mixed_sizes.image_ids[0]
+    records = _perfect(coco, skip_image=dropped)
+    assert coco_scores(coco, records).metrics["AP"] < 0.99  # the image counts, as misses
+    kept = [i for i in mixed_sizes.image_ids if i != dropped]
+    assert coco_scores(coco, records, kept).metrics["AP"] == pytest.approx(1.0)
+
+
+def test_unreadable_images_are_reported_and_left_out(tmp_path: Path, mixed_sizes):
+    """A corrupt image file: the evaluation goes on without it and scores the others only."""
+    import shutil
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(len(mixed_sizes)):
+        shutil.copy(mixed_sizes.image_path(i), folder)
+    broken = mixed_sizes.image_path(2).name
+    (folder / broken).write_bytes(b"\xff\xd8 not a jpeg")
+    ann = tmp_path / "instances.json"
+    ann.write_text(json.dumps(mixed_sizes.coco.dataset))
+    dataset = build_dataset(tmp_path, "x", train=False, data_cfg=DataConfig(eval_size=64, max_size=96),
+                            ann_file=ann, img_dir=folder)
+    model = Detector.from_random("tiny", seed=0, num_classes=dataset.label_map.num_classes).model
+    result = evaluate(model, dataset, dataset.label_map.category_ids, device=torch.device("cpu"),
+                      batch_size=3, num_select=20)
+    bad_id = dataset.image_ids[2]
+    assert result.unreadable_ids == [bad_id]
+    assert result.metrics["num_images"] == NUM_IMAGES - 1 and result.metrics["unreadable_images"] == 1
+    assert bad_id not in {r["image_id"] for r in result.records}
+    assert len(result.records) == (NUM_IMAGES - 1) * 20
+    assert dataset.report.unreadable_images == 1
+    kept = [i for i in dataset.image_ids if i != bad_id]
+    assert result.metrics["AP"] == coco_scores(dataset.coco, result.records, kept).metrics["AP"]
+
+    written = write_eval_pictures(result, dataset, tmp_path / "out", pictures=NUM_IMAGES, threshold=0.0)
+    assert {p.name for p in written} == {PR_CURVE, PER_CLASS_AP, "val_predictions"}
+    pictures = sorted(p.name for p in (tmp_path / "out" / "val_predictions").iterdir())
+    assert len(pictures) == NUM_IMAGES - 1 and f"{Path(broken).stem}.jpg" not in pictures
+
+
+def test_pictures_of_an_evaluation_without_detections(tmp_path: Path, mixed_sizes):
+    scores = coco_scores(mixed_sizes.coco, [])
+    assert scores.pr_curves == {} and all(v["AP"] == 0.0 for v in scores.per_class.values())
+    from dinodet.engine.evaluate import EvalResult
+
+    result = EvalResult(metrics=scores.metrics, per_class=scores.per_class, pr_curves=scores.pr_curves)
+    written = write_eval_pictures(result, mixed_sizes, tmp_path, pictures=2)
+    assert [p.name for p in written] == [PER_CLASS_AP, "val_predictions"]  # no curve to draw, no error
+    assert len(list((tmp_path / "val_predictions").glob("*.jpg"))) == 2

@@ -62,3 +62,15 @@ def test_colors_are_stable_and_text_contrasts():
     assert class_color("person") == class_color("person") and class_color("person") in PALETTE
     assert text_color((255, 255, 0)) == (0, 0, 0)
     assert text_color((20, 20, 120)) == (255, 255, 255)
+
+
+def test_ground_truth_is_a_white_outline_with_a_dark_edge():
+    from dinodet.visualize import draw_ground_truth
+
+    image = _gray()
+    out = np.asarray(draw_ground_truth(image, [[40.0, 50.0, 150.0, 110.0]]))
+    assert out[80, 40].tolist() == [255, 255, 255]  # the box's left edge
+    assert out[80, 39].tolist() == [0, 0, 0]  # the dark edge outside it
+    assert out[80, 100].tolist() == [128, 128, 128]  # inside: untouched
+    assert np.asarray(image)[80, 40].tolist() == [128, 128, 128]  # input untouched
+    assert np.array_equal(np.asarray(draw_ground_truth(image, torch.zeros(0, 4))), np.asarray(image))

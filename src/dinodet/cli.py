@@ -355,7 +355,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
             "Train DINO on --data (train split; evaluated on the val split if there is one, else on "
             "the training images).  RUN_DIR (--out) receives checkpoint.pt (resumable), "
             "checkpoint_best.pt, metrics.jsonl, tb/ (TensorBoard), curves.png, config.json and, at the "
-            "end, metrics.json (final COCO evaluation).  The number of classes comes from the dataset.  "
+            "end, metrics.json (final COCO evaluation, with AP per class), pr_curve.png, per_class_ap.png and "
+            "val_predictions/ (val images with the detections drawn).  The number of classes comes from the dataset.  "
             "The same command runs distributed under `torchrun --nproc_per_node N -m dinodet train ...` (or --slurm)."
         ),
     )
@@ -377,6 +378,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
                    help="config override, e.g. train.lr=2e-4 or data.eval_size=512 (repeatable)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) (default cpu)")
     p.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps in total (smoke tests)")
+    _add_picture_args(p, "val_predictions/")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     s = p.add_argument_group("SLURM (needs the submitit package)")
     s.add_argument("--slurm", action="store_true", help="submit this command as a SLURM job instead of running it")
@@ -386,6 +388,20 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--slurm-time", type=int, default=24 * 60, metavar="MIN", help="time limit in minutes")
     s.add_argument("--slurm-partition", metavar="NAME")
     p.set_defaults(func=_run_train)
+
+
+def _add_picture_args(p: argparse.ArgumentParser, folder: str) -> None:
+    p.add_argument("--pictures", type=int, default=8, metavar="N",
+                   help=f"images drawn with their detections (and ground truth) into {folder} (default 8; 0: none)")
+    p.add_argument("--picture-threshold", type=float, default=0.3, metavar="SCORE",
+                   help="score above which a detection is drawn (default 0.3)")
+
+
+def _check_picture_args(args: argparse.Namespace) -> None:
+    if args.pictures < 0:
+        raise ConfigError(f"--pictures must be >= 0, got {args.pictures}")
+    if not 0.0 <= args.picture_threshold <= 1.0:
+        raise ConfigError(f"--picture-threshold must be in [0, 1], got {args.picture_threshold}")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -410,7 +426,8 @@ def _run_train(args: argparse.Namespace) -> int:
               f"classes; evaluating on {len(val_set)} images -> {run_dir}", file=sys.stderr)
     opts = TrainOptions(run_dir=run_dir, device=_checked_device(args.device), resume=args.resume,
                         finetune_from=args.finetune_from, max_steps=args.max_steps,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, pictures=args.pictures,
+                        picture_threshold=args.picture_threshold)
     metrics = train(cfg, train_set, val_set, opts)
     if info.is_main:
         _print_metrics(metrics)
@@ -419,6 +436,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _check_train_args(args: argparse.Namespace) -> None:
+    _check_picture_args(args)
     for name in ("epochs", "batch_size", "max_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -515,8 +533,9 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
         help="COCO-evaluate a checkpoint on a dataset split",
         description=(
             "Evaluate a dinodet or official DINO checkpoint on a split of --data with pycocotools: "
-            "prints AP, AP50, AP75, APs/m/l; with --out also writes metrics.json (fractions) and "
-            "predictions.json (COCO results).  Images are resized as the checkpoint's config says "
+            "prints AP, AP50, AP75, APs/m/l and AP per class; with --out also writes metrics.json (fractions), "
+            "predictions.json (COCO results), pr_curve.png, per_class_ap.png and SPLIT_predictions/ (images "
+            "with the detections drawn).  Images that cannot be read are reported and left out.  Images are resized as the checkpoint's config says "
             "(data.eval_size / data.max_size; change with --set).  EMA weights are used when the "
             "checkpoint has them.  Runs distributed under torchrun."
         ),
@@ -526,13 +545,14 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", metavar="NAME", help="architecture of an official checkpoint without stored args")
     p.add_argument("--split", help="split to evaluate (default: val, or train with a warning when there is no val)")
     p.add_argument("--batch-size", type=int, default=1, help="images per loader batch (AP does not depend on it)")
-    p.add_argument("--out", metavar="DIR", help="write metrics.json and predictions.json here")
+    p.add_argument("--out", metavar="DIR", help="write metrics.json, predictions.json and pictures here")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--mode", default="exact",
                    help="inference mode: exact (default, float32), reference, channels_last, bf16, fp16 (CUDA), "
                    "compile, compile_bf16 (CUDA); see `dinodet predict --help`")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. data.eval_size=512 (repeatable)")
+    _add_picture_args(p, "DIR/SPLIT_predictions/ (with --out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_eval)
 
@@ -542,13 +562,15 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .config import apply_overrides
     from .data.coco import build_dataset
     from .engine.distributed import cleanup_distributed, init_distributed
-    from .engine.evaluate import category_mapping, evaluate
+    from .engine.evaluate import category_mapping, evaluate, format_per_class
+    from .engine.pictures import write_eval_pictures
     from .engine.train import DataSpec, split_exists
     from .inference import default_label_map
     from .modes import ModeRunner, check_mode
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_picture_args(args)
     device = _checked_device(args.device)
     check_mode(args.mode, device)
     if args.out:
@@ -591,15 +613,23 @@ def _run_eval(args: argparse.Namespace) -> int:
         return 0
     metrics = {**result.metrics, "split": split, "checkpoint": str(args.checkpoint), "ema_weights": bool(ema),
                "mode": args.mode}
-    print(f"dinodet: {len(dataset)} images of '{split}', {len(result.records)} detections"
-          + (" (EMA weights)" if ema else ""))
+    if result.unreadable_ids:
+        _warn(f"{len(result.unreadable_ids)} of {len(dataset)} images could not be read (see above); "
+              "they are left out of the scores")
+    print(f"dinodet: {len(dataset) - len(result.unreadable_ids)} images of '{split}', {len(result.records)} "
+          "detections" + (" (EMA weights)" if ema else ""))
     _print_metrics(metrics)
+    if result.per_class:
+        print("AP per class:\n" + format_per_class(result.per_class))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "metrics.json", metrics)
+        write_json_atomic(out / "metrics.json", {**metrics, "per_class": result.per_class})
         write_json_atomic(out / "predictions.json", result.records)
-        print(f"dinodet: metrics -> {out / 'metrics.json'}, detections -> {out / 'predictions.json'}")
+        written = write_eval_pictures(result, dataset, out, pictures=args.pictures,
+                                      threshold=args.picture_threshold, folder=f"{split}_predictions")
+        print(f"dinodet: metrics -> {out / 'metrics.json'}, detections -> {out / 'predictions.json'}"
+              + "".join(f", {p.name}" for p in written))
     return 0
 
 
@@ -660,7 +690,8 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .data.coco import build_dataset
-    from .engine.demo import PREDICTIONS_DIR, demo_config, make_demo_data, write_prediction_pictures
+    from .engine.demo import demo_config, make_demo_data
+    from .engine.pictures import PREDICTIONS_DIR
     from .engine.train import Trainer, TrainOptions, check_run_dir
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -674,14 +705,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     data = make_demo_data(run_dir, settings)
     train_set = build_dataset(data, "train", train=True, data_cfg=cfg.data)
     val_set = build_dataset(data, "val", train=False, data_cfg=cfg.data, label_map=train_set.label_map)
-    trainer = Trainer(cfg, train_set, val_set, TrainOptions(run_dir=run_dir, device=device, resume=args.resume,
-                                                            progress=not args.no_progress))
-    metrics = trainer.fit()
-    assert trainer.last_eval is not None
-    n = write_prediction_pictures(val_set, trainer.last_eval.records, run_dir / PREDICTIONS_DIR,
-                                  settings.picture_threshold, settings.max_pictures)
+    opts = TrainOptions(run_dir=run_dir, device=device, resume=args.resume, progress=not args.no_progress,
+                        pictures=settings.max_pictures, picture_threshold=settings.picture_threshold)
+    metrics = Trainer(cfg, train_set, val_set, opts).fit()
     _print_metrics(metrics)
-    print(f"dinodet: {n} annotated val images -> {run_dir / PREDICTIONS_DIR}; metrics -> {run_dir / 'metrics.json'}")
+    print(f"dinodet: annotated val images -> {run_dir / PREDICTIONS_DIR}; metrics -> {run_dir / 'metrics.json'} "
+          f"(curves.png, pr_curve.png, per_class_ap.png)")
     return 0
 
 

@@ -72,6 +72,22 @@ def draw_detections(
     return out
 
 
+def draw_ground_truth(image: Image.Image, boxes: Tensor | Sequence[Sequence[float]]) -> Image.Image:
+    """Return a copy of ``image`` with ground-truth boxes ([N, 4] x0, y0, x1, y1 pixels) as thin
+    white outlines on a black one, visible on any background and distinct from the coloured
+    detections that ``draw_detections`` draws on top."""
+    boxes_list = boxes.tolist() if isinstance(boxes, Tensor) else [list(b) for b in boxes]
+    out = image.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    width = max(1, round(max(out.size) / 640))
+    for x0, y0, x1, y1 in boxes_list:
+        x0, x1 = sorted((x0, x1))
+        y0, y1 = sorted((y0, y1))
+        draw.rectangle((x0 - width, y0 - width, x1 + width, y1 + width), outline=(0, 0, 0), width=width)
+        draw.rectangle((x0, y0, x1, y1), outline=(255, 255, 255), width=width)
+    return out
+
+
 def _draw_one(
     draw: ImageDraw.ImageDraw,
     image_size: tuple[int, int],

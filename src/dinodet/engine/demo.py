@@ -10,17 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..config import ConfigError, DINOConfig, apply_overrides, typed_value
 from ..presets import get_preset
 
 DEMO_PRESET = "tiny"
 DATA_DIR = "data"
-PREDICTIONS_DIR = "val_predictions"
 
 
 @dataclass
@@ -111,29 +108,3 @@ def make_demo_data(run_dir: Path, s: DemoSettings) -> Path:
                           "choose another --out folder") from None
     except ValueError as e:
         raise ConfigError(f"demo dataset: {e}") from None
-
-
-def write_prediction_pictures(dataset: Any, records: list[dict[str, Any]], out_dir: Path,
-                              threshold: float, limit: int) -> int:
-    """Draw the detections (COCO records, xywh in original pixels) above ``threshold`` on the first
-    ``limit`` images of ``dataset``; returns how many pictures were written."""
-    from ..data.images import load_image
-    from ..files import save_image_atomic
-    from ..visualize import draw_detections
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = dict(zip(dataset.label_map.category_ids, dataset.label_map.class_names))
-    per_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        if r["score"] > threshold:
-            per_image[int(r["image_id"])].append(r)
-    written = 0
-    for i, image_id in enumerate(dataset.image_ids[:limit]):
-        path = dataset.image_path(i)
-        dets = sorted(per_image.get(int(image_id), []), key=lambda r: -r["score"])
-        boxes = [[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in dets)]
-        labels = [names.get(r["category_id"], str(r["category_id"])) for r in dets]
-        picture = draw_detections(load_image(path), boxes, labels, [r["score"] for r in dets])
-        save_image_atomic(picture, out_dir / f"{path.stem}.jpg", quality=90)
-        written += 1
-    return written

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from ..boxes import box_xyxy_to_xywh
 from ..modes import autocast as amp_autocast
@@ -40,10 +40,33 @@ HEADLINE = COCO_STATS[:6]
 @dataclass
 class EvalResult:
     """COCO metrics (fractions in 0..1; -1 where the split has no GT in that size range, as in
-    pycocotools) and the COCO result records they were computed from (rank 0 only)."""
+    pycocotools) and what they were computed from.
+
+    ``per_class``: dataset class name -> {"AP", "AP50"} (-1: no GT of that class).
+    ``pr_curves``: "recall" (COCO's 101 recall points) and, per IoU threshold ("IoU=0.50",
+    "IoU=0.75", "IoU=0.50:0.95"), the precision at each of them averaged over the classes.
+    ``records``: the COCO result records (rank 0 only).
+    ``unreadable_ids``: ids of the images that could not be read (left out of the scores).
+    """
 
     metrics: dict[str, float]
     records: list[dict[str, Any]] = field(default_factory=list)
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)
+    pr_curves: dict[str, list[float]] = field(default_factory=dict)
+    unreadable_ids: list[int] = field(default_factory=list)
+
+
+class _Indexed(Dataset):
+    """``(index, dataset[index])``: tells which image an unreadable (None) item was."""
+
+    def __init__(self, dataset: Dataset, indices: range):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return self.indices[i], self.dataset[self.indices[i]]
 
 
 def _as_list(batch: list[Any]) -> list[Any]:
@@ -85,24 +108,26 @@ def predict_dataset(
     num_workers: int = 0,
     progress: bool = False,
     batch_same_size: bool = False,
-) -> list[dict[str, Any]]:
-    """COCO result records for every readable image of ``dataset`` (all ranks' records, on rank 0;
-    an empty list on the others)."""
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """COCO result records for every readable image of ``dataset``, and the ids of the images that
+    could not be read (all ranks' on rank 0; empty lists on the others)."""
     was_training = model.training
     model.eval()
-    shard = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
+    shard = _Indexed(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
     # an own generator: creating a loader iterator draws a seed from it, and must not advance the
     # global torch RNG (training continues from it; resume equality depends on that)
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_as_list, generator=torch.Generator().manual_seed(0))
     records: list[dict[str, Any]] = []
+    unreadable: list[int] = []
     from tqdm import tqdm
 
     bar = tqdm(total=len(shard), desc="eval", unit="img", file=sys.stderr, leave=False,
                disable=not (progress and dist_info.is_main))
     try:
         for batch in loader:
-            items = [x for x in batch if x is not None]  # unreadable images count as missed GT
+            items = [x for _, x in batch if x is not None]
+            unreadable += [int(dataset.image_ids[i]) for i, x in batch if x is None]
             groups = same_size_groups(items) if batch_same_size else [[i] for i in range(len(items))]
             for group in groups:
                 records.extend(_predict_group([items[i] for i in group], model, category_ids,
@@ -111,8 +136,10 @@ def predict_dataset(
     finally:
         bar.close()
         model.train(was_training)
-    gathered = all_gather_objects(records, dist_info)
-    return [r for part in gathered for r in part] if dist_info.is_main else []
+    gathered = all_gather_objects((records, unreadable), dist_info)
+    if not dist_info.is_main:
+        return [], []
+    return [r for part, _ in gathered for r in part], sorted(i for _, part in gathered for i in part)
 
 
 def _predict_group(items: list[tuple[Tensor, dict[str, Tensor]]], model: nn.Module,
@@ -132,20 +159,55 @@ def _predict_group(items: list[tuple[Tensor, dict[str, Tensor]]], model: nn.Modu
     return records
 
 
-def coco_metrics(coco_gt: Any, records: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """COCOeval (bbox) of ``records`` against ``coco_gt`` (a pycocotools COCO); every GT image
-    counts, so images without predictions are misses.  pycocotools' printing is swallowed."""
+@dataclass
+class CocoScores:
+    """What COCOeval gives for one set of detections (see EvalResult for the fields)."""
+
+    metrics: dict[str, float]
+    per_class: dict[str, dict[str, float]]
+    pr_curves: dict[str, list[float]]
+
+
+def coco_scores(coco_gt: Any, records: Sequence[dict[str, Any]],
+                image_ids: Sequence[int] | None = None) -> CocoScores:
+    """COCOeval (bbox) of ``records`` against ``coco_gt`` (a pycocotools COCO) on ``image_ids``
+    (default: every GT image; images without predictions are misses).  pycocotools' printing is
+    swallowed."""
     from pycocotools.cocoeval import COCOeval
 
+    cat_ids = sorted(coco_gt.getCatIds())
+    names = [c["name"] for c in coco_gt.loadCats(cat_ids)]
     if not records:  # loadRes cannot take an empty list; nothing detected means AP 0
-        return dict.fromkeys(COCO_STATS, 0.0)
+        return CocoScores(dict.fromkeys(COCO_STATS, 0.0), {n: {"AP": 0.0, "AP50": 0.0} for n in names}, {})
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes([dict(r) for r in records])  # loadRes edits the dicts it gets
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(int(i) for i in image_ids)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {k: float(v) for k, v in zip(COCO_STATS, evaluator.stats)}
+    # precision [T iou thresholds, R recall points, K classes, A area ranges, M max dets]; -1: no GT.
+    # area "all" and 100 detections, the setting of the headline AP
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]
+    per_class = {name: {"AP": _mean_valid(precision[:, :, k]), "AP50": _mean_valid(precision[0, :, k])}
+                 for k, name in enumerate(names)}
+    curves: dict[str, list[float]] = {"recall": [float(r) for r in evaluator.params.recThrs]}
+    for label, rows in (("IoU=0.50", precision[:1]), ("IoU=0.75", precision[5:6]), ("IoU=0.50:0.95", precision)):
+        if (rows > -1).any():  # mean over IoU thresholds and the classes that have GT, per recall point
+            curves[label] = [_mean_valid(rows[:, r]) for r in range(rows.shape[1])]
+    return CocoScores({k: float(v) for k, v in zip(COCO_STATS, evaluator.stats)}, per_class, curves)
+
+
+def _mean_valid(values: Any) -> float:
+    """Mean of the entries that are not -1 (COCOeval's "no GT"), or -1 when there are none."""
+    valid = values[values > -1]
+    return float(valid.mean()) if valid.size else -1.0
+
+
+def coco_metrics(coco_gt: Any, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """COCOeval's twelve summary numbers (``COCO_STATS``) of ``records`` on every GT image."""
+    return coco_scores(coco_gt, records).metrics
 
 
 def evaluate(
@@ -164,15 +226,25 @@ def evaluate(
     """Predict ``dataset`` (a DetectionDataset with eval transforms and a ``.coco`` GT) and score it.
 
     ``category_ids[k]`` is the dataset category id of model class k (None: ignore that class).
+    Images that cannot be read are reported (by the dataset), left out of the scores and counted in
+    ``metrics["unreadable_images"]``; ``metrics["num_images"]`` counts the images scored.
     Every rank gets the metrics; the records are kept on rank 0 only.
     """
-    records = predict_dataset(model, dataset, category_ids, device=device, batch_size=batch_size,
-                              num_select=num_select, amp=amp, dist_info=dist_info,
-                              num_workers=num_workers, progress=progress)
-    metrics = coco_metrics(dataset.coco, records) if dist_info.is_main else {}
-    metrics = broadcast_object(metrics, dist_info)
-    metrics["num_images"] = float(len(dataset))
-    return EvalResult(metrics=metrics, records=records)
+    records, unreadable = predict_dataset(model, dataset, category_ids, device=device, batch_size=batch_size,
+                                          num_select=num_select, amp=amp, dist_info=dist_info,
+                                          num_workers=num_workers, progress=progress)
+    scores = None
+    if dist_info.is_main:
+        skipped = set(unreadable)
+        scored = [i for i in dataset.image_ids if i not in skipped] if skipped else None
+        scores = coco_scores(dataset.coco, records, scored)
+    scores, unreadable = broadcast_object((scores, unreadable), dist_info)
+    metrics = dict(scores.metrics)
+    metrics["num_images"] = float(len(dataset) - len(unreadable))
+    if unreadable:
+        metrics["unreadable_images"] = float(len(unreadable))
+    return EvalResult(metrics=metrics, records=records, per_class=scores.per_class, pr_curves=scores.pr_curves,
+                      unreadable_ids=list(unreadable))
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -186,6 +258,18 @@ def format_metrics(metrics: dict[str, float]) -> str:
             continue
         lines.append(f"{labels[key]:<14} {'n/a (no GT of that size)' if v < 0 else f'{v:.4f}'}")
     return "\n".join(lines)
+
+
+def format_per_class(per_class: dict[str, dict[str, float]], columns: int = 3) -> str:
+    """AP per class as a table of ``columns`` (name, AP) pairs per line; "-" for no GT."""
+    cells = [(name, "-" if v["AP"] < 0 else f"{v['AP']:.3f}") for name, v in per_class.items()]
+    if not cells:
+        return ""
+    width = max(len(n) for n, _ in cells)
+    rows = []
+    for start in range(0, len(cells), columns):
+        rows.append("   ".join(f"{n:<{width}} {ap:>5}" for n, ap in cells[start:start + columns]))
+    return "\n".join(rows)
 
 
 def category_mapping(

@@ -1,4 +1,5 @@
-"""Pictures of results as PNGs: training curves (loss and AP per epoch) and speed charts (``dinodet bench``).
+"""Pictures of results as PNGs: training curves (loss and AP per epoch), precision-recall curves and
+per-class AP of an evaluation, and speed charts (``dinodet bench``).
 
 Uses matplotlib's object API with the Agg canvas directly, so no GUI backend and no pyplot global
 state is involved (safe in headless jobs and in threads).
@@ -52,6 +53,58 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> Path:
     ax_ap.set(title="COCO AP (eval)", xlabel="epoch", ylim=(0, 1))
     for ax in (ax_loss, ax_ap):
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_precision_recall(pr_curves: dict[str, Sequence[float]], path: Path, title: str = "") -> Path:
+    """Write ``path`` (PNG): precision against recall, one line per IoU threshold (``EvalResult.pr_curves``:
+    "recall" plus per-threshold precision averaged over the classes), the legend giving each line's
+    area (its AP)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    recall = list(pr_curves.get("recall", []))
+    lines = {k: list(v) for k, v in pr_curves.items() if k != "recall"}
+    if not recall or not lines:
+        raise ValueError("no precision-recall data to plot (nothing was detected)")
+    fig = Figure(figsize=(5.5, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for label, precision in lines.items():
+        ap = sum(precision) / len(precision)  # COCO's AP: the mean over its 101 recall points
+        ax.plot(recall, precision, label=f"{label} (AP {ap:.3f})")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+           title=title or "precision-recall (mean over classes)")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_per_class_ap(per_class: dict[str, dict[str, float]], path: Path, title: str = "") -> Path:
+    """Write ``path`` (PNG): AP and AP50 of each class as horizontal bars, worst class at the bottom
+    (``EvalResult.per_class``; classes without GT, AP -1, are left out)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = sorted(((n, v) for n, v in per_class.items() if v.get("AP", -1) >= 0), key=lambda x: -x[1]["AP"])
+    if not rows:
+        raise ValueError("no class with ground truth to plot")
+    fig = Figure(figsize=(7, 1.2 + 0.22 * len(rows)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ys = range(len(rows))
+    ax.barh(ys, [v["AP50"] for _, v in rows], color="tab:blue", alpha=0.35, label="AP50")
+    ax.barh(ys, [v["AP"] for _, v in rows], color="tab:blue", label="AP")
+    for y, (_, v) in zip(ys, rows):
+        ax.text(max(v["AP50"], v["AP"]), y, f" {v['AP']:.3f}", va="center", fontsize=7)
+    ax.set_yticks(list(ys), [n for n, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.margins(y=0.01)
+    ax.set(xlim=(0, 1.1), xlabel="AP", title=title or "AP per class")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
 

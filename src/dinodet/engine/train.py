@@ -26,7 +26,8 @@ processes keep private RNG streams that cannot be captured).
 Files in RUN_DIR (rank 0 only): checkpoint.pt (everything needed to resume), checkpoint_best.pt
 (the evaluated weights with the best AP: the EMA weights when EMA is on), metrics.jsonl,
 tb/ (TensorBoard), curves.png, config.json (the resolved config) and, at the end, metrics.json
-(the final evaluation).
+(the final evaluation, with AP per class), pr_curve.png, per_class_ap.png and val_predictions/
+(the first val images with the final detections drawn; see ``engine.pictures``).
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ from .distributed import (
 from .ema import ModelEMA
 from .evaluate import HEADLINE, EvalResult, amp_autocast, evaluate
 from .logging import METRICS_LOG, RunLogger
+from .pictures import write_eval_pictures
 from .plots import plot_curves
 
 CHECKPOINT = "checkpoint.pt"
@@ -112,6 +114,8 @@ class TrainOptions:
     max_steps: int | None = None  # stop after this many optimizer steps in total (smoke tests)
     progress: bool = True  # tqdm bars (rank 0)
     tensorboard: bool = True
+    pictures: int = 8  # val images drawn with the final evaluation's detections (0: none)
+    picture_threshold: float = 0.3  # score above which a detection is drawn
 
 
 # ------------------------------------------------------------------------------------ building blocks
@@ -731,8 +735,10 @@ class Trainer:
         metrics.update(epoch=round(self.epochs_done, 4), step=self.counters.step, ema_weights=self.ema is not None,
                        best_AP=max(self.counters.best_ap, metrics["AP"]))
         if self.info.is_main:
-            write_json_atomic(self.run_dir / FINAL_METRICS, metrics)
+            write_json_atomic(self.run_dir / FINAL_METRICS, {**metrics, "per_class": self.last_eval.per_class})
             plot_curves(self.logger.records, self.run_dir / CURVES)
+            write_eval_pictures(self.last_eval, self.val_set, self.run_dir, pictures=self.opts.pictures,
+                                threshold=self.opts.picture_threshold)
         return metrics
 
 

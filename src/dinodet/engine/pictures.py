@@ -1,0 +1,68 @@
+"""Pictures of an evaluation, written next to its metrics: detections drawn on the first images of
+a split (with the ground truth as thin white boxes), precision-recall curves and AP per class."""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..data.images import ImageLoadError
+from ..files import save_image_atomic
+from ..visualize import draw_detections, draw_ground_truth
+from .evaluate import EvalResult
+from .plots import plot_per_class_ap, plot_precision_recall
+
+logger = logging.getLogger("dinodet")
+
+PREDICTIONS_DIR = "val_predictions"
+PR_CURVE = "pr_curve.png"
+PER_CLASS_AP = "per_class_ap.png"
+
+
+def write_prediction_pictures(dataset: Any, records: list[dict[str, Any]], out_dir: Path,
+                              threshold: float, limit: int, ground_truth: bool = True) -> int:
+    """Draw the detections (COCO records: xywh in original pixels, dataset category ids) scoring
+    above ``threshold`` on the first ``limit`` readable images of ``dataset`` (a DetectionDataset),
+    as ``out_dir/<image stem>.jpg``; returns how many pictures were written."""
+    if limit <= 0:
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = dict(zip(dataset.label_map.category_ids, dataset.label_map.class_names))
+    per_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r["score"] > threshold:
+            per_image[int(r["image_id"])].append(r)
+    written = 0
+    for i, image_id in enumerate(dataset.image_ids):
+        if written >= limit:
+            break
+        try:
+            image = dataset.load_image(i)  # the annotation frame (EXIF orientation applied)
+        except ImageLoadError:
+            continue  # already reported by the evaluation
+        if ground_truth:
+            image = draw_ground_truth(image, dataset.raw_target(i)["boxes"])
+        dets = sorted(per_image.get(int(image_id), []), key=lambda r: -r["score"])
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in dets)]
+        labels = [names.get(r["category_id"], str(r["category_id"])) for r in dets]
+        picture = draw_detections(image, boxes, labels, [r["score"] for r in dets])
+        save_image_atomic(picture, out_dir / f"{dataset.image_path(i).stem}.jpg", quality=90)
+        written += 1
+    return written
+
+
+def write_eval_pictures(result: EvalResult, dataset: Any, out_dir: Path, *, pictures: int = 8,
+                        threshold: float = 0.3, title: str = "", folder: str = PREDICTIONS_DIR) -> list[Path]:
+    """PR curves, per-class AP and ``pictures`` annotated images (in ``out_dir/folder``) of one
+    evaluation under ``out_dir``; returns what was written.  Nothing detected means no curves (a note is logged, not an error)."""
+    written: list[Path] = []
+    for plot, data, name in ((plot_precision_recall, result.pr_curves, PR_CURVE),
+                             (plot_per_class_ap, result.per_class, PER_CLASS_AP)):
+        try:
+            written.append(plot(data, out_dir / name, title))
+        except ValueError as e:
+            logger.info("no %s: %s", name, e)
+    if write_prediction_pictures(dataset, result.records, out_dir / folder, threshold, pictures):
+        written.append(out_dir / folder)
+    return written
