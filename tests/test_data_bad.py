@@ -188,3 +188,22 @@ def test_iscrowd_written_as_a_string(tmp_path: Path):
     index = index_coco(data, tmp_path, check_files=False)
     assert index.report.crowd_ignored == 2 and index.report.boxes == 2  # "0" is not crowd; "1" and True are
     assert sorted(a["iscrowd"] for a in index.gt["annotations"]) == [0, 0, 1, 1]
+
+
+def test_an_absurd_annotated_size_skips_the_image_instead_of_allocating_it(tmp_path: Path):
+    """A 64x48 image annotated as 100000x100000: resizing it to that frame would need 30 GB."""
+    d = tmp_path / "train2017"
+    d.mkdir()
+    _rgb(64, 48).save(d / "a.jpg")
+    _rgb(64, 48).save(d / "b.jpg")
+    images = [{"id": 1, "file_name": "a.jpg", "width": 100_000, "height": 100_000},
+              {"id": 2, "file_name": "b.jpg", "width": 64, "height": 48}]
+    anns = [{"id": k, "image_id": k, "category_id": 1, "bbox": [1, 1, 10, 10], "area": 100, "iscrowd": 0}
+            for k in (1, 2)]
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_train2017.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+    ds = build_dataset(str(tmp_path), "train", train=False, data_cfg=CFG)
+    assert ds.image_ids == [2] and ds.coco.getImgIds() == [2]
+    assert ds.report.invalid_annotations == 1 and ds.report.orphan_annotations == 0
+    assert any("a.jpg: annotated size 100000x100000" in m for m in ds.report.messages)

@@ -57,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 CLIP_TOLERANCE = 1.0  # pixels of overshoot clipped without being reported
 FORMATS = ("coco", "yolo")
+# An annotated size above PIL's decompression-bomb limit (which refuses such files) is a broken
+# annotation; taken at its word, the resize to the annotated frame could take all memory.
+MAX_IMAGE_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 # PIL transpose undoing ``ImageOps.exif_transpose`` for the orientations that swap width/height.
 _UNDO_EXIF = {
@@ -217,6 +220,11 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
                                                 f"unreadable ({first_line(e)}); skipped")
                 dropped.add(iid)
                 continue
+        if width * height > MAX_IMAGE_PIXELS:
+            report.add("invalid_annotations", f"{path}: annotated size {width}x{height} is larger than any image "
+                                              f"dinodet reads ({MAX_IMAGE_PIXELS:,} pixels); skipped")
+            dropped.add(iid)
+            continue
         images[iid] = {**entry, "width": width, "height": height}
 
     per_image: dict[int, list[tuple[float, float, float, float, int]]] = {iid: [] for iid in images}

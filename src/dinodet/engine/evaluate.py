@@ -122,7 +122,8 @@ def predict_dataset(
     unreadable: list[int] = []
     from tqdm import tqdm
 
-    bar = tqdm(total=len(shard), desc="eval", unit="img", file=sys.stderr, leave=False,
+    # rank 0's bar counts the whole dataset, assuming the other ranks keep pace with it
+    bar = tqdm(total=len(dataset), desc="eval", unit="img", file=sys.stderr, leave=False,
                disable=not (progress and dist_info.is_main))
     try:
         for batch in loader:
@@ -132,7 +133,7 @@ def predict_dataset(
             for group in groups:
                 records.extend(_predict_group([items[i] for i in group], model, category_ids,
                                               device, num_select, amp))
-            bar.update(len(batch))
+            bar.update(min(len(batch) * dist_info.world_size, bar.total - bar.n))
     finally:
         bar.close()
         model.train(was_training)
