@@ -259,7 +259,7 @@ def _load_model(checkpoint: Any, preset: str | None) -> tuple[nn.Module, DINOCon
     if isinstance(checkpoint, Detector):
         if preset is not None and preset != checkpoint.config.name:
             raise ConfigError(f"the detector is a '{checkpoint.config.name}' model, not '{preset}'")
-        ids = checkpoint._category_ids.tolist()
+        ids = list(checkpoint.category_ids)
         return (checkpoint.model.cpu().eval(), checkpoint.config, checkpoint.class_names, ids,
                 (checkpoint.size, checkpoint.max_size))
     if not isinstance(checkpoint, (str, os.PathLike)):

@@ -116,7 +116,8 @@ class Detector:
         self.class_names, category_id_list = default_label_map(
             config.model.num_classes, class_names, category_ids
         )
-        self._category_ids = torch.tensor(category_id_list, dtype=torch.int64)
+        self.category_ids: list[int] = list(category_id_list)  # class index -> the dataset's category id
+        self._category_ids = torch.tensor(category_id_list, dtype=torch.int64)  # the same, for indexing labels
         self.size = config.data.eval_size if size is None else size
         self.max_size = config.data.max_size if max_size is None else max_size
         if self.size < 1 or self.max_size < self.size:
