@@ -115,6 +115,28 @@ def test_check_data_prints_the_report(capsys):
     assert "[train]" in out and "128 images" in out and "result: OK" in out
 
 
+def test_check_data_draws_the_labels(tmp_path: Path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from dinodet.data.coco import build_dataset
+    from dinodet.visualize import class_color
+
+    assert main(["check-data", "--data", str(COCO128), "--out", str(tmp_path), "--pictures", "2"]) == 0
+    assert "2 images with their boxes" in capsys.readouterr().out
+    pictures = sorted((tmp_path / "train_labels").glob("*.jpg"))
+    dataset = build_dataset(COCO128, "train", train=False)
+    assert [p.stem for p in pictures] == [dataset.image_path(i).stem for i in range(2)]
+    # the first box's left edge is drawn in its class colour (up to JPEG noise)
+    target = dataset.raw_target(0)
+    x0, y0, _, y1 = (round(v) for v in target["boxes"][0].tolist())
+    edge = np.asarray(Image.open(pictures[0]))[(y0 + y1) // 2 - 5:(y0 + y1) // 2 + 5, x0].astype(float)
+    color = class_color(dataset.label_map.class_names[int(target["labels"][0])])
+    assert np.abs(edge.mean(axis=0) - color).max() < 40
+    chart = Image.open(tmp_path / "train_classes.png")
+    assert chart.height > 80 * 20  # a row per COCO class
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["train", "--data", "D", "--out", "R"], "--preset NAME is required"),
     (["train", "--data", str(COCO128), "--preset", "tiny", "--out", "R", "--set", "train.nope=1"],

@@ -641,11 +641,16 @@ def _add_check_data(subparsers: argparse._SubParsersAction) -> None:
         "check-data",
         help="scan a dataset for problems before training",
         description="Check every annotation and image header of the train and val splits (or --split) and "
-                    "print what training would skip or fix.  Exit status 1 when a split has no usable image.",
+                    "print what training would skip or fix.  With --out, also draw each split's boxes on its "
+                    "first images (DIR/SPLIT_labels/*.jpg) and chart its boxes per class (DIR/SPLIT_classes.png).  "
+                    "Exit status 1 when a split has no usable image.",
     )
     _add_data_args(p)
     p.add_argument("--split", action="append", help="split(s) to check (default: train and val when present)")
     p.add_argument("--decode", action="store_true", help="also decode every image (slower; finds truncated files)")
+    p.add_argument("--out", metavar="DIR", help="write pictures of the labels here")
+    p.add_argument("--pictures", type=int, default=16, metavar="N",
+                   help="images per split drawn with their boxes (with --out; default 16)")
     p.set_defaults(func=_run_check_data)
 
 
@@ -653,6 +658,10 @@ def _run_check_data(args: argparse.Namespace) -> int:
     from .data.checks import check_dataset, format_report
     from .engine.train import DataSpec, split_exists
 
+    if args.pictures < 0:
+        raise ConfigError(f"--pictures must be >= 0, got {args.pictures}")
+    if args.out:
+        _check_out_folder(Path(args.out))
     spec = DataSpec(args.data, args.format)
     splits = args.split or [s for s in ("train", "val") if s == "train" or split_exists(spec, s)]
     status = 0
@@ -662,7 +671,26 @@ def _run_check_data(args: argparse.Namespace) -> int:
         print(format_report(report))
         if report.usable_images <= 0:
             status = 1
+        elif args.out:
+            print(_label_pictures(args, split))
     return status
+
+
+def _label_pictures(args: argparse.Namespace, split: str) -> str:
+    from .data.coco import build_dataset
+    from .engine.pictures import write_class_counts, write_label_pictures
+
+    out = Path(args.out)
+    log = logging.getLogger("dinodet")
+    level = log.level
+    log.setLevel(logging.ERROR)  # the report above already lists the data's problems
+    try:
+        dataset = build_dataset(args.data, split, args.format, train=False)
+        n = write_label_pictures(dataset, out / f"{split}_labels", args.pictures)
+    finally:
+        log.setLevel(level)
+    chart = write_class_counts(dataset, out / f"{split}_classes.png", f"{split}: boxes per class")
+    return f"pictures: {n} images with their boxes -> {out / f'{split}_labels'}; boxes per class -> {chart}"
 
 
 # -------------------------------------------------------------------------------------------- demo

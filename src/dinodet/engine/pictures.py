@@ -1,5 +1,6 @@
 """Pictures of an evaluation, written next to its metrics: detections drawn on the first images of
-a split (with the ground truth as thin white boxes), precision-recall curves and AP per class."""
+a split (with the ground truth as thin white boxes), precision-recall curves and AP per class; and
+of a dataset (``dinodet check-data --out``): its boxes drawn on the first images, boxes per class."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,7 @@ from ..data.images import ImageLoadError
 from ..files import save_image_atomic
 from ..visualize import draw_detections, draw_ground_truth
 from .evaluate import EvalResult
-from .plots import plot_per_class_ap, plot_precision_recall
+from .plots import plot_class_counts, plot_per_class_ap, plot_precision_recall
 
 logger = logging.getLogger("dinodet")
 
@@ -66,3 +67,36 @@ def write_eval_pictures(result: EvalResult, dataset: Any, out_dir: Path, *, pict
     if write_prediction_pictures(dataset, result.records, out_dir / folder, threshold, pictures):
         written.append(out_dir / folder)
     return written
+
+
+def write_label_pictures(dataset: Any, out_dir: Path, limit: int) -> int:
+    """Draw the training boxes (class names, in class colours) on the first ``limit`` readable
+    images of ``dataset`` (a DetectionDataset) as ``out_dir/<image stem>.jpg``, to check by eye that
+    the labels sit where they should; returns how many pictures were written."""
+    if limit <= 0:
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = dataset.label_map.class_names
+    written = 0
+    for i in range(len(dataset)):
+        if written >= limit:
+            break
+        try:
+            image = dataset.load_image(i)
+        except ImageLoadError:
+            continue  # counted in the report
+        target = dataset.raw_target(i)
+        labels = [names[k] for k in target["labels"].tolist()]
+        save_image_atomic(draw_detections(image, target["boxes"], labels), out_dir / f"{dataset.image_path(i).stem}.jpg",
+                          quality=90)
+        written += 1
+    return written
+
+
+def write_class_counts(dataset: Any, path: Path, title: str = "") -> Path:
+    """``path`` (PNG): how many training boxes each class of ``dataset`` has."""
+    import numpy as np
+
+    names = dataset.label_map.class_names
+    counts = np.bincount(np.asarray(dataset.index.labels, dtype=np.int64), minlength=len(names))
+    return plot_class_counts({n: int(c) for n, c in zip(names, counts)}, path, title)

@@ -109,6 +109,32 @@ def plot_per_class_ap(per_class: dict[str, dict[str, float]], path: Path, title:
     return _save(fig, path)
 
 
+def plot_class_counts(counts: dict[str, int], path: Path, title: str = "") -> Path:
+    """Write ``path`` (PNG): training boxes per class as horizontal bars, in class order (a class
+    with none stands out as an empty row)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not counts:
+        raise ValueError("no classes to plot")
+    fig = Figure(figsize=(7, 1.2 + 0.22 * len(counts)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ys = range(len(counts))
+    values = list(counts.values())
+    ax.barh(ys, values, color="tab:green")
+    for y, v in zip(ys, values):
+        ax.text(v, y, f" {v}", va="center", fontsize=7)
+    ax.set_yticks(list(ys), list(counts), fontsize=8)
+    ax.invert_yaxis()
+    ax.margins(y=0.01)
+    ax.set_xlim(0, max(max(values), 1) * 1.15)
+    ax.set(xlabel="boxes", title=title or "boxes per class")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_speed(records: Sequence[dict[str, Any]], path: Path, title: str = "",
                marks: dict[str, dict[str, float]] | None = None) -> Path:
     """Write ``path`` (PNG): one horizontal bar chart per task of ``dinodet bench`` records (ms per
