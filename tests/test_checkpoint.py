@@ -219,3 +219,27 @@ def test_checkpoint_files_get_the_umask_permissions(tmp_path, tiny_model):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644  # mkstemp alone would give 0600
+
+
+# an official checkpoint is loaded without --preset: the config comes from its stored args
+def test_official_checkpoint_without_preset_uses_its_args(tmp_path):
+    from dinodet.checkpoint import CheckpointError, build_model, load_checkpoint
+    from dinodet.compat.official_keys import to_official
+    from dinodet.inference import Detector
+    from dinodet.presets import get_preset
+
+    args = json.loads((REF / "DINO_4scale.args.json").read_text())
+    cfg = get_preset("dino_r50_4scale")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    state = to_official(model.state_dict(), cfg.model.dec_layers, len(cfg.model.backbone.return_layers))
+    torch.save({"model": state, "args": argparse.Namespace(**args), "epoch": 11}, tmp_path / "ckpt.pth")
+    loaded = load_checkpoint(tmp_path / "ckpt.pth")  # no preset
+    assert loaded.source == "official" and loaded.config.model == cfg.model
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k
+    det = Detector.from_checkpoint(tmp_path / "ckpt.pth")
+    assert (det.size, det.max_size) == (800, 1333) and det.class_names[1] == "person"
+    torch.save(state, tmp_path / "bare.pth")  # a bare state dict: no args to build the model from
+    with pytest.raises(CheckpointError, match="without stored args; pass --preset"):
+        load_checkpoint(tmp_path / "bare.pth")

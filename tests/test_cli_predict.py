@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dinodet.cli import _note_compile, main
@@ -180,3 +181,23 @@ def test_help_and_no_command(capsys):
         main(["predict", "--help"])
     assert info.value.code == 0 and "--random-weights" in capsys.readouterr().out
     assert main([]) == 2
+
+
+# predictions.json holds the API's detections, in xywh, at the --size given
+def test_predictions_json_equals_the_api_in_coco_xywh(tmp_path, sample_images, tiny_checkpoint, size_args):
+    from dinodet.inference import Detector
+
+    out = tmp_path / "out"
+    assert main(["predict", str(sample_images[0]), str(sample_images[2]), "--checkpoint", str(tiny_checkpoint),
+                 "--out", str(out), "--threshold", "0.0", *size_args]) == 0
+    records = json.loads((out / "predictions.json").read_text())
+    det = Detector.from_checkpoint(tiny_checkpoint, size=160, max_size=256)
+    for path, pred in zip((sample_images[0], sample_images[2]), det.predict([sample_images[0], sample_images[2]],
+                                                                            threshold=0.0)):
+        got = [r for r in records if r["file_name"] == path.name]
+        assert len(got) == len(pred) == det.config.model.num_select
+        x0, y0, x1, y1 = pred.boxes.unbind(-1)
+        want = torch.stack([x0, y0, x1 - x0, y1 - y0], -1)
+        torch.testing.assert_close(torch.tensor([r["bbox"] for r in got]), want, atol=0.006, rtol=0)
+        assert [r["category_id"] for r in got] == pred.category_ids.tolist()
+        torch.testing.assert_close(torch.tensor([r["score"] for r in got]), pred.scores, atol=6e-6, rtol=0)

@@ -299,3 +299,33 @@ def test_missing_backbone_checkpoint_is_one_clear_line(tmp_path: Path):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("dinodet: error:")]
     assert len(lines) == 1 and str(missing) in lines[0] and "not found" in lines[0]
+
+
+# eval --set model.num_select=10 is applied (2 val images x 10 detections)
+def test_eval_num_select_override_is_applied(tmp_path, capsys):
+    from dinodet.checkpoint import build_model, save_checkpoint
+    from dinodet.config import apply_overrides
+    from dinodet.data.synthetic import make_synthetic_coco
+    from dinodet.presets import get_preset
+
+    data = make_synthetic_coco(tmp_path / "data", num_train=2, num_val=2, image_size=(64, 64), seed=0, num_classes=4)
+    cfg = apply_overrides(get_preset("tiny", num_classes=4), ["data.eval_size=64", "data.max_size=64",
+                                                              "model.num_queries=20", "model.num_select=20"])
+    ckpt = save_checkpoint(tmp_path / "c.pt", build_model(cfg), cfg, ["circle", "square", "triangle", "cross"],
+                           [1, 2, 3, 4])
+    assert main(["eval", "--data", str(data), "--checkpoint", str(ckpt), "--out", str(tmp_path / "ev"),
+                 "--no-progress", "--pictures", "0", "--set", "model.num_select=10"]) == 0
+    assert len(json.loads((tmp_path / "ev" / "predictions.json").read_text())) == 2 * 10
+
+
+# the train flags reach the config (what config.json and the run use)
+def test_train_flags_become_config_values(tmp_path):
+    from dinodet.cli import _train_config, build_parser
+
+    args = build_parser().parse_args(["train", "--data", "D", "--preset", "tiny", "--out", str(tmp_path),
+                                      "--epochs", "3", "--batch-size", "5", "--amp", "bf16",
+                                      "--backbone-checkpoint", "r18.pth", "--set", "train.lr=3e-4"])
+    cfg, label_map = _train_config(args, tmp_path / "checkpoint.pt")
+    assert label_map is None
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.amp, cfg.train.lr) == (3, 5, "bf16", 3e-4)
+    assert cfg.model.backbone.checkpoint == "r18.pth"

@@ -317,3 +317,21 @@ def test_loss_and_backward_copy_to_the_host_once():
     assert out.logits.grad is not None
     syncs = {k: n for k, n in ops.items() if k in HOST_SYNC_OPS}
     assert syncs == {"_local_scalar_dense": 1}, syncs
+
+
+# loss.aux_loss=false: only the last decoder layer (and the proposals) are matched and weighted
+def test_without_aux_loss_only_the_last_layer_counts():
+    from test_criterion import C, make_output, make_targets, np_set_losses, pairs_of
+
+    from dinodet.config import LossConfig
+    from dinodet.criterion import build_criterion
+
+    targets = make_targets()
+    out = make_output(targets, seed=3)
+    crit = build_criterion(C, LossConfig(aux_loss=False))
+    losses = crit(out, targets)
+    assert not any(k.rsplit("_", 1)[-1].isdigit() for k in list(losses) + list(crit.weight_dict))
+    assert set(crit.weight_dict) <= set(losses)
+    pairs = pairs_of(crit.matcher(out.logits[-1], out.boxes[-1], targets))
+    for name, value in np_set_losses(out.logits[-1], out.boxes[-1], targets, pairs, 3.0).items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5, abs=1e-5), name

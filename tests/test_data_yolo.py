@@ -140,3 +140,23 @@ def test_split_folders_come_from_the_data_yaml_even_with_names_txt():
     images, labels, names = resolve_yolo_paths(COCO128, "val")
     assert (images, labels, names.name) == (COCO128 / "images" / "train2017", COCO128 / "labels" / "train2017",
                                             "names.txt")
+
+
+# YOLO labels are relative to the upright (EXIF-rotated) image
+def test_yolo_labels_use_the_exif_upright_size(tmp_path):
+    from dinodet.config import DataConfig
+    from dinodet.data.coco import build_dataset
+
+    img, lbl = tmp_path / "images" / "train", tmp_path / "labels" / "train"
+    img.mkdir(parents=True)
+    lbl.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 80x40, shown 40x80
+    Image.new("RGB", (80, 40)).save(img / "a.jpg", exif=exif)
+    (lbl / "a.txt").write_text("0 0.5 0.25 0.5 0.25\n")
+    (tmp_path / "names.txt").write_text("thing\n")
+    ds = build_dataset(str(tmp_path), "train", "yolo", train=False, data_cfg=DataConfig(eval_size=80, max_size=80))
+    im = ds.coco.dataset["images"][0]
+    assert (im["width"], im["height"]) == (40, 80)
+    np.testing.assert_allclose(ds.coco.dataset["annotations"][0]["bbox"], [10, 10, 20, 20], atol=1e-4)
+    assert ds.report.size_mismatch == 0

@@ -173,3 +173,31 @@ def test_pictures_of_an_evaluation_without_detections(tmp_path: Path, mixed_size
     written = write_eval_pictures(result, mixed_sizes, tmp_path, pictures=2)
     assert [p.name for p in written] == [PER_CLASS_AP, "val_predictions"]  # no curve to draw, no error
     assert len(list((tmp_path / "val_predictions").glob("*.jpg"))) == 2
+
+
+# evaluation pictures: detections above the threshold drawn where they are, GT in white
+def test_prediction_pictures_draw_boxes_where_the_records_say(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dinodet.config import DataConfig
+    from dinodet.data.coco import build_dataset
+    from dinodet.data.synthetic import make_synthetic_coco
+    from dinodet.engine.pictures import write_prediction_pictures
+
+    root = make_synthetic_coco(tmp_path / "d", num_train=1, num_val=1, image_size=(200, 240), seed=0, num_classes=2)
+    ds = build_dataset(root, "val", train=False, data_cfg=DataConfig(eval_size=200, max_size=240))
+    iid, cid = ds.image_ids[0], ds.label_map.category_ids[0]
+    records = [{"image_id": iid, "category_id": cid, "bbox": [20.0, 60.0, 100.0, 80.0], "score": 0.9},
+               {"image_id": iid, "category_id": cid, "bbox": [150.0, 150.0, 40.0, 30.0], "score": 0.1}]
+    assert write_prediction_pictures(ds, records, tmp_path / "pics", threshold=0.3, limit=1) == 1
+    assert write_prediction_pictures(ds, records, tmp_path / "gt_only", threshold=1.0, limit=1) == 1
+    name = f"{ds.image_path(0).stem}.jpg"
+    a = np.asarray(Image.open(tmp_path / "pics" / name)).astype(int)
+    base = np.asarray(Image.open(tmp_path / "gt_only" / name)).astype(int)
+    diff = np.abs(a - base).max(axis=2)
+    assert diff[100, 20:22].min() > 40 and diff[139:141, 70].min() > 40  # left edge x=20, bottom y=60+80=140
+    assert diff[100, 70] < 15  # inside the box: untouched
+    assert diff[165, 150:152].max() < 15  # the 0.1-score detection is below the threshold: not drawn
+    x0, y0, _, y1 = (round(v) for v in ds.raw_target(0)["boxes"][0].tolist())
+    assert base[(y0 + y1) // 2, x0].min() > 200  # the ground truth: a white outline

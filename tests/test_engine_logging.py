@@ -6,7 +6,9 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 from dinodet.engine.distributed import (
     DistInfo,
@@ -86,3 +88,59 @@ def test_plot_curves_writes_a_png(tmp_path: Path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plot_curves([], tmp_path / "empty.png")  # nothing logged yet: still a (blank) figure
     assert (tmp_path / "empty.png").is_file()
+
+
+# TensorBoard gets the scalars under their tags, and a resume purges what came after its step
+def test_tensorboard_scalars_and_purge_on_resume(tmp_path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dinodet.engine.logging import TB_DIR, RunLogger
+
+    log = RunLogger(tmp_path)
+    for epoch in (1, 2, 3):
+        log.log_record({"epoch": epoch, "step": 10 * epoch, "train_loss": 5.0 / epoch, "eval_AP": 0.1 * epoch,
+                        "nan": float("nan")})
+    log.log_scalars(30, {"loss": 1.0}, prefix="train_step/")
+    log.close()
+    resumed = RunLogger(tmp_path, resume_step=20)
+    resumed.log_record({"epoch": 3, "step": 30, "train_loss": 1.5})
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path / TB_DIR))
+    acc.Reload()
+    assert {"train/loss", "eval/AP", "train_step/loss"} <= set(acc.Tags()["scalars"])
+    assert "nan" not in acc.Tags()["scalars"]
+    loss = [(e.step, round(e.value, 4)) for e in acc.Scalars("train/loss")]
+    assert loss == [(10, 5.0), (20, 2.5), (30, 1.5)]  # the killed run's step-30 value (1.6667) is purged
+    assert [e.step for e in acc.Scalars("eval/AP")] == [10, 20]
+
+
+def _colour_pixels(path: Path, rgb: tuple[int, int, int]) -> int:
+    a = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return int((np.abs(a - np.array(rgb)).max(axis=2) < 10).sum())
+
+
+# the curves are drawn (not only a PNG header)
+def test_curves_draw_one_line_per_logged_series(tmp_path: Path):
+    from dinodet.engine.plots import plot_curves
+
+    records = [{"epoch": e, "step": e, "train_loss": 10 / e, "train_loss_ce": 1 / e, "eval_AP": 0.1 * e,
+                "eval_AP50": 0.2 * e} for e in (1, 2, 3)]
+    plot_curves(records, tmp_path / "c.png")
+    plot_curves([], tmp_path / "empty.png")
+    blue, orange = (31, 119, 180), (255, 127, 14)  # matplotlib's first two line colours
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.size == (1000, 400)
+    assert _colour_pixels(tmp_path / "c.png", blue) > 200 and _colour_pixels(tmp_path / "c.png", orange) > 200
+    assert _colour_pixels(tmp_path / "empty.png", blue) == 0
+
+
+def test_precision_recall_and_per_class_charts_are_drawn(tmp_path: Path):
+    from dinodet.engine.plots import plot_per_class_ap, plot_precision_recall
+
+    recall = [r / 100 for r in range(101)]
+    plot_precision_recall({"recall": recall, "IoU=0.50": [1 - r / 2 for r in recall]}, tmp_path / "pr.png")
+    assert _colour_pixels(tmp_path / "pr.png", (31, 119, 180)) > 200  # the one line
+    plot_per_class_ap({"a": {"AP": 0.5, "AP50": 0.8}, "b": {"AP": -1.0, "AP50": -1.0}}, tmp_path / "ap.png")
+    assert _colour_pixels(tmp_path / "ap.png", (31, 119, 180)) > 1000  # the AP bar
+    with pytest.raises(ValueError, match="nothing was detected"):
+        plot_precision_recall({}, tmp_path / "none.png")

@@ -8,6 +8,7 @@ convergence (overfitting).
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -281,8 +282,6 @@ def test_resume_gives_the_same_end_state(shapes_root: Path, tmp_path: Path):
     assert resumed["AP"] == straight["AP"] == resumed_mid["AP"]
 
     # the epoch stopped inside and resumed logs the mean over all its batches, as the straight run
-    import json
-
     def epoch_records(name: str) -> list[dict]:
         return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
@@ -337,7 +336,6 @@ def test_resume_inside_an_epoch_with_another_batch_size(shapes_root: Path, tmp_p
 
 
 def test_resume_refuses_data_with_classes_the_run_lacks(shapes_root: Path, tmp_path: Path):
-    import json
     import shutil
 
     cfg = small_config()
@@ -437,3 +435,79 @@ def test_non_finite_loss_stops_the_run_before_anything_is_saved(shapes_root: Pat
     with pytest.raises(TrainingError, match=r"non-finite.*loss_bbox"):
         run(cfg, tr, va, tmp_path / "r")
     assert not (tmp_path / "r" / CHECKPOINT).exists()
+
+
+# with train.ema the evaluation and checkpoint_best.pt use the EMA weights
+def test_ema_run_evaluates_and_keeps_the_ema_weights(shapes_root, tmp_path):
+    from dinodet.checkpoint import load_checkpoint
+    from dinodet.engine.evaluate import evaluate
+
+    cfg = small_config("train.ema=true", "train.ema_decay=0.5")
+    tr, va = datasets(shapes_root, cfg)
+    metrics = run(cfg, tr, va, tmp_path / "r")
+    state, best = read_torch_file(tmp_path / "r" / CHECKPOINT), read_torch_file(tmp_path / "r" / BEST_CHECKPOINT)
+    assert best["ema_weights"] is True
+    for k, v in state["ema"]["module"].items():
+        assert torch.equal(best["model"][k], v), k
+    assert any(not torch.equal(state["model"][k], v) for k, v in state["ema"]["module"].items() if v.is_floating_point())
+    ema_model = load_checkpoint(tmp_path / "r" / BEST_CHECKPOINT).model
+    again = evaluate(ema_model, va, tr.label_map.category_ids, device=torch.device("cpu"), batch_size=1,
+                     num_select=cfg.model.num_select)
+    assert again.metrics["AP"] == metrics["AP"]
+
+
+# the gradient of a step is clipped to train.clip_max_norm (official 0.1)
+def test_gradients_are_clipped_to_clip_max_norm(shapes_root, tmp_path):
+    clipped_cfg = small_config("model.dn_number=0", "train.clip_max_norm=0.1")
+    raw_cfg = small_config("model.dn_number=0", "train.clip_max_norm=0")
+    tr, va = datasets(shapes_root, clipped_cfg, augment=False)
+    raw = _first_window_grads(raw_cfg, tr, va, tmp_path / "raw")
+    clipped = _first_window_grads(clipped_cfg, tr, va, tmp_path / "clipped")
+    norm = lambda g: torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in g.values()]))
+    assert norm(raw) > 1.0  # far above the limit, so the test means something
+    assert norm(clipped) == pytest.approx(0.1, rel=1e-3)
+    for k in raw:  # same direction, scaled by 0.1 / |g|
+        torch.testing.assert_close(clipped[k], raw[k] * (0.1 / norm(raw)), rtol=1e-4, atol=1e-9)
+
+
+# fp16 autocast + GradScaler (runs on CPU): the scaler state travels and resume is exact
+def test_fp16_training_saves_the_scaler_and_resumes_exactly(shapes_root, tmp_path):
+    cfg = small_config("train.amp=\"fp16\"", "train.epochs=2")
+    tr, va = datasets(shapes_root, cfg)
+    run(cfg, tr, va, tmp_path / "straight")
+    run(cfg, tr, va, tmp_path / "split", max_steps=3)
+    mid = read_torch_file(tmp_path / "split" / CHECKPOINT)
+    assert mid["scaler"] is not None and mid["scaler"]["scale"] > 0
+    run(cfg, tr, va, tmp_path / "split", resume=True)
+    a, b = (read_torch_file(tmp_path / d / CHECKPOINT) for d in ("straight", "split"))
+    assert a["scaler"] == b["scaler"] and a["step"] == b["step"] == 4
+    for k, v in a["model"].items():
+        assert torch.equal(b["model"][k], v), k
+    assert all(torch.isfinite(v).all() for v in a["model"].values() if v.is_floating_point())
+
+
+# TrainOptions.finetune_from (dinodet train --finetune-from) starts from the checkpoint's weights
+def test_finetune_from_starts_the_run_from_those_weights(shapes_root, tmp_path, monkeypatch):
+    from dinodet.checkpoint import build_model, save_checkpoint
+    from dinodet.engine.train import resolve_config
+
+    cfg = small_config()
+    tr, va = datasets(shapes_root, cfg)
+    src_cfg = resolve_config(cfg, tr.label_map.num_classes)
+    torch.manual_seed(123)
+    src = build_model(src_cfg)
+    ckpt = save_checkpoint(tmp_path / "src.pt", src, src_cfg, tr.label_map.class_names, tr.label_map.category_ids)
+    trainer = Trainer(cfg, tr, va, TrainOptions(run_dir=tmp_path / "r", progress=False, tensorboard=False,
+                                                finetune_from=str(ckpt)))
+    for k, v in src.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[k], v), k
+
+
+# train.eval_every=2 evaluates (and can only improve checkpoint_best.pt) every second epoch
+def test_eval_every_skips_the_evaluations_in_between(shapes_root, tmp_path):
+    cfg = small_config("train.epochs=3", "train.eval_every=2")
+    tr, va = datasets(shapes_root, cfg)
+    run(cfg, tr, va, tmp_path / "r")
+    records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert ["eval_AP" in r for r in records] == [False, True, True]  # epoch 2, and the last one

@@ -331,3 +331,32 @@ def test_other_backbones_export_matches_pytorch(make_config, tmp_path: Path, one
     ref_logits, ref_boxes = torch_outputs(detector, images, mask)
     torch.testing.assert_close(torch.from_numpy(logits), ref_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.from_numpy(boxes), ref_boxes, atol=1e-5, rtol=1e-4)
+
+
+# a checkpoint's own label map reaches the ONNX metadata and onnxruntime predictions
+# --fp16 keeps the detections of the float32 graph (not only the I/O types)
+def test_export_keeps_the_label_map_and_fp16_keeps_the_detections(tmp_path, tiny_detector, sample_images, one_thread):
+    from dinodet.export import _to_fp16, to_onnx
+    from dinodet.inference import Detector, preprocess_batch
+    from dinodet.onnx_runtime import OnnxDetector
+
+    names, ids = [f"thing{k}" for k in range(91)], [1000 + k for k in range(91)]
+    det = Detector(tiny_detector.model, tiny_detector.config, names, ids, size=96, max_size=128)
+    out = tmp_path / "m.onnx"
+    to_onnx(det, out, msda="gather", with_postprocess=True, batch_size=1, input_size=(128, 128))
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["category_ids"]) == ids and json.loads(meta["class_names"]) == names
+    (pred,) = OnnxDetector(out, num_threads=1).predict(sample_images[0], threshold=0.0)
+    assert pred.category_ids.tolist() == [1000 + k for k in pred.labels.tolist()]
+    assert pred.class_names == [f"thing{k}" for k in pred.labels.tolist()]
+
+    images, mask, sizes = preprocess_batch(sample_images[:1], 96, 128)
+    pad = (0, 128 - images.shape[-1], 0, 128 - images.shape[-2])
+    feed = {"images": torch.nn.functional.pad(images, pad).numpy(),
+            "mask": torch.nn.functional.pad(mask, pad, value=True).numpy(), "orig_sizes": sizes.numpy()}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.log_severity_level = 1, 3
+    s32, _, _ = ort.InferenceSession(str(out), opts).run(None, feed)
+    s16, _, _ = ort.InferenceSession(_to_fp16(onnx.load(str(out))).SerializeToString(), opts).run(None, feed)
+    # half precision moves the scores by ~1e-3 (measured); a broken conversion moves them far more
+    torch.testing.assert_close(torch.from_numpy(s16[0, :10]).float(), torch.from_numpy(s32[0, :10]), atol=1e-2, rtol=0)

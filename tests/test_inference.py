@@ -165,3 +165,24 @@ def test_from_checkpoint_uses_the_ema_weights_of_a_training_checkpoint(tiny_dete
                            extra={"ema": {"decay": 0.99, "updates": 3, "module": ema}})
     loaded = Detector.from_checkpoint(path).model.state_dict()
     assert all(torch.equal(loaded[k], ema[k]) for k in raw)
+
+
+# images of different sizes in one Detector.predict batch each keep their own frame
+def test_mixed_size_batch_scales_each_image_by_its_own_size(tiny_detector, sample_images, sample_predictions):
+    batched = tiny_detector.predict(sample_images, threshold=0.0, batch_size=3)
+    assert [p.image_size for p in batched] == [p.image_size for p in sample_predictions]
+    for b, one in zip(batched, sample_predictions):
+        h, w = b.image_size
+        centres = (b.boxes[:, :2] + b.boxes[:, 2:]) / 2
+        assert (centres[:, 0] <= w).all() and (centres[:, 1] <= h).all()
+        # padding changes the backbone's input a little: the top detections stay close
+        assert (b.scores[:5] - one.scores[:5]).abs().max() < 0.05
+
+
+# the seed of from_random matters (and the same seed repeats)
+def test_from_random_seed_changes_the_weights():
+    from dinodet.inference import Detector
+
+    a = Detector.from_random("tiny", seed=1).model.state_dict()
+    b = Detector.from_random("tiny", seed=2).model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
