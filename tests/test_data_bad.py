@@ -71,7 +71,7 @@ def test_index_counts_problems(broken_coco: Path):
     ds = build_dataset(str(broken_coco), "train", train=True, data_cfg=CFG)
     r = ds.report
     assert r.missing_files == 1 and len(ds) == 8
-    assert r.boxes_dropped_degenerate == 3  # zero width, negative width, entirely outside
+    assert r.boxes_dropped_degenerate == 2 and r.boxes_outside == 1  # zero width, negative width; entirely outside
     assert r.boxes_clipped == 1
     assert r.unknown_category == 1 and r.invalid_annotations == 1 and r.orphan_annotations == 1
     assert r.crowd_ignored == 1

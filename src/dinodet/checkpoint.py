@@ -73,16 +73,13 @@ def read_torch_file(path: str | os.PathLike) -> Any:
     The file is untrusted input: whatever it holds, the outcome is its content or one
     CheckpointError line saying what the file is or which object was refused."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    check_checkpoint_path(path)
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(b"version https://git-lfs"):
         raise CheckpointError(f"{path}: a Git LFS pointer, not the weights (fetch them with `git lfs pull`)")
     if not head.startswith(_ZIP_MAGIC) and not (head and head[0] == _PICKLE_PROTO):
-        start = head[:24].decode("utf-8", "replace").split("\n")[0].strip()
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (it starts with {start!r})" if start
-                              else f"{path}: not a PyTorch checkpoint (empty)")
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_what_file(path, head)})")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # e.g. "Detected pickle protocol 4": noise here
@@ -92,6 +89,41 @@ def read_torch_file(path: str | os.PathLike) -> Any:
                               f"({_unpickler_reason(str(e))})") from None
     except Exception as e:  # noqa: BLE001 -- a crafted or damaged file can fail the unpickler in any way
         raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(e)})") from None
+
+
+def check_checkpoint_path(path: Path) -> None:
+    """CheckpointError unless ``path`` is an existing file."""
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+
+
+# file signatures people mistake for checkpoints, with what to do instead
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG", "a PNG image"),
+    (b"GIF8", "a GIF image"),
+    (b"\x93NUMPY", "a NumPy array file"),
+    (b"\x89HDF", "an HDF5 file (a Keras/TensorFlow model?)"),
+)
+
+
+def _what_file(path: Path, head: bytes) -> str:
+    """A short description of a file that is not a torch checkpoint, from its name and first bytes."""
+    if not head:
+        return "empty"
+    if path.suffix.lower() == ".onnx":
+        return "an ONNX model; `dinodet predict --model` runs it (Python: OnnxDetector)"
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            return what
+    if path.suffix.lower() == ".safetensors":
+        return "not a readable safetensors file either"
+    start = head[:24].decode("utf-8", "replace").split("\n")[0].strip()
+    if start.isprintable() and start:
+        return f"it starts with {start!r}"
+    return "unknown binary data"
 
 
 def _unpickler_reason(message: str) -> str:
@@ -279,6 +311,10 @@ def load_checkpoint(path: str | os.PathLike, preset: str | None = None, device: 
     file.  dinodet files carry their own config (``preset`` then only has to agree with it).
     """
     path = Path(path)
+    if preset is not None:
+        from .presets import get_preset
+
+        get_preset(preset)  # an unknown name is a ConfigError before the (slow) loading
     if path.suffix == ".safetensors":
         loaded = _load_safetensors(path)
     else:
@@ -336,8 +372,7 @@ def _load_safetensors(path: Path) -> LoadedCheckpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    check_checkpoint_path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

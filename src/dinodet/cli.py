@@ -404,6 +404,12 @@ def _check_picture_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--picture-threshold must be in [0, 1], got {args.picture_threshold}")
 
 
+def _check_data_arg(args: argparse.Namespace) -> None:
+    from .data.coco import check_data_root
+
+    check_data_root(args.data)
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="DIR", help="dataset folder (COCO or YOLO layout)")
     p.add_argument("--format", choices=("coco", "yolo"), default="coco", help="dataset layout (default coco)")
@@ -414,6 +420,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from .engine.train import CHECKPOINT, DataSpec, TrainOptions, build_train_datasets, check_run_dir, train
 
     _check_train_args(args)
+    _check_data_arg(args)
     run_dir = Path(args.out)
     if args.slurm:
         return _submit_slurm(args, run_dir)
@@ -436,13 +443,19 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _check_train_args(args: argparse.Namespace) -> None:
+    from .engine.train import CHECKPOINT
+
     _check_picture_args(args)
+    _check_out_folder(Path(args.out))
     for name in ("epochs", "batch_size", "max_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not args.resume and not args.preset:
         raise ConfigError("--preset NAME is required for a new run (e.g. --preset tiny)")
+    if args.resume and not args.preset and not (Path(args.out) / CHECKPOINT).is_file():
+        raise ConfigError(f"--resume: nothing to resume, no {Path(args.out) / CHECKPOINT} (add --preset NAME to "
+                          "start a new run there)")
     if args.resume and args.finetune_from:
         raise ConfigError("--resume and --finetune-from exclude each other (a resumed run has its own weights)")
 
@@ -571,10 +584,14 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     _check_picture_args(args)
+    _check_data_arg(args)
     device = _checked_device(args.device)
     check_mode(args.mode, device)
     if args.out:
         _check_out_folder(Path(args.out))
+        if (Path(args.out) / "checkpoint.pt").is_file():  # its metrics.json and plots are the run's results
+            raise ConfigError(f"--out '{args.out}' holds a training run; its results would be replaced "
+                              "(choose another --out)")
     ckpt = load_checkpoint(args.checkpoint, preset=args.preset)
     cfg = apply_overrides(ckpt.config, args.overrides)
     # the model is the checkpoint's: of its settings only the top-k size applies at evaluation
@@ -662,6 +679,7 @@ def _run_check_data(args: argparse.Namespace) -> int:
         raise ConfigError(f"--pictures must be >= 0, got {args.pictures}")
     if args.out:
         _check_out_folder(Path(args.out))
+    _check_data_arg(args)
     spec = DataSpec(args.data, args.format)
     splits = args.split or [s for s in ("train", "val") if s == "train" or split_exists(spec, s)]
     status = 0
@@ -726,6 +744,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise ConfigError("the demo runs in one process; under torchrun use `dinodet train` on its data")
     settings, cfg = demo_config(args.overrides)
     run_dir = Path(args.out)
+    _check_out_folder(run_dir)
     check_run_dir(run_dir, args.resume)
     device = _checked_device(args.device)
     print(f"dinodet: generating {settings.num_train} + {settings.num_val} synthetic images in {run_dir / 'data'}",
@@ -862,10 +881,9 @@ def _run_export(args: argparse.Namespace) -> int:
     from .export import DEFAULT_OPSET, check_opset, to_onnx
 
     opset = check_opset(DEFAULT_OPSET if args.opset is None else args.opset)  # before the slow loading
-    if not Path(args.checkpoint).is_file():
-        from .checkpoint import CheckpointError
+    from .checkpoint import check_checkpoint_path
 
-        raise CheckpointError(f"checkpoint not found: {args.checkpoint}")
+    check_checkpoint_path(Path(args.checkpoint))
     print(f"dinodet: exporting {args.checkpoint} to ONNX (opset {opset}, "
           f"{'dynamic' if args.dynamic else 'fixed'} shapes, msda {args.msda}); this takes a few minutes",
           file=sys.stderr)

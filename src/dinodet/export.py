@@ -236,8 +236,8 @@ def to_onnx(
 def _check_resize(size: int | None, max_size: int | None) -> None:
     if size is not None and size < 1:
         raise ExportError(f"size must be >= 1, got {size}")
-    if max_size is not None and max_size < (size or 1):
-        raise ExportError(f"need 1 <= size <= max_size, got size {size} max_size {max_size}")
+    if max_size is not None and max_size < 1:
+        raise ExportError(f"max_size must be >= 1, got {max_size}")
 
 
 # ------------------------------------------------------------------------------------------ helpers

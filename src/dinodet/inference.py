@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -25,7 +26,7 @@ from .postprocess import Detections, postprocess
 from .presets import get_preset
 
 #: One input image: a file path, a PIL image, or a [3, H, W] tensor (uint8 0..255 or float 0..1).
-ImageInput = str | Path | Image.Image | Tensor
+ImageInput = str | Path | Image.Image | Tensor | np.ndarray
 
 
 @dataclass
@@ -120,9 +121,9 @@ class Detector:
         self._category_ids = torch.tensor(category_id_list, dtype=torch.int64)  # the same, for indexing labels
         self.size = config.data.eval_size if size is None else size
         self.max_size = config.data.max_size if max_size is None else max_size
-        if self.size < 1 or self.max_size < self.size:
-            raise ConfigError(f"need 1 <= size <= max_size, got size {self.size} and max_size {self.max_size} "
-                              "(a larger size needs a larger max_size too)")
+        if self.size < 1 or self.max_size < 1:
+            # a size above max_size is valid (the long-side cap then wins, as in the official resize)
+            raise ConfigError(f"size and max_size must be >= 1, got size {self.size} and max_size {self.max_size}")
 
     @property
     def mode(self) -> str:
@@ -180,12 +181,13 @@ class Detector:
         """Detect objects in one image or a sequence of images.
 
         Args:
-            images: a path, PIL image or [3, H, W] tensor (uint8 0..255 or float 0..1), a sequence
+            images: a path, PIL image, [3, H, W] tensor (uint8 0..255 or float 0..1) or uint8
+                [H, W, 3] RGB numpy array (OpenCV's arrays are BGR: convert them first), a sequence
                 of those, or a [B, 3, H, W] tensor.
             threshold: keep detections with score > threshold.
-            batch_size: images per forward pass.  Images of a batch are zero-padded to the
-                largest one, as in the official code; the backbone sees that padding, so results
-                can differ slightly from batch_size=1.
+            batch_size: images prepared together; those that resize to the same shape run as one
+                forward pass, others separately (unpadded), so the detections do not depend on
+                the batch size (zero padding would change what the backbone sees).
         Returns:
             One Prediction per image, in input order.
 
@@ -204,11 +206,22 @@ class Detector:
 
     @torch.inference_mode()
     def _predict_batch(self, items: Sequence[ImageInput], threshold: float) -> list[Prediction]:
-        batch, mask, orig_sizes = preprocess_batch(items, self.size, self.max_size)
-        out = self.runner(batch, mask)
-        det = postprocess(out.pred_logits.float(), out.pred_boxes.float(), orig_sizes.to(self.device),
-                          self.config.model.num_select)
-        return to_predictions(det, orig_sizes, threshold, self.class_names, self._category_ids)
+        images, orig_sizes = preprocess_images(items, self.size, self.max_size)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(images):
+            # compiled modes pad every batch to a shape bucket anyway: one padded batch suits them best
+            key = () if self.runner.mode.compile else tuple(image.shape)
+            groups.setdefault(key, []).append(i)
+        results: list[Prediction | None] = [None] * len(images)
+        for idx in groups.values():
+            batch, mask = pad_batch([images[i] for i in idx])
+            sizes = orig_sizes[idx]
+            out = self.runner(batch, mask)
+            det = postprocess(out.pred_logits.float(), out.pred_boxes.float(), sizes.to(self.device),
+                              self.config.model.num_select)
+            for i, pred in zip(idx, to_predictions(det, sizes, threshold, self.class_names, self._category_ids)):
+                results[i] = pred
+        return [r for r in results if r is not None]
 
 
 def preprocess_batch(items: Sequence[ImageInput], size: int, max_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -218,11 +231,34 @@ def preprocess_batch(items: Sequence[ImageInput], size: int, max_size: int | Non
         images float32 [B, 3, H, W], mask bool [B, H, W] (True on padding) and the original
         (height, width) of every image, int64 [B, 2].  Shared by every inference backend.
     """
-    loaded = [load_image(x) if isinstance(x, (str, Path)) else to_rgb(x) if isinstance(x, Image.Image) else x
-              for x in items]
-    orig_sizes = torch.tensor([image_hw(im) for im in loaded], dtype=torch.int64)  # [B, 2] (h, w)
-    batch, mask = pad_batch([eval_transform(im, size, max_size) for im in loaded])
+    images, orig_sizes = preprocess_images(items, size, max_size)
+    batch, mask = pad_batch(images)
     return batch, mask, orig_sizes
+
+
+def preprocess_images(items: Sequence[ImageInput], size: int, max_size: int | None) -> tuple[list[Tensor], Tensor]:
+    """Load, resize + normalise (``eval_transform``) each image: float32 [3, h, w] each, and the
+    original (height, width) of every image, int64 [B, 2]."""
+    loaded = [_as_loaded(x) for x in items]
+    orig_sizes = torch.tensor([image_hw(im) for im in loaded], dtype=torch.int64)  # [B, 2] (h, w)
+    return [eval_transform(im, size, max_size) for im in loaded], orig_sizes
+
+
+def _as_loaded(x: ImageInput) -> Image.Image | Tensor:
+    """One input as a PIL RGB image or a [3, H, W] tensor."""
+    if isinstance(x, (str, Path)):
+        return load_image(x)
+    if isinstance(x, Image.Image):
+        return to_rgb(x)
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.uint8 or not (x.ndim == 2 or (x.ndim == 3 and x.shape[2] in (3, 4))):
+            raise ValueError(f"a numpy image must be uint8 [H, W, 3] RGB (or [H, W] / [H, W, 4]), got {x.dtype} "
+                             f"{list(x.shape)}")
+        return to_rgb(Image.fromarray(x))
+    if isinstance(x, Tensor):
+        return x
+    raise ValueError(f"unsupported image type {type(x).__name__}: give a path, a PIL image, a [3, H, W] tensor "
+                     "or a uint8 [H, W, 3] numpy array")
 
 
 def to_predictions(det: Detections, orig_sizes: Tensor, threshold: float, class_names: Sequence[str],
@@ -252,7 +288,7 @@ def _to_prediction(scores: Tensor, labels: Tensor, boxes: Tensor, threshold: flo
 
 def _as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     """Normalise the accepted input forms to a flat list of single images."""
-    if isinstance(images, (str, Path, Image.Image)):
+    if isinstance(images, (str, Path, Image.Image, np.ndarray)):
         return [images]
     if isinstance(images, Tensor):
         if images.ndim == 3:

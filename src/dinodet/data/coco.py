@@ -151,6 +151,29 @@ def _first(candidates: list[Path], test: Callable[[Path], bool], what: str) -> P
     raise SplitNotFoundError(f"{what} not found; tried: " + ", ".join(str(c) for c in candidates))
 
 
+def check_data_root(root: str | Path) -> None:
+    """DatasetError unless ``root`` is a folder (with a hint when it is a dataset's file)."""
+    root = Path(root)
+    if root.is_file():
+        raise DatasetError(f"'{root}' is a file; --data takes the dataset folder{_folder_hint(root)}")
+    if not root.is_dir():
+        raise DatasetError(f"dataset root not found: '{root}'")
+
+
+def _folder_hint(path: Path) -> str:
+    """What to pass instead of a dataset file, e.g. an Ultralytics data.yaml."""
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return f" (for this YOLO data file: --data {path.parent} --format yolo)"
+    if path.suffix.lower() == ".json":
+        root = path.parent.parent if path.parent.name == "annotations" else path.parent
+        return f" (for COCO data: --data {root}, the folder holding annotations/ and the image folders)"
+    return ""
+
+
+def _looks_like_yolo(root: Path) -> bool:
+    return (root / "labels").is_dir() or any(root.glob("*/labels")) or any(root.glob("*.yaml"))
+
+
 def _positive_int(v: Any) -> int | None:
     try:
         f = float(v)
@@ -257,8 +280,8 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
         x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
         x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
         if x2 <= x1 or y2 <= y1:
-            report.add("boxes_dropped_degenerate", f"{src}: {where}: box [x,y,w,h]={_fmt([x, y, w, h])} lies outside "
-                                                   f"the {width}x{height} image; dropped")
+            report.add("boxes_outside", f"{src}: {where}: box [x,y,w,h]={_fmt([x, y, w, h])} lies outside "
+                                        f"the {width}x{height} image; dropped")
             continue
         overshoot = max(-x, -y, x + w - width, y + h - height)
         crowd = _positive_int(a.get("iscrowd", 0)) is not None  # 0, 1, and the strings "0"/"1" some tools write
@@ -364,10 +387,15 @@ def build_index(root: str | Path, split: str = "train", format: str = "coco", an
     if format not in FORMATS:
         raise DatasetError(f"unknown dataset format '{format}' (choose from {', '.join(FORMATS)})")
     root = Path(root)
-    if not root.is_dir() and ann_file is None and img_dir is None:
-        raise DatasetError(f"dataset root not found: '{root}'")
+    if ann_file is None and img_dir is None:
+        check_data_root(root)
     if format == "coco":
-        ann, images = resolve_coco_paths(root, split, ann_file, img_dir)
+        try:
+            ann, images = resolve_coco_paths(root, split, ann_file, img_dir)
+        except SplitNotFoundError as e:
+            if ann_file is None and _looks_like_yolo(root):
+                raise SplitNotFoundError(f"{e} (the folder looks like a YOLO dataset: add --format yolo)") from None
+            raise
         report = report if report is not None else DataReport(source=str(ann))
         return index_coco(load_json(ann), images, label_map, report, source=str(ann))
     images, labels, names_file = resolve_yolo_paths(root, split, ann_file, img_dir)

@@ -24,6 +24,7 @@ _COUNTERS: tuple[tuple[str, str, bool], ...] = (
     ("non_rgb_images", "non-RGB images (grayscale/CMYK/RGBA/palette, converted to RGB)", False),
     ("boxes_clipped", "boxes extending outside the image (clipped)", True),
     ("boxes_dropped_degenerate", "zero/negative-area boxes (dropped)", True),
+    ("boxes_outside", "boxes entirely outside the image (dropped)", True),
     ("unknown_category", "boxes with an unknown category id (skipped)", True),
     ("invalid_annotations", "malformed annotations/label lines (skipped)", True),
     ("orphan_annotations", "annotations or label files without an image (skipped)", True),
@@ -49,6 +50,7 @@ class DataReport:
     non_rgb_images: int = 0
     boxes_clipped: int = 0
     boxes_dropped_degenerate: int = 0
+    boxes_outside: int = 0
     unknown_category: int = 0
     invalid_annotations: int = 0
     orphan_annotations: int = 0

@@ -70,6 +70,11 @@ def _check_image_tensor(image: Tensor) -> None:
         raise ValueError(f"expected an RGB image tensor [3, H, W], got shape {list(image.shape)}")
     if not (image.dtype == torch.uint8 or image.dtype.is_floating_point):
         raise ValueError(f"expected a uint8 (0..255) or float (0..1) image tensor, got {image.dtype}")
+    if image.dtype.is_floating_point and image.numel():
+        low, high = image.aminmax()
+        if low < -1e-3 or high > 1 + 1e-3:  # e.g. 0..255 floats: the model would see garbage
+            raise ValueError(f"a float image tensor must hold values in 0..1, got {low.item():g}..{high.item():g} "
+                             "(divide by 255, or pass a uint8 tensor)")
 
 
 def eval_transform(image: Image.Image | Tensor, size: int = 800, max_size: int | None = 1333) -> Tensor:

@@ -134,7 +134,8 @@ def find_names_file(root: Path) -> Path:
             continue
     raise YoloFormatError(
         f"no class names found in '{root}' (looked for {', '.join(NAMES_FILES)} and *.yaml with 'names:'); "
-        "pass the names file explicitly"
+        + ("it looks like a COCO dataset: use --format coco" if (root / "annotations").is_dir()
+           else "add a names.txt with one class name per line")
     )
 
 
