@@ -166,6 +166,33 @@ def test_user_errors_are_one_line(capsys, tmp_path: Path, monkeypatch, argv, fra
     assert fragment in one_line_error(capsys, *argv)
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--data", "D", "--preset", "tiny", "--out", "afile"], "--out 'afile' is a file; it must be a folder"),
+    (["demo", "--out", "afile"], "--out 'afile' is a file"),
+    (["train", "--data", "D", "--out", "empty", "--resume"], "nothing to resume, no empty/checkpoint.pt"),
+    (["train", "--data", "data.yaml", "--preset", "tiny", "--out", "R"],
+     "'data.yaml' is a file; --data takes the dataset folder (for this YOLO data file: --data . --format yolo)"),
+    (["check-data", "--data", "ann/instances_train2017.json"], "for COCO data: --data ann"),
+    (["check-data", "--data", "yolo"], "(the folder looks like a YOLO dataset: add --format yolo)"),
+    (["eval", "--data", "D", "--checkpoint", "empty"], "empty: a folder, not a checkpoint file"),
+    (["eval", "--data", "D", "--checkpoint", "photo.jpg"], "photo.jpg: not a PyTorch checkpoint (a JPEG image)"),
+    (["eval", "--data", "D", "--checkpoint", "model.onnx"], "an ONNX model; `dinodet predict --model` runs it"),
+    (["eval", "--data", "D", "--checkpoint", "x.pt", "--preset", "bogus"], "unknown preset 'bogus'"),
+    (["eval", "--data", "D", "--checkpoint", "x.pt", "--out", "run"], "--out 'run' holds a training run"),
+])
+def test_user_mistakes_with_files_are_one_line(capsys, tmp_path: Path, monkeypatch, argv, fragment):
+    monkeypatch.chdir(tmp_path)
+    for folder in ("D", "empty", "run", "ann", "yolo/labels/train"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "data.yaml").write_text("names: [a]\n")
+    (tmp_path / "ann" / "instances_train2017.json").write_text("{}")
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"PK\x03\x04")
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00")
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")
+    assert fragment in one_line_error(capsys, *argv)
+
+
 def test_demo_never_replaces_a_dataset_it_did_not_generate(capsys, tmp_path: Path):
     mine = tmp_path / "data" / "train2017" / "mine.jpg"
     mine.parent.mkdir(parents=True)

@@ -453,11 +453,11 @@ def _check_train_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not args.resume and not args.preset:
         raise ConfigError("--preset NAME is required for a new run (e.g. --preset tiny)")
+    if args.resume and args.finetune_from:
+        raise ConfigError("--resume and --finetune-from exclude each other (a resumed run has its own weights)")
     if args.resume and not args.preset and not (Path(args.out) / CHECKPOINT).is_file():
         raise ConfigError(f"--resume: nothing to resume, no {Path(args.out) / CHECKPOINT} (add --preset NAME to "
                           "start a new run there)")
-    if args.resume and args.finetune_from:
-        raise ConfigError("--resume and --finetune-from exclude each other (a resumed run has its own weights)")
 
 
 def _train_config(args: argparse.Namespace, checkpoint: Path) -> tuple[Any, Any]:
