@@ -31,7 +31,6 @@ from dinodet.engine.train import (
     TrainOptions,
     build_optimizer,
     build_scheduler,
-    load_finetune_weights,
     resolve_config,
     train,
     window_weights,
@@ -145,63 +144,6 @@ def test_window_weights_reproduce_the_big_batch_normaliser():
     # 2 ranks: counts add up; an unreadable micro-batch on one rank is skipped on all
     valid, w = window_weights(torch.tensor([[2, -1, 1], [2, 5, 1]]), 2)
     assert valid.tolist() == [True, False, True] and w.tolist() == pytest.approx([4 / 6, 0.0, 2 / 6])
-
-
-def test_finetune_reinitialises_class_heads_only_when_classes_differ(tmp_path: Path):
-    src_cfg = resolve_config(get_preset("tiny"), 4)
-    torch.manual_seed(1)
-    src = build_model(src_cfg)
-    ckpt = save_checkpoint(tmp_path / "src.pt", src, src_cfg, ["a", "b", "c", "d"], [1, 2, 3, 4])
-    src_state = src.state_dict()
-
-    torch.manual_seed(2)  # other initial weights, other class set and count
-    dst = build_model(resolve_config(get_preset("tiny"), 3))
-    init = {k: v.clone() for k, v in dst.state_dict().items()}
-    kept = load_finetune_weights(dst, ckpt, ["x", "y", "z"], [1, 2, 3])
-    assert sorted({k.rsplit(".", 1)[0] for k in kept}) == [
-        "class_head", "denoising.label_embed", "query_selection.class_head"]
-    for k, v in dst.state_dict().items():
-        assert torch.equal(v, init[k] if k in kept else src_state[k]), k
-
-    same = build_model(resolve_config(get_preset("tiny"), 4))
-    assert load_finetune_weights(same, ckpt, ["a", "b", "c", "d"], [1, 2, 3, 4]) == []
-    for k, v in same.state_dict().items():
-        assert torch.equal(v, src_state[k]), k
-
-    # a run's checkpoint.pt with EMA weights: fine-tuning starts from those, as predict/eval/export use them
-    torch.manual_seed(3)
-    ema_state = build_model(src_cfg).state_dict()
-    run_ckpt = save_checkpoint(tmp_path / "run.pt", src, src_cfg, ["a", "b", "c", "d"], [1, 2, 3, 4],
-                               extra={"ema": {"module": ema_state}})
-    load_finetune_weights(same, run_ckpt, ["a", "b", "c", "d"], [1, 2, 3, 4])
-    for k, v in same.state_dict().items():
-        assert torch.equal(v, ema_state[k]), k
-
-
-def test_finetune_from_an_official_checkpoint(tmp_path: Path):
-    """Official files load into the run's own architecture, with their 91 COCO slots dropped."""
-    import argparse
-
-    from dinodet.compat.official_keys import to_official
-
-    cfg = get_preset("tiny")  # 91 classes, like the official COCO models
-    torch.manual_seed(3)
-    official = build_model(cfg)
-    state = to_official(official.state_dict(), cfg.model.dec_layers, len(cfg.model.backbone.return_layers))
-    torch.save({"model": state, "args": argparse.Namespace(num_classes=91)}, tmp_path / "official.pth")
-
-    dst = build_model(resolve_config(get_preset("tiny"), 2))
-    kept = load_finetune_weights(dst, tmp_path / "official.pth", ["a", "b"], [1, 2])
-    assert kept and all(k.startswith(("class_head.", "query_selection.class_head.", "denoising.label_embed."))
-                        for k in kept)
-    src = official.state_dict()
-    for k, v in dst.state_dict().items():
-        if k not in kept:
-            assert torch.equal(v, src[k]), k
-
-    other = build_model(resolve_config(apply_overrides(get_preset("tiny"), ["model.hidden_dim=32"]), 2))
-    with pytest.raises(CheckpointError, match="official.pth"):
-        load_finetune_weights(other, tmp_path / "official.pth", ["a", "b"], [1, 2])
 
 
 # ----------------------------------------------------------------------------------- training runs

@@ -370,8 +370,9 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt (same end state as an "
                    "uninterrupted run); the stored config is used, --set/--epochs/... still apply (changed schedule settings "
                    "are applied and named)")
-    p.add_argument("--finetune-from", metavar="CKPT", help="start from an official or dinodet checkpoint; the "
-                   "class heads are re-initialised when its classes differ from the dataset's")
+    p.add_argument("--finetune-from", metavar="CKPT", help="start from an official or dinodet checkpoint; "
+                   "the class heads keep the rows of the dataset's classes it knows (by id and name, else name) and start "
+                   "the others fresh")
     p.add_argument("--backbone-checkpoint", metavar="PATH", help="ImageNet weights for the backbone (original "
                    "ResNet/Swin/ConvNeXt release or timm layout; model.backbone.checkpoint)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -35,7 +35,6 @@ import copy
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -54,10 +53,8 @@ from ..checkpoint import (
     CheckpointError,
     build_model,
     key_problems,
-    load_checkpoint,
     read_torch_file,
     save_checkpoint,
-    use_ema_weights,
 )
 from ..config import ConfigError, DINOConfig, TrainConfig, check_config
 from ..criterion import SetCriterion, build_criterion
@@ -78,6 +75,7 @@ from .distributed import (
 )
 from .ema import ModelEMA
 from .evaluate import HEADLINE, EvalResult, amp_autocast, evaluate
+from .finetune import load_finetune_weights
 from .logging import METRICS_LOG, RunLogger
 from .pictures import write_eval_pictures
 from .plots import plot_curves
@@ -94,9 +92,6 @@ TRAIN_STATE_VERSION = 1
 LOGGED_LOSSES = ("loss_ce", "loss_bbox", "loss_giou", "class_error",
                  "loss_ce_dn", "loss_bbox_dn", "loss_giou_dn",
                  "loss_ce_interm", "loss_bbox_interm", "loss_giou_interm")
-# Parameters of the class heads: re-initialised when fine-tuning onto another class set.
-CLASS_HEAD_PREFIXES = ("class_head.", "query_selection.class_head.")
-LABEL_BOOK_PREFIX = "denoising.label_embed."
 
 
 class TrainingError(RuntimeError):
@@ -202,85 +197,6 @@ def window_weights(box_counts: Tensor, world_size: int) -> tuple[Tensor, Tensor]
     return valid, weights
 
 
-def load_finetune_weights(model: nn.Module, path: str | os.PathLike, class_names: list[str],
-                          category_ids: list[int]) -> list[str]:
-    """Initialise ``model`` from any checkpoint (official or dinodet) for fine-tuning.
-
-    Everything is loaded except, when the checkpoint's classes differ from ``(class_names,
-    category_ids)``, the class heads (``class_head``, ``query_selection.class_head``), which keep
-    their fresh initialisation, and the denoising label book when its size differs.  Any other
-    missing, unexpected or mis-shaped key means another architecture: CheckpointError.
-
-    Returns the names of the parameters left at their initialisation.
-    """
-    from ..inference import default_label_map
-
-    src, num_classes, src_names, src_ids = _checkpoint_weights(model, path)
-    src_names, src_ids = default_label_map(num_classes, src_names, src_ids)
-    same_classes = src_ids == list(category_ids) and src_names == list(class_names)
-    ours = model.state_dict()
-    load, kept = {}, []
-    for k, v in src.items():
-        if k not in ours:
-            raise CheckpointError(f"{path}: unexpected parameter {k} (another architecture than preset '{model_name(model)}'?)")
-        reinit = (not same_classes and k.startswith(CLASS_HEAD_PREFIXES)) or (
-            k.startswith(LABEL_BOOK_PREFIX) and v.shape != ours[k].shape)
-        if reinit:
-            kept.append(k)
-            continue
-        if v.shape != ours[k].shape:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} but preset '{model_name(model)}' expects "
-                                  f"{tuple(ours[k].shape)}")
-        load[k] = v
-    missing = [k for k in ours if k not in load and k not in kept]
-    if missing:
-        raise CheckpointError(f"{path}: lacks {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} "
-                              f"(another architecture than preset '{model_name(model)}'?)")
-    model.load_state_dict(load, strict=False)
-    return kept
-
-
-def _checkpoint_weights(model: nn.Module, path: str | os.PathLike
-                        ) -> tuple[dict[str, Tensor], int, list[str] | None, list[int] | None]:
-    """(dinodet-named state dict, class count, class names, category ids) of a checkpoint.
-
-    dinodet files go through ``load_checkpoint``.  Official files are read into ``model``'s own
-    architecture (the --preset of the fine-tuning run, whatever args the file carries) with the
-    checkpoint's class count, so e.g. an official DINO-4scale COCO model fine-tunes any dataset with
-    ``--preset dino_r50_4scale``; all official keys must be accounted for (``load_official_state``).
-    """
-    from ..checkpoint import is_official_state, load_official_state
-    from ..compat.official_keys import official_key_map
-    from ..models.dino import DINO
-
-    obj = read_torch_file(path) if Path(path).suffix != ".safetensors" else None
-    state = None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and is_official_state(obj["model"]):
-        state = obj["model"]
-    elif isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()) and is_official_state(obj):
-        state = obj
-    if state is None:
-        ckpt = load_checkpoint(path)
-        use_ema_weights(ckpt)  # a run's checkpoint.pt: start from the weights it evaluated, as predict/eval/export
-        return ckpt.model.state_dict(), ckpt.config.model.num_classes, ckpt.class_names, ckpt.category_ids
-    mcfg = copy.deepcopy(model.cfg)
-    ours = {v: k for k, v in official_key_map(list(model.state_dict()), mcfg.dec_layers,
-                                               len(mcfg.backbone.return_layers)).items()}
-    try:
-        mcfg.num_classes = int(state[ours["class_head.bias"]].shape[0])
-        mcfg.dn_labelbook_size = int(state[ours[LABEL_BOOK_PREFIX + "weight"]].shape[0]) - 1
-    except KeyError as e:
-        raise CheckpointError(f"{path}: official checkpoint without {e}; not a DINO model?") from None
-    source = DINO(mcfg)
-    source.preset_name = model_name(model)
-    load_official_state(source, state, path)
-    return source.state_dict(), mcfg.num_classes, None, None
-
-
-def model_name(model: nn.Module) -> str:
-    return getattr(model, "preset_name", None) or "custom"
-
-
 def check_run_dir(run_dir: Path, resume: bool) -> bool:
     """Whether the run in ``run_dir`` is to be resumed (``resume`` and a checkpoint.pt there).
 
@@ -357,10 +273,9 @@ class Trainer:
         seed_everything(t.seed)  # the same initial weights on every rank
         self.model = build_model(self.cfg).to(self.device)
         if opts.finetune_from and state is None:
-            kept = load_finetune_weights(self.model, opts.finetune_from, self.label_map.class_names,
-                                         self.label_map.category_ids)
-            _say(f"fine-tuning from {opts.finetune_from}"
-                 + (f" ({len(kept)} class-head tensors re-initialised for the new classes)" if kept else ""), self.info)
+            loaded = load_finetune_weights(self.model, opts.finetune_from, self.label_map.class_names,
+                                           self.label_map.category_ids)
+            _say(f"fine-tuning from {opts.finetune_from}{loaded.summary()}", self.info)
         self.criterion: SetCriterion = build_criterion(self.cfg.model.num_classes, self.cfg.loss,
                                                        self.cfg.model.dec_layers).to(self.device)
         self.optimizer = build_optimizer(self.model, t)

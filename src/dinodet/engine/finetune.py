@@ -1,0 +1,158 @@
+"""Starting a training run from another model's weights (``dinodet train --finetune-from``).
+
+Any checkpoint works, official or dinodet.  The class-specific parameters (the class heads and the
+denoising label book, whose rows are indexed by class) are carried over row by row for the classes
+the checkpoint also knows, matched by category id and name, else by name (case-insensitive): a
+COCO model fine-tuned on a COCO subset, or on the same classes in YOLO format (ids 0..N-1), keeps
+what it learned about them.  Rows of classes it does not know keep their fresh initialisation.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from ..checkpoint import CheckpointError, load_checkpoint, read_torch_file, use_ema_weights
+
+# Parameters whose rows are classes: [C, ...] for the heads, [labelbook + 1, D] for the label book.
+CLASS_HEAD_PREFIXES = ("class_head.", "query_selection.class_head.")
+LABEL_BOOK_PREFIX = "denoising.label_embed."
+PLACEHOLDER_NAMES = ("n/a",)  # the unused slots of the official 91-slot COCO layout
+
+
+@dataclass
+class FinetuneResult:
+    """What ``load_finetune_weights`` did: the classes carried over from the checkpoint (names of
+    the run's classes), those starting fresh, and the tensors left entirely at initialisation."""
+
+    carried: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A parenthesised remark for the "fine-tuning from ..." line ("" when the classes are the same)."""
+        if not self.new:
+            return ""
+        if not self.carried:
+            return " (class heads re-initialised: none of the dataset's classes is in the checkpoint)"
+        return (f" ({len(self.carried)} of {len(self.carried) + len(self.new)} classes carried over from the "
+                f"checkpoint; new: {', '.join(self.new[:5])}{' ...' if len(self.new) > 5 else ''})")
+
+
+def class_rows(src_names: Sequence[str], src_ids: Sequence[int], names: Sequence[str],
+               ids: Sequence[int]) -> list[int | None]:
+    """For each class k of (names, ids): its row in the checkpoint's class layout, or None.
+
+    By category id when the checkpoint has that id under the same name, else by name
+    (case-insensitive; placeholder slots such as the official "N/A" never match)."""
+    by_id = {int(c): i for i, c in enumerate(src_ids)}
+    by_name: dict[str, int] = {}
+    for i, n in enumerate(src_names):
+        if n.lower() not in PLACEHOLDER_NAMES:
+            by_name.setdefault(n.lower(), i)
+    rows: list[int | None] = []
+    for name, cid in zip(names, ids):
+        i = by_id.get(int(cid))
+        if i is not None and src_names[i].lower() == name.lower():
+            rows.append(i)
+        else:
+            rows.append(by_name.get(name.lower()))
+    return rows
+
+
+def load_finetune_weights(model: nn.Module, path: str | os.PathLike, class_names: list[str],
+                          category_ids: list[int]) -> FinetuneResult:
+    """Initialise ``model`` (built for ``class_names`` / ``category_ids``) from a checkpoint.
+
+    Every parameter is loaded; the class-row parameters (see the module docstring) row by row when
+    the classes differ.  Any other missing, unexpected or mis-shaped key means another
+    architecture: CheckpointError.
+    """
+    from ..inference import default_label_map
+
+    src, num_classes, src_names, src_ids = _checkpoint_weights(model, path)
+    src_names, src_ids = default_label_map(num_classes, src_names, src_ids)
+    same_classes = src_ids == list(category_ids) and src_names == list(class_names)
+    rows = list(range(len(class_names))) if same_classes else class_rows(src_names, src_ids, class_names,
+                                                                         category_ids)
+    result = FinetuneResult(carried=[n for n, r in zip(class_names, rows) if r is not None],
+                            new=[n for n, r in zip(class_names, rows) if r is None])
+    ours = model.state_dict()
+    load: dict[str, Tensor] = {}
+    for k, v in src.items():
+        if k not in ours:
+            raise CheckpointError(f"{path}: unexpected parameter {k} (another architecture than preset '{model_name(model)}'?)")
+        if k.startswith(CLASS_HEAD_PREFIXES + (LABEL_BOOK_PREFIX,)) and not (same_classes and v.shape == ours[k].shape):
+            if v.shape[1:] != ours[k].shape[1:]:
+                raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} but preset '{model_name(model)}' "
+                                      f"expects {tuple(ours[k].shape)}")
+            if not result.carried:
+                result.reinitialised.append(k)
+                continue
+            load[k] = _gather_rows(v, ours[k], rows)
+            continue
+        if v.shape != ours[k].shape:
+            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} but preset '{model_name(model)}' expects "
+                                  f"{tuple(ours[k].shape)}")
+        load[k] = v
+    missing = [k for k in ours if k not in load and k not in result.reinitialised]
+    if missing:
+        raise CheckpointError(f"{path}: lacks {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} "
+                              f"(another architecture than preset '{model_name(model)}'?)")
+    model.load_state_dict(load, strict=False)
+    return result
+
+
+def _gather_rows(src: Tensor, init: Tensor, rows: Sequence[int | None]) -> Tensor:
+    """``init`` with row k replaced by ``src[rows[k]]`` where there is one.  The label book's extra
+    last row (an index no label takes) stays as initialised."""
+    out = init.clone()
+    for k, r in enumerate(rows):
+        if r is not None and k < out.shape[0] and r < src.shape[0]:
+            out[k] = src[r]
+    return out
+
+
+def _checkpoint_weights(model: nn.Module, path: str | os.PathLike
+                        ) -> tuple[dict[str, Tensor], int, list[str] | None, list[int] | None]:
+    """(dinodet-named state dict, class count, class names, category ids) of a checkpoint.
+
+    dinodet files go through ``load_checkpoint``.  Official files are read into ``model``'s own
+    architecture (the --preset of the fine-tuning run, whatever args the file carries) with the
+    checkpoint's class count, so e.g. an official DINO-4scale COCO model fine-tunes any dataset with
+    ``--preset dino_r50_4scale``; all official keys must be accounted for (``load_official_state``).
+    """
+    from ..checkpoint import is_official_state, load_official_state
+    from ..compat.official_keys import official_key_map
+    from ..models.dino import DINO
+
+    obj = read_torch_file(path) if Path(path).suffix != ".safetensors" else None
+    state = None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and is_official_state(obj["model"]):
+        state = obj["model"]
+    elif isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()) and is_official_state(obj):
+        state = obj
+    if state is None:
+        ckpt = load_checkpoint(path)
+        use_ema_weights(ckpt)  # a run's checkpoint.pt: start from the weights it evaluated, as predict/eval/export
+        return ckpt.model.state_dict(), ckpt.config.model.num_classes, ckpt.class_names, ckpt.category_ids
+    mcfg = copy.deepcopy(model.cfg)
+    ours = {v: k for k, v in official_key_map(list(model.state_dict()), mcfg.dec_layers,
+                                               len(mcfg.backbone.return_layers)).items()}
+    try:
+        mcfg.num_classes = int(state[ours["class_head.bias"]].shape[0])
+        mcfg.dn_labelbook_size = int(state[ours[LABEL_BOOK_PREFIX + "weight"]].shape[0]) - 1
+    except KeyError as e:
+        raise CheckpointError(f"{path}: official checkpoint without {e}; not a DINO model?") from None
+    source = DINO(mcfg)
+    source.preset_name = model_name(model)
+    load_official_state(source, state, path)
+    return source.state_dict(), mcfg.num_classes, None, None
+
+
+def model_name(model: nn.Module) -> str:
+    return getattr(model, "preset_name", None) or "custom"
