@@ -344,6 +344,16 @@ def test_eval_num_select_override_is_applied(tmp_path, capsys):
                  "--no-progress", "--pictures", "0", "--set", "model.num_select=10"]) == 0
     assert len(json.loads((tmp_path / "ev" / "predictions.json").read_text())) == 2 * 10
 
+    # an unreadable image: one prefixed warning line, left out of the scores, the rest evaluated
+    capsys.readouterr()
+    broken = next((data / "val2017").glob("*.jpg"))
+    broken.write_bytes(b"not an image")
+    assert main(["eval", "--data", str(data), "--checkpoint", str(ckpt), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert f"dinodet: warning: cannot read image '{broken}'" in captured.err
+    assert "1 of 2 images could not be read" in captured.err
+    assert "dinodet: 1 images of 'val', 20 detections" in captured.out
+
 
 # the train flags reach the config (what config.json and the run use)
 def test_train_flags_become_config_values(tmp_path):

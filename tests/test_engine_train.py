@@ -240,13 +240,18 @@ def test_resume_gives_the_same_end_state(shapes_root: Path, tmp_path: Path):
         assert (tmp_path / "split" / name).is_file(), name
 
 
-def test_new_run_refuses_to_overwrite_and_resume_without_checkpoint_starts_fresh(shapes_root: Path, tmp_path: Path):
+def test_new_run_refuses_to_overwrite_and_resume_without_checkpoint_starts_fresh(shapes_root: Path, tmp_path: Path,
+                                                                                 capsys):
     cfg = small_config("train.amp=bf16")  # bf16 autocast works on CPU too
     tr, va = datasets(shapes_root, cfg)
     metrics = run(cfg, tr, va, tmp_path / "r", max_steps=1, resume=True)  # nothing to resume: a new run (warning)
     assert metrics["step"] == 1 and math.isfinite(metrics["AP"])
     with pytest.raises(ConfigError, match="--resume"):
         run(cfg, tr, va, tmp_path / "r", max_steps=1)
+    # resuming where it stopped: nothing to train, said so; the final weights are evaluated again
+    again = run(cfg, tr, va, tmp_path / "r", max_steps=1, resume=True)
+    assert again["step"] == 1 and again["AP"] == metrics["AP"]
+    assert "nothing left to train (epoch 0/1, step 1)" in capsys.readouterr().err
 
 
 def test_resume_applies_changed_schedule_settings(shapes_root: Path, tmp_path: Path):

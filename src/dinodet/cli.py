@@ -57,8 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = None if argv is None else list(argv)  # what --slurm resubmits
+    log = logging.getLogger("dinodet")
+    if not any(isinstance(h, _WarningLines) for h in log.handlers):
+        log.addHandler(_WarningLines())
     if not _is_main_process():  # data problems are reported once per job, by rank 0
-        logging.getLogger("dinodet").setLevel(logging.ERROR)
+        log.setLevel(logging.ERROR)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -80,6 +83,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             _error(f"process {os.environ.get('RANK')}: another process of the job stopped ({first_line(e)})")
             return 1
         raise
+
+
+class _WarningLines(logging.Handler):
+    """The package's logged warnings (e.g. an unreadable image, skipped) as ``dinodet: warning:``
+    lines, like the CLI's own; written through tqdm so that a progress bar stays intact."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        kind = "error" if record.levelno >= logging.ERROR else "warning"
+        tqdm.write(f"dinodet: {kind}: {first_line(record.getMessage())}", file=sys.stderr)
 
 
 def _is_main_process() -> bool:
@@ -439,7 +456,8 @@ def _run_train(args: argparse.Namespace) -> int:
     metrics = train(cfg, train_set, val_set, opts)
     if info.is_main:
         _print_metrics(metrics)
-        print(f"dinodet: final metrics -> {run_dir / 'metrics.json'}")
+        print(f"dinodet: final metrics -> {run_dir / 'metrics.json'} (curves.png, pr_curve.png, per_class_ap.png"
+              + (", val_predictions/)" if args.pictures else ")"))
     return 0
 
 
@@ -748,7 +766,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     _check_out_folder(run_dir)
     check_run_dir(run_dir, args.resume)
     device = _checked_device(args.device)
-    print(f"dinodet: generating {settings.num_train} + {settings.num_val} synthetic images in {run_dir / 'data'}",
+    print(f"dinodet: synthetic dataset of {settings.num_train} + {settings.num_val} images in {run_dir / 'data'} "
+          "(generated unless already there)",
           file=sys.stderr)
     data = make_demo_data(run_dir, settings)
     train_set = build_dataset(data, "train", train=True, data_cfg=cfg.data)

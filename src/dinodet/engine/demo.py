@@ -85,6 +85,9 @@ def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> tuple[DemoSettin
         values[name] = typed_value(hints[name], value, key.strip())
     settings = DemoSettings(**values)
     # checked here, before the training they would otherwise end (the dataset's own are checked on generation)
+    for name in ("num_train", "num_val"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"demo.{name} must be >= 1, got {getattr(settings, name)}")
     if settings.image_size < 32:
         raise ConfigError(f"demo.image_size must be >= 32, got {settings.image_size}")
     if settings.max_pictures < 0:

@@ -257,7 +257,8 @@ def format_metrics(metrics: dict[str, float]) -> str:
         v = metrics.get(key)
         if v is None:
             continue
-        lines.append(f"{labels[key]:<14} {'n/a (no GT of that size)' if v < 0 else f'{v:.4f}'}")
+        missing = "n/a (no GT of that size)" if key in ("APs", "APm", "APl") else "n/a (no ground truth)"
+        lines.append(f"{labels[key]:<14} {missing if v < 0 else f'{v:.4f}'}")
     return "\n".join(lines)
 
 

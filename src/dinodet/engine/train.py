@@ -295,6 +295,9 @@ class Trainer:
         self.loader = build_loader(train_set, t.batch_size, train=True, num_workers=self.cfg.data.num_workers,
                                    sampler=self.sampler, seed=t.seed + self.info.rank,
                                    pin_memory=self.device.type == "cuda")
+        if self.device.type == "cpu" and t.amp == "fp16":
+            _warn("train.amp=fp16 on the CPU is much slower than float32 (no fast half kernels there); "
+                  "bf16 is the CPU's mixed precision", self.info)
         if state is not None:
             self._restore(state)
         else:
@@ -599,6 +602,9 @@ class Trainer:
         returns the final evaluation (also written to RUN_DIR/metrics.json)."""
         t, c = self.cfg.train, self.counters
         start = time.time()
+        if c.epoch >= t.epochs or self._max_steps_reached():
+            _say(f"nothing left to train (epoch {c.epoch}/{t.epochs}, step {c.step}); evaluating the final weights",
+                 self.info)
         try:
             while c.epoch < t.epochs and not self._max_steps_reached():
                 epoch_start = time.time()
