@@ -166,7 +166,7 @@ def load_official_state(model: DINO, state: dict[str, Tensor], path: str | os.Pa
     unexpected = [k for k in state if k not in key_map]
     if missing or unexpected:
         problems = key_problems(missing, unexpected)
-        raise CheckpointError(f"{path}: does not match preset '{cfg_name(model)}': {problems}")
+        raise CheckpointError(f"{path}: does not match {_architecture(model)}: {problems}")
     ours: dict[str, Tensor] = {}
     for off, k in key_map.items():
         v = state[off]
@@ -183,13 +183,19 @@ def cfg_name(model: DINO) -> str:
     return getattr(model, "preset_name", None) or "custom"
 
 
-def _load_exact(model: nn.Module, state: dict[str, Tensor], path, name_of=lambda k: k) -> None:
+def _architecture(model: DINO) -> str:
+    name = cfg_name(model)  # official files without --preset are built from their stored args
+    return f"the architecture its stored args describe ({name})" if name.startswith("official") else f"preset '{name}'"
+
+
+def _load_exact(model: nn.Module, state: dict[str, Tensor], path, name_of=lambda k: k,
+                hint: str = "wrong --preset or class count for this checkpoint?") -> None:
     expected = model.state_dict()
     for k, v in state.items():
         if k in expected and tuple(expected[k].shape) != tuple(v.shape):
             raise CheckpointError(
                 f"{path}: {name_of(k)} has shape {tuple(v.shape)} but the model expects {tuple(expected[k].shape)} "
-                f"(wrong --preset or class count for this checkpoint?)")
+                f"({hint})")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         missing = [name_of(k) for k in result.missing_keys]
@@ -238,7 +244,7 @@ def load_backbone_weights(model: DINO, path: str | os.PathLike) -> None:
         if bcfg.norm == "gn" and any(k.endswith("running_mean") for k in state):
             raise CheckpointError(f"{path}: ImageNet ResNet weights carry BatchNorm statistics but the backbone uses "
                                   "GroupNorm; set model.backbone.norm=frozen_bn to load them")
-        _load_exact(model.backbone.body, state, path)
+        _load_exact(model.backbone.body, state, path, hint="weights of another backbone than the preset's?")
         return
     _load_imagenet_trunk(model.backbone.body, state, path, family, bcfg)
 

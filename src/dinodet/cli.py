@@ -836,9 +836,9 @@ def _run_bench(args: argparse.Namespace) -> int:
                                   f"(available: {', '.join(dict.fromkeys(x for t in tasks for x in offered[t]))})")
             if len(fits) < len(tasks):
                 _warn(f"mode '{m}' is benchmarked for {fits[0]} only")
-    for out in (args.json_out, args.plot):  # before the work: a bad output path must not cost the whole run
+    for flag, out in (("--json", args.json_out), ("--plot", args.plot)):  # a bad path must not cost the whole run
         if out and Path(out).is_dir():
-            raise ConfigError(f"'{out}' is a folder; give a file name")
+            raise ConfigError(f"{flag} '{out}' is a folder; give a file name")
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
     print(f"dinodet: benchmarking {args.preset} at {size[0]}x{size[1]} on {device} "
@@ -905,7 +905,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
     check_checkpoint_path(Path(args.checkpoint))
     print(f"dinodet: exporting {args.checkpoint} to ONNX (opset {opset}, "
-          f"{'dynamic' if args.dynamic else 'fixed'} shapes, msda {args.msda}); this takes a few minutes",
+          f"{'dynamic' if args.dynamic else 'fixed'} shapes, msda {args.msda}{', float16' if args.fp16 else ''}); "
+          "this takes a few minutes",
           file=sys.stderr)
     result = to_onnx(args.checkpoint, args.out, preset=args.preset, opset=opset, dynamic=args.dynamic,
                      fp16=args.fp16, with_postprocess=args.with_postprocess, msda=args.msda,
