@@ -160,3 +160,19 @@ def test_yolo_labels_use_the_exif_upright_size(tmp_path):
     assert (im["width"], im["height"]) == (40, 80)
     np.testing.assert_allclose(ds.coco.dataset["annotations"][0]["bbox"], [10, 10, 20, 20], atol=1e-4)
     assert ds.report.size_mismatch == 0
+
+
+def test_label_problems_name_the_label_file_and_line(tmp_path: Path):
+    img, lbl = tmp_path / "images" / "train", tmp_path / "labels" / "train"
+    img.mkdir(parents=True)
+    lbl.mkdir(parents=True)
+    Image.new("RGB", (40, 20)).save(img / "a.jpg")
+    (lbl / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n0 0.5 0.5 0 0.2\n0 1.8 0.5 0.2 0.2\n7 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "names.txt").write_text("thing\n")
+    ds = build_dataset(str(tmp_path), "train", "yolo", train=False, data_cfg=SMALL)
+    r = ds.report
+    assert (r.boxes, r.boxes_dropped_degenerate, r.boxes_outside, r.unknown_category) == (1, 1, 1, 1)
+    assert any(m.startswith(f"{lbl / 'a.txt'}: line 2: box") and "has no area" in m for m in r.messages)
+    assert any(m.startswith(f"{lbl / 'a.txt'}: line 3: box") and "lies outside" in m for m in r.messages)
+    assert any("class 7 (1 boxes) is beyond the 1 class names" in m for m in r.messages)
+    assert all("dinodet_source" not in a for a in ds.coco.dataset["annotations"])  # not in the ground truth

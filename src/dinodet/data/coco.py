@@ -51,7 +51,7 @@ from .augment import DetectionTransform, eval_transforms, train_transforms
 from .images import ImageLoadError, load_image
 from .labels import LabelMap
 from .report import DataReport, DatasetError, SplitNotFoundError
-from .yolo import EXIF_ORIENTATION, read_names, resolve_yolo_paths, upright_size, yolo_to_coco
+from .yolo import EXIF_ORIENTATION, SOURCE_KEY, read_names, resolve_yolo_paths, upright_size, yolo_to_coco
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,8 @@ def _positive_int(v: Any) -> int | None:
 
 
 def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | None = None,
-               report: DataReport | None = None, check_files: bool = True, source: str = "") -> DatasetIndex:
+               report: DataReport | None = None, check_files: bool = True, source: str = "",
+               yolo: bool = False) -> DatasetIndex:
     """Validate and clean a COCO annotation dict (see module docstring for the rules).
 
     Args:
@@ -193,6 +194,8 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
         report: report to add counts/messages to (a new one when ``None``).
         check_files: drop (and report) images whose file does not exist.
         source: name used in messages (the annotation file).
+        yolo: the dict was converted from YOLO labels (messages then speak of class indices and
+            label-file lines).
     Raises:
         DatasetError: the dict is not usable at all (no image list, no categories and no label map).
     """
@@ -273,22 +276,22 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
             continue
         info = images[iid]
         width, height = info["width"], info["height"]
-        where = f"{info['file_name']} (image {iid}) annotation {a.get('id')}"
+        where = a.get(SOURCE_KEY) or f"{src}: {info['file_name']} (image {iid}) annotation {a.get('id')}"
         if w <= 0 or h <= 0:
-            report.add("boxes_dropped_degenerate", f"{src}: {where}: box [x,y,w,h]={_fmt([x, y, w, h])} has no area; dropped")
+            report.add("boxes_dropped_degenerate", f"{where}: box [x,y,w,h]={_fmt([x, y, w, h])} has no area; dropped")
             continue
         x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
         x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
         if x2 <= x1 or y2 <= y1:
-            report.add("boxes_outside", f"{src}: {where}: box [x,y,w,h]={_fmt([x, y, w, h])} lies outside "
+            report.add("boxes_outside", f"{where}: box [x,y,w,h]={_fmt([x, y, w, h])} lies outside "
                                         f"the {width}x{height} image; dropped")
             continue
         overshoot = max(-x, -y, x + w - width, y + h - height)
         crowd = _positive_int(a.get("iscrowd", 0)) is not None  # 0, 1, and the strings "0"/"1" some tools write
-        gt = {k: v for k, v in a.items() if k != "segmentation"}
+        gt = {k: v for k, v in a.items() if k not in ("segmentation", SOURCE_KEY)}
         gt.update(image_id=iid, category_id=cid, iscrowd=int(crowd))
         if overshoot > CLIP_TOLERANCE:
-            report.add("boxes_clipped", f"{src}: {where}: box [x,y,w,h]={_fmt([x, y, w, h])} extends outside the "
+            report.add("boxes_clipped", f"{where}: box [x,y,w,h]={_fmt([x, y, w, h])} extends outside the "
                                         f"{width}x{height} image; clipped")
             gt["bbox"], gt["area"] = [x1, y1, x2 - x1, y2 - y1], (x2 - x1) * (y2 - y1)
         else:  # unchanged, so official evaluations are reproduced exactly
@@ -309,7 +312,9 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
     for gt in pending_id:
         gt["id"], next_id = next_id, next_id + 1
     for cid, n in sorted(unknown.items()):
-        report.add("unknown_category", f"{src}: category id {cid} ({n} boxes) is not in the label map; skipped", n=n)
+        what = (f"class {cid} ({n} boxes) is beyond the {len(label_map.class_names)} class names"
+                if yolo else f"category id {cid} ({n} boxes) is not in the label map")
+        report.add("unknown_category", f"{src}: {what}; skipped", n=n)
 
     order = sorted(images)  # sorted image ids, like torchvision's CocoDetection
     counts = np.array([len(per_image[i]) for i in order], dtype=np.int64)
@@ -404,7 +409,7 @@ def build_index(root: str | Path, split: str = "train", format: str = "coco", an
     data = yolo_to_coco(images, labels, names, report)
     if label_map is None:
         label_map = LabelMap.from_names(names)
-    return index_coco(data, images, label_map, report, check_files=False, source=str(labels))
+    return index_coco(data, images, label_map, report, check_files=False, source=str(labels), yolo=True)
 
 
 class DetectionDataset(Dataset):

@@ -245,6 +245,11 @@ def upright_size(path: Path) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
+# Where a converted annotation came from ("labels/train/x.txt: line 3"), for the data report's messages;
+# not part of the evaluation ground truth.
+SOURCE_KEY = "dinodet_source"
+
+
 def yolo_to_coco(img_dir: Path, label_dir: Path, names: list[str], report: DataReport) -> dict[str, Any]:
     """Convert a YOLO split to a COCO-format dict (images, annotations, categories).
 
@@ -271,12 +276,13 @@ def yolo_to_coco(img_dir: Path, label_dir: Path, names: list[str], report: DataR
             continue
         images.append({"id": image_id, "file_name": r.as_posix(), "width": width, "height": height})
         if label_path.is_file():
-            for box, cls in _read_label_file(label_path, report):
+            for box, cls, line in _read_label_file(label_path, report):
                 cx, cy, bw, bh = box
                 x, y = (cx - bw / 2) * width, (cy - bh / 2) * height
                 annotations.append({
                     "id": len(annotations) + 1, "image_id": image_id, "category_id": cls,
                     "bbox": [x, y, bw * width, bh * height], "area": bw * width * bh * height, "iscrowd": 0,
+                    SOURCE_KEY: f"{label_path}: line {line}",
                 })
 
     if label_dir.is_dir() and label_dir != img_dir:
@@ -288,8 +294,9 @@ def yolo_to_coco(img_dir: Path, label_dir: Path, names: list[str], report: DataR
             "annotations": annotations, "categories": categories}
 
 
-def _read_label_file(path: Path, report: DataReport) -> list[tuple[tuple[float, float, float, float], int]]:
-    """Parse one label file into ((cx, cy, w, h) normalised, class) pairs; bad lines are reported."""
+def _read_label_file(path: Path, report: DataReport) -> list[tuple[tuple[float, float, float, float], int, int]]:
+    """Parse one label file into ((cx, cy, w, h) normalised, class, line number) triples; bad lines
+    are reported."""
     try:
         lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()  # -sig: drop a BOM
     except OSError as e:
@@ -319,7 +326,7 @@ def _read_label_file(path: Path, report: DataReport) -> list[tuple[tuple[float, 
         else:
             bad[f"line {n}: expected 'class cx cy w h', got {len(fields)} fields"] += 1
             continue
-        out.append((box, int(cls)))
+        out.append((box, int(cls), n))
     for msg in bad:
         report.add("invalid_annotations", f"{path}: {msg}; skipped")
     return out
