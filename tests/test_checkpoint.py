@@ -243,3 +243,12 @@ def test_official_checkpoint_without_preset_uses_its_args(tmp_path):
     torch.save(state, tmp_path / "bare.pth")  # a bare state dict: no args to build the model from
     with pytest.raises(CheckpointError, match="without stored args; pass --preset"):
         load_checkpoint(tmp_path / "bare.pth")
+
+
+def test_a_custom_config_loads_under_its_own_name(tmp_path):
+    cfg = get_preset("tiny")
+    cfg.name = "custom"
+    path = save_checkpoint(tmp_path / "custom.pt", build_model(cfg), cfg)
+    assert load_checkpoint(path, preset="custom").config.name == "custom"
+    with pytest.raises(CheckpointError, match="made with preset 'custom', not 'tiny'"):
+        load_checkpoint(path, preset="tiny")

@@ -177,7 +177,7 @@ def test_user_errors_are_one_line(capsys, tmp_path: Path, monkeypatch, argv, fra
     (["eval", "--data", "D", "--checkpoint", "empty"], "empty: a folder, not a checkpoint file"),
     (["eval", "--data", "D", "--checkpoint", "photo.jpg"], "photo.jpg: not a PyTorch checkpoint (a JPEG image)"),
     (["eval", "--data", "D", "--checkpoint", "model.onnx"], "an ONNX model; `dinodet predict --model` runs it"),
-    (["eval", "--data", "D", "--checkpoint", "x.pt", "--preset", "bogus"], "unknown preset 'bogus'"),
+    (["eval", "--data", "D", "--checkpoint", "tiny.pt", "--preset", "bogus"], "unknown preset 'bogus'"),
     (["eval", "--data", "D", "--checkpoint", "x.pt", "--out", "run"], "--out 'run' holds a training run"),
 ])
 def test_user_mistakes_with_files_are_one_line(capsys, tmp_path: Path, monkeypatch, argv, fragment):
@@ -190,6 +190,11 @@ def test_user_mistakes_with_files_are_one_line(capsys, tmp_path: Path, monkeypat
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"PK\x03\x04")
     (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00")
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")
+    if "tiny.pt" in argv:
+        from dinodet.checkpoint import build_model, save_checkpoint
+        from dinodet.presets import get_preset
+
+        save_checkpoint(tmp_path / "tiny.pt", build_model(get_preset("tiny")), get_preset("tiny"))
     assert fragment in one_line_error(capsys, *argv)
 
 
@@ -351,8 +356,12 @@ def test_eval_num_select_override_is_applied(tmp_path, capsys):
     assert main(["eval", "--data", str(data), "--checkpoint", str(ckpt), "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert f"dinodet: warning: cannot read image '{broken}'" in captured.err
-    assert "1 of 2 images could not be read" in captured.err
+    assert f"1 of 2 images could not be read and are left out of the scores: {broken.name}" in captured.err
     assert "dinodet: 1 images of 'val', 20 detections" in captured.out
+    for image in (data / "val2017").glob("*.jpg"):  # none readable: an error, not AP 0
+        image.write_bytes(b"not an image")
+    assert main(["eval", "--data", str(data), "--checkpoint", str(ckpt), "--no-progress"]) == 2
+    assert "dinodet: error: no image of 'val'" in capsys.readouterr().err
 
 
 # the train flags reach the config (what config.json and the run use)

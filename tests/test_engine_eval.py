@@ -67,7 +67,8 @@ def test_coco_metrics_perfect_predictions_and_none(mixed_sizes):
     assert set(m) == set(COCO_STATS)
     assert m["AP"] == pytest.approx(1.0) and m["AP50"] == pytest.approx(1.0)
     assert all(-1.0 <= v <= 1.0 for v in m.values())
-    assert coco_metrics(coco, []) == dict.fromkeys(COCO_STATS, 0.0)
+    none = coco_metrics(coco, [])  # nothing detected: 0 where there is GT, -1 (n/a) where there is none
+    assert none["AP"] == none["AP50"] == none["AR100"] == 0.0 and set(none.values()) <= {0.0, -1.0}
     assert "AP @[.50:.95]  1.0000" in format_metrics(m)
 
 
@@ -165,39 +166,31 @@ def test_unreadable_images_are_reported_and_left_out(tmp_path: Path, mixed_sizes
 
 
 def test_pictures_of_an_evaluation_without_detections(tmp_path: Path, mixed_sizes):
-    scores = coco_scores(mixed_sizes.coco, [])
-    assert scores.pr_curves == {} and all(v["AP"] == 0.0 for v in scores.per_class.values())
     from dinodet.engine.evaluate import EvalResult
 
+    coco = mixed_sizes.coco
+    with_gt = {coco.cats[a["category_id"]]["name"] for a in coco.dataset["annotations"]}
+    scores = coco_scores(coco, [])
+    assert all(v["AP"] == (0.0 if n in with_gt else -1.0) for n, v in scores.per_class.items())
+    assert scores.pr_curves["IoU=0.50"] == [0.0] * 101
     result = EvalResult(metrics=scores.metrics, per_class=scores.per_class, pr_curves=scores.pr_curves)
     written = write_eval_pictures(result, mixed_sizes, tmp_path, pictures=2)
-    assert [p.name for p in written] == [PER_CLASS_AP, "val_predictions"]  # no curve to draw, no error
+    assert [p.name for p in written] == [PR_CURVE, PER_CLASS_AP, "val_predictions"]
     assert len(list((tmp_path / "val_predictions").glob("*.jpg"))) == 2
 
+    # no image scored at all (every one unreadable): nothing to plot, no error
+    nothing = coco_scores(coco, [], image_ids=[])
+    assert nothing.metrics["AP"] == -1.0 and set(nothing.pr_curves) == {"recall"}
+    result = EvalResult(metrics=nothing.metrics, per_class=nothing.per_class, pr_curves=nothing.pr_curves)
+    assert write_eval_pictures(result, mixed_sizes, tmp_path / "none", pictures=0) == []
 
-# evaluation pictures: detections above the threshold drawn where they are, GT in white
-def test_prediction_pictures_draw_boxes_where_the_records_say(tmp_path):
-    import numpy as np
-    from PIL import Image
 
-    from dinodet.config import DataConfig
-    from dinodet.data.coco import build_dataset
-    from dinodet.data.synthetic import make_synthetic_coco
-    from dinodet.engine.pictures import write_prediction_pictures
+def test_per_class_keys_tell_apart_classes_of_the_same_name(tmp_path: Path, mixed_sizes):
+    data = json.loads(json.dumps(mixed_sizes.coco.dataset))
+    first, second = data["categories"][:2]
+    second["name"] = first["name"]
+    from dinodet.data.coco import make_coco
 
-    root = make_synthetic_coco(tmp_path / "d", num_train=1, num_val=1, image_size=(200, 240), seed=0, num_classes=2)
-    ds = build_dataset(root, "val", train=False, data_cfg=DataConfig(eval_size=200, max_size=240))
-    iid, cid = ds.image_ids[0], ds.label_map.category_ids[0]
-    records = [{"image_id": iid, "category_id": cid, "bbox": [20.0, 60.0, 100.0, 80.0], "score": 0.9},
-               {"image_id": iid, "category_id": cid, "bbox": [150.0, 150.0, 40.0, 30.0], "score": 0.1}]
-    assert write_prediction_pictures(ds, records, tmp_path / "pics", threshold=0.3, limit=1) == 1
-    assert write_prediction_pictures(ds, records, tmp_path / "gt_only", threshold=1.0, limit=1) == 1
-    name = f"{ds.image_path(0).stem}.jpg"
-    a = np.asarray(Image.open(tmp_path / "pics" / name)).astype(int)
-    base = np.asarray(Image.open(tmp_path / "gt_only" / name)).astype(int)
-    diff = np.abs(a - base).max(axis=2)
-    assert diff[100, 20:22].min() > 40 and diff[139:141, 70].min() > 40  # left edge x=20, bottom y=60+80=140
-    assert diff[100, 70] < 15  # inside the box: untouched
-    assert diff[165, 150:152].max() < 15  # the 0.1-score detection is below the threshold: not drawn
-    x0, y0, _, y1 = (round(v) for v in ds.raw_target(0)["boxes"][0].tolist())
-    assert base[(y0 + y1) // 2, x0].min() > 200  # the ground truth: a white outline
+    per_class = coco_scores(make_coco(data), []).per_class
+    assert f"{first['name']} (id {first['id']})" in per_class and f"{first['name']} (id {second['id']})" in per_class
+    assert len(per_class) == len(data["categories"])

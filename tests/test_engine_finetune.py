@@ -72,6 +72,12 @@ def test_known_classes_keep_their_rows(tmp_path: Path):
         assert torch.equal(v[1], init[k][1]), k  # the new class starts fresh
     assert torch.equal(got[LABEL_BOOK_PREFIX + "weight"][3], init[LABEL_BOOK_PREFIX + "weight"][3])  # extra row
 
+    # the same classes in another order: all carried over, and said so
+    swapped = build_model(resolve_config(get_preset("tiny"), 4))
+    result = load_finetune_weights(swapped, ckpt, ["b", "a", "d", "c"], [2, 1, 4, 3])
+    assert result.new == [] and "all 4 classes carried over" in result.summary()
+    assert torch.equal(swapped.state_dict()["class_head.bias"], src_state["class_head.bias"][[1, 0, 3, 2]])
+
 
 def test_a_runs_ema_weights_are_the_start(tmp_path: Path):
     cfg = resolve_config(get_preset("tiny"), 2)

@@ -187,6 +187,8 @@ def test_numpy_images_and_wrong_inputs(tiny_detector, sample_images, sample_pred
     torch.testing.assert_close(pred.scores, sample_predictions[0].scores, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="values in 0..1, got 0..255"):
         tiny_detector.predict(torch.from_numpy(array.copy()).permute(2, 0, 1).float())  # forgot / 255
+    with pytest.raises(ValueError, match="values in 0..1, got nan"):
+        tiny_detector.predict(torch.full((3, 8, 8), float("nan")))
     with pytest.raises(ValueError, match="numpy image must be uint8"):
         tiny_detector.predict(array.astype(np.float32))
     with pytest.raises(ValueError, match="unsupported image type int"):

@@ -317,10 +317,6 @@ def load_checkpoint(path: str | os.PathLike, preset: str | None = None, device: 
     file.  dinodet files carry their own config (``preset`` then only has to agree with it).
     """
     path = Path(path)
-    if preset is not None:
-        from .presets import get_preset
-
-        get_preset(preset)  # an unknown name is a ConfigError before the (slow) loading
     if path.suffix == ".safetensors":
         loaded = _load_safetensors(path)
     else:
@@ -334,6 +330,9 @@ def load_checkpoint(path: str | os.PathLike, preset: str | None = None, device: 
         else:
             raise CheckpointError(f"{path}: neither an official DINO checkpoint nor a dinodet checkpoint")
     if preset is not None and loaded.source == "dinodet" and preset != loaded.config.name:
+        from .presets import get_preset
+
+        get_preset(preset)  # an unknown name says so (a ConfigError) rather than "not made with it"
         raise CheckpointError(f"{path}: checkpoint was made with preset '{loaded.config.name}', not '{preset}'")
     loaded.path = str(path)
     loaded.model.to(device).eval()

@@ -456,9 +456,19 @@ def _run_train(args: argparse.Namespace) -> int:
     metrics = train(cfg, train_set, val_set, opts)
     if info.is_main:
         _print_metrics(metrics)
-        print(f"dinodet: final metrics -> {run_dir / 'metrics.json'} (curves.png, pr_curve.png, per_class_ap.png"
-              + (", val_predictions/)" if args.pictures else ")"))
+        print(f"dinodet: final metrics -> {run_dir / 'metrics.json'}{_pictures_in(run_dir)}")
     return 0
+
+
+def _pictures_in(run_dir: Path) -> str:
+    """", pictures: curves.png, ..." for the pictures a run wrote (some need detections or GT)."""
+    from .engine.pictures import PER_CLASS_AP, PR_CURVE, PREDICTIONS_DIR
+    from .engine.train import CURVES
+
+    found = [n for n in (CURVES, PR_CURVE, PER_CLASS_AP) if (run_dir / n).is_file()]
+    if (run_dir / PREDICTIONS_DIR).is_dir():
+        found.append(f"{PREDICTIONS_DIR}/")
+    return f"; pictures: {', '.join(found)}" if found else ""
 
 
 def _check_train_args(args: argparse.Namespace) -> None:
@@ -593,6 +603,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, use_ema_weights
     from .config import apply_overrides
     from .data.coco import build_dataset
+    from .data.report import DatasetError
     from .engine.distributed import cleanup_distributed, init_distributed
     from .engine.evaluate import category_mapping, evaluate, format_per_class
     from .engine.pictures import write_eval_pictures
@@ -650,8 +661,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     metrics = {**result.metrics, "split": split, "checkpoint": str(args.checkpoint), "ema_weights": bool(ema),
                "mode": args.mode}
     if result.unreadable_ids:
-        _warn(f"{len(result.unreadable_ids)} of {len(dataset)} images could not be read (see above); "
-              "they are left out of the scores")
+        index = {iid: i for i, iid in enumerate(dataset.image_ids)}
+        names = [dataset.image_path(index[i]).name for i in result.unreadable_ids[:5]]
+        listed = ", ".join(names) + (" ..." if len(result.unreadable_ids) > 5 else "")
+        if len(result.unreadable_ids) == len(dataset):
+            raise DatasetError(f"no image of '{split}' in '{args.data}' could be read ({listed})")
+        _warn(f"{len(result.unreadable_ids)} of {len(dataset)} images could not be read and are left out of "
+              f"the scores: {listed}")
     print(f"dinodet: {len(dataset) - len(result.unreadable_ids)} images of '{split}', {len(result.records)} "
           "detections" + (" (EMA weights)" if ema else ""))
     _print_metrics(metrics)
@@ -756,7 +772,6 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from .data.coco import build_dataset
     from .engine.demo import demo_config, make_demo_data
-    from .engine.pictures import PREDICTIONS_DIR
     from .engine.train import Trainer, TrainOptions, check_run_dir
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -776,8 +791,7 @@ def _run_demo(args: argparse.Namespace) -> int:
                         pictures=settings.max_pictures, picture_threshold=settings.picture_threshold)
     metrics = Trainer(cfg, train_set, val_set, opts).fit()
     _print_metrics(metrics)
-    print(f"dinodet: annotated val images -> {run_dir / PREDICTIONS_DIR}; metrics -> {run_dir / 'metrics.json'} "
-          f"(curves.png, pr_curve.png, per_class_ap.png)")
+    print(f"dinodet: metrics -> {run_dir / 'metrics.json'}{_pictures_in(run_dir)}")
     return 0
 
 

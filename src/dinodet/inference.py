@@ -19,9 +19,9 @@ from .checkpoint import load_checkpoint, use_ema_weights
 from .config import ConfigError, DINOConfig
 from .data.coco_classes import COCO_CLASSES
 from .data.images import load_image, to_rgb
-from .data.transforms import eval_transform, image_hw, pad_batch
+from .data.transforms import eval_transform, image_hw, pad_batch, size_groups
 from .models.dino import DINO
-from .modes import ModeRunner
+from .modes import COMPILE_BUCKET, ModeRunner
 from .postprocess import Detections, postprocess
 from .presets import get_preset
 
@@ -207,13 +207,10 @@ class Detector:
     @torch.inference_mode()
     def _predict_batch(self, items: Sequence[ImageInput], threshold: float) -> list[Prediction]:
         images, orig_sizes = preprocess_images(items, self.size, self.max_size)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, image in enumerate(images):
-            # compiled modes pad every batch to a shape bucket anyway: one padded batch suits them best
-            key = () if self.runner.mode.compile else tuple(image.shape)
-            groups.setdefault(key, []).append(i)
+        # compiled modes pad every image to a multiple of COMPILE_BUCKET anyway: group by that size
+        multiple = COMPILE_BUCKET if self.runner.mode.compile else 1
         results: list[Prediction | None] = [None] * len(images)
-        for idx in groups.values():
+        for idx in size_groups([image_hw(im) for im in images], multiple):
             batch, mask = pad_batch([images[i] for i in idx])
             sizes = orig_sizes[idx]
             out = self.runner(batch, mask)

@@ -18,13 +18,14 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .data.transforms import image_hw, pad_batch, size_groups
 from .errors import first_line
 from .export import METADATA_FORMAT
 from .inference import (
     ImageInput,
     Prediction,
     _as_image_list,
-    preprocess_batch,
+    preprocess_images,
     to_predictions,
 )
 from .postprocess import Detections, postprocess
@@ -105,10 +106,19 @@ class OnnxDetector:
         items = _as_image_list(images)
         results: list[Prediction] = []
         for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            batch, mask, orig_sizes = preprocess_batch(chunk, self.size, self.max_size)
-            det = self.run(batch, mask, orig_sizes)
-            results.extend(to_predictions(det, orig_sizes, threshold, self.class_names, self._category_ids))
+            images_, orig_sizes = preprocess_images(items[start:start + batch_size], self.size, self.max_size)
+            # a dynamic-size model runs same-size images together (unpadded, as Detector.predict);
+            # a fixed-size one pads every image to its input size anyway
+            groups = (size_groups([image_hw(im) for im in images_]) if self.fixed_hw is None
+                      else [list(range(len(images_)))])
+            chunk: list[Prediction | None] = [None] * len(images_)
+            for idx in groups:
+                batch, mask = pad_batch([images_[i] for i in idx])
+                sizes = orig_sizes[idx]
+                det = self.run(batch, mask, sizes)
+                for i, pred in zip(idx, to_predictions(det, sizes, threshold, self.class_names, self._category_ids)):
+                    chunk[i] = pred
+            results.extend(p for p in chunk if p is not None)
         return results
 
     def run(self, images: Tensor, mask: Tensor, orig_sizes: Tensor) -> Detections:

@@ -57,9 +57,7 @@ logger = logging.getLogger(__name__)
 
 CLIP_TOLERANCE = 1.0  # pixels of overshoot clipped without being reported
 FORMATS = ("coco", "yolo")
-# An annotated size above PIL's decompression-bomb limit (which refuses such files) is a broken
-# annotation; taken at its word, the resize to the annotated frame could take all memory.
-MAX_IMAGE_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+
 
 # PIL transpose undoing ``ImageOps.exif_transpose`` for the orientations that swap width/height.
 _UNDO_EXIF = {
@@ -149,6 +147,14 @@ def _first(candidates: list[Path], test: Callable[[Path], bool], what: str) -> P
         if test(c):
             return c
     raise SplitNotFoundError(f"{what} not found; tried: " + ", ".join(str(c) for c in candidates))
+
+
+def max_image_pixels() -> float:
+    """The largest annotated image size accepted: PIL's decompression-bomb limit (it refuses larger
+    files; ``Image.MAX_IMAGE_PIXELS = None`` lifts both).  A larger annotated size is a broken
+    annotation, and resizing the image to it could take all memory."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return math.inf if limit is None else 2 * limit
 
 
 def check_data_root(root: str | Path) -> None:
@@ -246,9 +252,9 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
                                                 f"unreadable ({first_line(e)}); skipped")
                 dropped.add(iid)
                 continue
-        if width * height > MAX_IMAGE_PIXELS:
-            report.add("invalid_annotations", f"{path}: annotated size {width}x{height} is larger than any image "
-                                              f"dinodet reads ({MAX_IMAGE_PIXELS:,} pixels); skipped")
+        if width * height > max_image_pixels():
+            report.add("invalid_annotations", f"{path}: annotated size {width}x{height} exceeds PIL's "
+                                              f"decompression-bomb limit ({max_image_pixels():,} pixels); skipped")
             dropped.add(iid)
             continue
         images[iid] = {**entry, "width": width, "height": height}

@@ -1,6 +1,8 @@
 """Image transforms shared by inference, evaluation and training."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
@@ -8,6 +10,16 @@ from torch import Tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def size_groups(sizes: Sequence[tuple[int, int]], multiple: int = 1) -> list[list[int]]:
+    """Indices of images grouped by (height, width) rounded up to ``multiple`` (first-appearance
+    order, input order within): the images that can run as one batch without padding any of them
+    (beyond that rounding)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (h, w) in enumerate(sizes):
+        groups.setdefault((-(-h // multiple) * multiple, -(-w // multiple) * multiple), []).append(i)
+    return list(groups.values())
 
 
 def pad_batch(images: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -72,7 +84,7 @@ def _check_image_tensor(image: Tensor) -> None:
         raise ValueError(f"expected a uint8 (0..255) or float (0..1) image tensor, got {image.dtype}")
     if image.dtype.is_floating_point and image.numel():
         low, high = image.aminmax()
-        if low < -1e-3 or high > 1 + 1e-3:  # e.g. 0..255 floats: the model would see garbage
+        if not (low >= -1e-3 and high <= 1 + 1e-3):  # e.g. 0..255 floats (or NaN): the model would see garbage
             raise ValueError(f"a float image tensor must hold values in 0..1, got {low.item():g}..{high.item():g} "
                              "(divide by 255, or pass a uint8 tensor)")
 

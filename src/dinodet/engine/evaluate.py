@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..boxes import box_xyxy_to_xywh
+from ..data.transforms import image_hw, size_groups
 from ..modes import autocast as amp_autocast
 from ..postprocess import postprocess
 from .distributed import DistInfo, all_gather_objects, broadcast_object
@@ -75,10 +77,7 @@ def _as_list(batch: list[Any]) -> list[Any]:
 
 def same_size_groups(items: Sequence[tuple[Tensor, dict[str, Tensor]]]) -> list[list[int]]:
     """Indices of ``items`` grouped by image size (first-appearance order, input order within)."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (image, _) in enumerate(items):
-        groups.setdefault(tuple(image.shape[-2:]), []).append(i)
-    return list(groups.values())
+    return size_groups([image_hw(image) for image, _ in items])
 
 
 def coco_records(det_scores: Tensor, det_labels: Tensor, det_boxes: Tensor, image_id: int,
@@ -174,14 +173,20 @@ def coco_scores(coco_gt: Any, records: Sequence[dict[str, Any]],
     """COCOeval (bbox) of ``records`` against ``coco_gt`` (a pycocotools COCO) on ``image_ids``
     (default: every GT image; images without predictions are misses).  pycocotools' printing is
     swallowed."""
+    from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     cat_ids = sorted(coco_gt.getCatIds())
-    names = [c["name"] for c in coco_gt.loadCats(cat_ids)]
-    if not records:  # loadRes cannot take an empty list; nothing detected means AP 0
-        return CocoScores(dict.fromkeys(COCO_STATS, 0.0), {n: {"AP": 0.0, "AP50": 0.0} for n in names}, {})
+    cats = coco_gt.loadCats(cat_ids)
+    counts = Counter(c["name"] for c in cats)  # a name used twice is told apart by its id
+    names = [c["name"] if counts[c["name"]] == 1 else f"{c['name']} (id {c['id']})" for c in cats]
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes([dict(r) for r in records])  # loadRes edits the dicts it gets
+        if records:
+            coco_dt = coco_gt.loadRes([dict(r) for r in records])  # loadRes edits the dicts it gets
+        else:  # loadRes cannot take an empty list: an empty result set scores 0 (or -1: no GT)
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": coco_gt.dataset.get("images", []), "categories": cats, "annotations": []}
+            coco_dt.createIndex()
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
         if image_ids is not None:
             evaluator.params.imgIds = sorted(int(i) for i in image_ids)

@@ -32,11 +32,14 @@ class FinetuneResult:
     carried: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
     reinitialised: list[str] = field(default_factory=list)
+    same_layout: bool = True  # the checkpoint has exactly these classes, in this order, with these ids
 
     def summary(self) -> str:
         """A parenthesised remark for the "fine-tuning from ..." line ("" when the classes are the same)."""
-        if not self.new:
+        if self.same_layout:
             return ""
+        if not self.new:
+            return f" (all {len(self.carried)} classes carried over from the checkpoint's class layout)"
         if not self.carried:
             return " (class heads re-initialised: none of the dataset's classes is in the checkpoint)"
         return (f" ({len(self.carried)} of {len(self.carried) + len(self.new)} classes carried over from the "
@@ -80,7 +83,7 @@ def load_finetune_weights(model: nn.Module, path: str | os.PathLike, class_names
     rows = list(range(len(class_names))) if same_classes else class_rows(src_names, src_ids, class_names,
                                                                          category_ids)
     result = FinetuneResult(carried=[n for n, r in zip(class_names, rows) if r is not None],
-                            new=[n for n, r in zip(class_names, rows) if r is None])
+                            new=[n for n, r in zip(class_names, rows) if r is None], same_layout=same_classes)
     ours = model.state_dict()
     load: dict[str, Tensor] = {}
     for k, v in src.items():

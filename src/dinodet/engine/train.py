@@ -389,8 +389,12 @@ class Trainer:
             return
         seen = c.batches_done * old_batch * old_world  # samples of this epoch, all processes
         c.batches_done = min(seen // (new_batch * new_world), self._epoch_batches())
+        skipped = c.batches_done * new_batch * new_world
+        if skipped != seen:  # a few samples run again: the loss sums so far would count them twice
+            self._carried_sums = None
         _warn(f"resuming inside epoch {c.epoch + 1} with batch size {new_batch} x {new_world} process(es) "
-              f"(stopped with {old_batch} x {old_world}): continuing after {seen} of its samples"
+              f"(stopped with {old_batch} x {old_world}): continuing after {skipped} of its samples"
+              + (f" ({seen} were seen; the epoch's logged losses cover only what follows)" if skipped != seen else "")
               + (", approximately (another process count)" if old_world != new_world else ""), self.info)
 
     def _apply_changed_settings(self) -> None:
