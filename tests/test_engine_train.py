@@ -449,6 +449,19 @@ def test_finetune_from_starts_the_run_from_those_weights(shapes_root, tmp_path, 
     for k, v in src.state_dict().items():
         assert torch.equal(trainer.model.state_dict()[k], v), k
 
+    # a requeued job (--resume --finetune-from) pre-empted before its first checkpoint starts from them too,
+    # and one that has a checkpoint resumes it instead
+    resumed = Trainer(cfg, tr, va, TrainOptions(run_dir=tmp_path / "q", progress=False, tensorboard=False,
+                                                finetune_from=str(ckpt), resume=True))
+    for k, v in src.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
+    run(cfg, tr, va, tmp_path / "q2", max_steps=1)
+    own = read_torch_file(tmp_path / "q2" / CHECKPOINT)["model"]
+    again = Trainer(cfg, tr, va, TrainOptions(run_dir=tmp_path / "q2", progress=False, tensorboard=False,
+                                              finetune_from=str(ckpt), resume=True))
+    for k, v in own.items():
+        assert torch.equal(again.model.state_dict()[k], v), k
+
 
 # train.eval_every=2 evaluates (and can only improve checkpoint_best.pt) every second epoch
 def test_eval_every_skips_the_evaluations_in_between(shapes_root, tmp_path):

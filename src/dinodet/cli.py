@@ -387,7 +387,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt (same end state as an "
                    "uninterrupted run); the stored config is used, --set/--epochs/... still apply (changed schedule settings "
                    "are applied and named)")
-    p.add_argument("--finetune-from", metavar="CKPT", help="start from an official or dinodet checkpoint; "
+    p.add_argument("--finetune-from", metavar="CKPT", help="start from an official or dinodet checkpoint (with "
+                   "--resume: only while RUN_DIR has no checkpoint.pt yet, as a requeued job needs); "
                    "the class heads keep the rows of the dataset's classes it knows (by id and name, else name) and start "
                    "the others fresh")
     p.add_argument("--backbone-checkpoint", metavar="PATH", help="ImageNet weights for the backbone (original "
@@ -482,8 +483,6 @@ def _check_train_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not args.resume and not args.preset:
         raise ConfigError("--preset NAME is required for a new run (e.g. --preset tiny)")
-    if args.resume and args.finetune_from:
-        raise ConfigError("--resume and --finetune-from exclude each other (a resumed run has its own weights)")
     if args.resume and not args.preset and not (Path(args.out) / CHECKPOINT).is_file():
         raise ConfigError(f"--resume: nothing to resume, no {Path(args.out) / CHECKPOINT} (add --preset NAME to "
                           "start a new run there)")

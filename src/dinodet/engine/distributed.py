@@ -209,20 +209,10 @@ class SlurmJob:
 
 
 def resume_argv(argv: list[str]) -> list[str]:
-    """The command line that continues the run of ``argv``: with ``--resume``, and without
-    ``--finetune-from`` (the run's own checkpoint.pt now holds the weights to continue from)."""
-    out, skip = [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if arg == "--finetune-from":
-            skip = i + 1 < len(argv)
-            continue
-        if arg.startswith("--finetune-from="):
-            continue
-        out.append(arg)
-    return out if "--resume" in out else [*out, "--resume"]
+    """The command line that continues the run of ``argv``: with ``--resume`` added.  A
+    ``--finetune-from`` stays: with ``--resume`` it only applies while the run has no checkpoint.pt
+    yet (a job pre-empted before its first one starts again from those weights)."""
+    return list(argv) if "--resume" in argv else [*argv, "--resume"]
 
 
 def submit_slurm(argv: list[str], run_dir: str | os.PathLike, opts: SlurmOptions) -> str:
