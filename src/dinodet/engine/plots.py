@@ -85,23 +85,16 @@ def plot_precision_recall(pr_curves: dict[str, Sequence[float]], path: Path, tit
 def plot_per_class_ap(per_class: dict[str, dict[str, float]], path: Path, title: str = "") -> Path:
     """Write ``path`` (PNG): AP and AP50 of each class as horizontal bars, worst class at the bottom
     (``EvalResult.per_class``; classes without GT, AP -1, are left out)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     rows = sorted(((n, v) for n, v in per_class.items() if v.get("AP", -1) >= 0), key=lambda x: -x[1]["AP"])
     if not rows:
         raise ValueError("no class with ground truth to plot")
-    fig = Figure(figsize=(7, 1.2 + 0.22 * len(rows)), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    fig, ax = _row_chart([n for n, _ in rows])
     ys = range(len(rows))
     ax.barh(ys, [v["AP50"] for _, v in rows], color="tab:blue", alpha=0.35, label="AP50")
     ax.barh(ys, [v["AP"] for _, v in rows], color="tab:blue", label="AP")
     for y, (_, v) in zip(ys, rows):
         ax.text(max(v["AP50"], v["AP"]), y, f" {v['AP']:.3f}", va="center", fontsize=7)
-    ax.set_yticks(list(ys), [n for n, _ in rows], fontsize=8)
-    ax.invert_yaxis()
-    ax.margins(y=0.01)
     ax.set(xlim=(0, 1.1), xlabel="AP", title=title or "AP per class")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
@@ -112,22 +105,14 @@ def plot_per_class_ap(per_class: dict[str, dict[str, float]], path: Path, title:
 def plot_class_counts(counts: dict[str, int], path: Path, title: str = "") -> Path:
     """Write ``path`` (PNG): training boxes per class as horizontal bars, in class order (a class
     with none stands out as an empty row)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     if not counts:
         raise ValueError("no classes to plot")
-    fig = Figure(figsize=(7, 1.2 + 0.22 * len(counts)), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ys = range(len(counts))
+    fig, ax = _row_chart(list(counts))
     values = list(counts.values())
-    ax.barh(ys, values, color="tab:green")
-    for y, v in zip(ys, values):
+    ax.barh(range(len(values)), values, color="tab:green")
+    for y, v in enumerate(values):
         ax.text(v, y, f" {v}", va="center", fontsize=7)
-    ax.set_yticks(list(ys), list(counts), fontsize=8)
-    ax.invert_yaxis()
-    ax.margins(y=0.01)
     ax.set_xlim(0, max(max(values), 1) * 1.15)
     ax.set(xlabel="boxes", title=title or "boxes per class")
     ax.grid(axis="x", alpha=0.3)
@@ -170,6 +155,20 @@ def plot_speed(records: Sequence[dict[str, Any]], path: Path, title: str = "",
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _row_chart(names: Sequence[str]) -> tuple[Any, Any]:
+    """A figure tall enough for one horizontal bar per name, names on the y axis top-down."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 1.2 + 0.22 * len(names)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.set_yticks(range(len(names)), list(names), fontsize=8)
+    ax.invert_yaxis()
+    ax.margins(y=0.01)
+    return fig, ax
 
 
 def _save(fig: Any, path: Path) -> Path:
