@@ -209,16 +209,25 @@ class Detector:
         images, orig_sizes = preprocess_images(items, self.size, self.max_size)
         # compiled modes pad every image to a multiple of COMPILE_BUCKET anyway: group by that size
         multiple = COMPILE_BUCKET if self.runner.mode.compile else 1
-        results: list[Prediction | None] = [None] * len(images)
-        for idx in size_groups([image_hw(im) for im in images], multiple):
-            batch, mask = pad_batch([images[i] for i in idx])
-            sizes = orig_sizes[idx]
-            out = self.runner(batch, mask)
-            det = postprocess(out.pred_logits.float(), out.pred_boxes.float(), sizes.to(self.device),
-                              self.config.model.num_select)
-            for i, pred in zip(idx, to_predictions(det, sizes, threshold, self.class_names, self._category_ids)):
-                results[i] = pred
-        return [r for r in results if r is not None]
+        groups = size_groups([image_hw(im) for im in images], multiple)
+        dets = [self._detect(*pad_batch([images[i] for i in idx]), orig_sizes[idx]) for idx in groups]
+        return regroup_predictions(groups, dets, orig_sizes, threshold, self.class_names, self._category_ids)
+
+    def _detect(self, images: Tensor, mask: Tensor, orig_sizes: Tensor) -> Detections:
+        out = self.runner(images, mask)
+        return postprocess(out.pred_logits.float(), out.pred_boxes.float(), orig_sizes.to(self.device),
+                           self.config.model.num_select)
+
+
+def regroup_predictions(groups: Sequence[Sequence[int]], dets: Sequence[Detections], orig_sizes: Tensor,
+                        threshold: float, class_names: Sequence[str], category_ids: Tensor) -> list[Prediction]:
+    """Predictions in input order from per-group detections (``dets[g]`` holds the images
+    ``groups[g]``, in that order; ``orig_sizes`` int64 [B, 2] in input order)."""
+    results: list[Prediction | None] = [None] * len(orig_sizes)
+    for idx, det in zip(groups, dets):
+        for i, pred in zip(idx, to_predictions(det, orig_sizes[list(idx)], threshold, class_names, category_ids)):
+            results[i] = pred
+    return [r for r in results if r is not None]
 
 
 def preprocess_batch(items: Sequence[ImageInput], size: int, max_size: int | None) -> tuple[Tensor, Tensor, Tensor]:

@@ -26,7 +26,7 @@ from .inference import (
     Prediction,
     _as_image_list,
     preprocess_images,
-    to_predictions,
+    regroup_predictions,
 )
 from .postprocess import Detections, postprocess
 
@@ -111,14 +111,9 @@ class OnnxDetector:
             # a fixed-size one pads every image to its input size anyway
             groups = (size_groups([image_hw(im) for im in images_]) if self.fixed_hw is None
                       else [list(range(len(images_)))])
-            chunk: list[Prediction | None] = [None] * len(images_)
-            for idx in groups:
-                batch, mask = pad_batch([images_[i] for i in idx])
-                sizes = orig_sizes[idx]
-                det = self.run(batch, mask, sizes)
-                for i, pred in zip(idx, to_predictions(det, sizes, threshold, self.class_names, self._category_ids)):
-                    chunk[i] = pred
-            results.extend(p for p in chunk if p is not None)
+            dets = [self.run(*pad_batch([images_[i] for i in idx]), orig_sizes[idx]) for idx in groups]
+            results.extend(regroup_predictions(groups, dets, orig_sizes, threshold, self.class_names,
+                                               self._category_ids))
         return results
 
     def run(self, images: Tensor, mask: Tensor, orig_sizes: Tensor) -> Detections:
