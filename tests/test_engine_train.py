@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -251,7 +252,9 @@ def test_new_run_refuses_to_overwrite_and_resume_without_checkpoint_starts_fresh
     # resuming where it stopped: nothing to train, said so; the final weights are evaluated again
     again = run(cfg, tr, va, tmp_path / "r", max_steps=1, resume=True)
     assert again["step"] == 1 and again["AP"] == metrics["AP"]
-    assert "nothing left to train (epoch 0/1, step 1)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nothing left to train (epoch 0/1, step 1)" in err
+    assert re.search(r"epoch 0\.\d\d/1: loss", err)  # the fraction of the epoch done, rounded
 
 
 def test_resume_applies_changed_schedule_settings(shapes_root: Path, tmp_path: Path):

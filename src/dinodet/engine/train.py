@@ -648,7 +648,8 @@ class Trainer:
         record.update(time_s=round(seconds, 2), elapsed_s=round(elapsed, 2))
         self.logger.log_record(record)
         plot_curves(self.logger.records, self.run_dir / CURVES)
-        line = f"epoch {epoch:g}/{self.cfg.train.epochs}: loss {losses['train_loss']:.4f}"
+        shown = f"{epoch:g}" if float(epoch).is_integer() else f"{epoch:.2f}"  # a --max-steps stop: 0.03, not 0.03125
+        line = f"epoch {shown}/{self.cfg.train.epochs}: loss {losses['train_loss']:.4f}"
         if result is not None:
             line += f", AP {result.metrics['AP']:.4f}, AP50 {result.metrics['AP50']:.4f}"
         _say(line + f" ({seconds:.1f} s)", self.info)
