@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from ..data.images import ImageLoadError
 from ..files import save_image_atomic
@@ -26,31 +29,21 @@ def write_prediction_pictures(dataset: Any, records: list[dict[str, Any]], out_d
     """Draw the detections (COCO records: xywh in original pixels, dataset category ids) scoring
     above ``threshold`` on the first ``limit`` readable images of ``dataset`` (a DetectionDataset),
     as ``out_dir/<image stem>.jpg``; returns how many pictures were written."""
-    if limit <= 0:
-        return 0
-    out_dir.mkdir(parents=True, exist_ok=True)
     names = dict(zip(dataset.label_map.category_ids, dataset.label_map.class_names))
     per_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         if r["score"] > threshold:
             per_image[int(r["image_id"])].append(r)
-    written = 0
-    for i, image_id in enumerate(dataset.image_ids):
-        if written >= limit:
-            break
-        try:
-            image = dataset.load_image(i)  # the annotation frame (EXIF orientation applied)
-        except ImageLoadError:
-            continue  # already reported by the evaluation
+
+    def draw(i: int, image: Image.Image) -> Image.Image:
         if ground_truth:
             image = draw_ground_truth(image, dataset.raw_target(i)["boxes"])
-        dets = sorted(per_image.get(int(image_id), []), key=lambda r: -r["score"])
+        dets = sorted(per_image.get(int(dataset.image_ids[i]), []), key=lambda r: -r["score"])
         boxes = [[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in dets)]
         labels = [names.get(r["category_id"], str(r["category_id"])) for r in dets]
-        picture = draw_detections(image, boxes, labels, [r["score"] for r in dets])
-        save_image_atomic(picture, out_dir / f"{dataset.image_path(i).stem}.jpg", quality=90)
-        written += 1
-    return written
+        return draw_detections(image, boxes, labels, [r["score"] for r in dets])
+
+    return _write_pictures(dataset, out_dir, limit, draw)
 
 
 def write_eval_pictures(result: EvalResult, dataset: Any, out_dir: Path, *, pictures: int = 8,
@@ -73,10 +66,23 @@ def write_label_pictures(dataset: Any, out_dir: Path, limit: int) -> int:
     """Draw the training boxes (class names, in class colours) on the first ``limit`` readable
     images of ``dataset`` (a DetectionDataset) as ``out_dir/<image stem>.jpg``, to check by eye that
     the labels sit where they should; returns how many pictures were written."""
+    names = dataset.label_map.class_names
+
+    def draw(i: int, image: Image.Image) -> Image.Image:
+        target = dataset.raw_target(i)
+        return draw_detections(image, target["boxes"], [names[k] for k in target["labels"].tolist()])
+
+    return _write_pictures(dataset, out_dir, limit, draw)
+
+
+def _write_pictures(dataset: Any, out_dir: Path, limit: int,
+                    draw: Callable[[int, Image.Image], Image.Image]) -> int:
+    """``draw(i, image)`` of the first ``limit`` readable images of ``dataset`` (in the annotation
+    frame, EXIF orientation applied) as ``out_dir/<image stem>.jpg``; returns how many were written.
+    Unreadable images are skipped (the dataset has reported them)."""
     if limit <= 0:
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = dataset.label_map.class_names
     written = 0
     for i in range(len(dataset)):
         if written >= limit:
@@ -84,11 +90,8 @@ def write_label_pictures(dataset: Any, out_dir: Path, limit: int) -> int:
         try:
             image = dataset.load_image(i)
         except ImageLoadError:
-            continue  # counted in the report
-        target = dataset.raw_target(i)
-        labels = [names[k] for k in target["labels"].tolist()]
-        save_image_atomic(draw_detections(image, target["boxes"], labels), out_dir / f"{dataset.image_path(i).stem}.jpg",
-                          quality=90)
+            continue
+        save_image_atomic(draw(i, image), out_dir / f"{dataset.image_path(i).stem}.jpg", quality=90)
         written += 1
     return written
 
