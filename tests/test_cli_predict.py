@@ -101,7 +101,6 @@ def test_missing_checkpoint_subprocess(tmp_path: Path, image_dir: Path):
 def _error_cases(tmp: Path, image_dir: Path, image: Path, ckpt: Path) -> dict[str, tuple[list[str], list[str]]]:
     """case -> (arguments after ``predict`` except --out/--size, fragments the error line must name)."""
     rand = ["--random-weights", "--preset", "tiny"]
-    clash = tmp / "other" / image.name  # same stem as ``image``, another folder
     return {
         "wrong_preset": ([str(image), "--checkpoint", str(ckpt), "--preset", "dino_r50_4scale"], ["tiny.pt", "tiny"]),
         "unknown_preset": ([str(image), "--random-weights", "--preset", "bogus"], ["bogus"]),
@@ -110,7 +109,6 @@ def _error_cases(tmp: Path, image_dir: Path, image: Path, ckpt: Path) -> dict[st
         "no_images": ([str(tmp / "empty"), *rand], ["no images", "empty"]),
         "preset_needed": ([str(image), "--random-weights"], ["--preset"]),
         "bad_device": ([str(image), *rand, "--device", "npu7"], ["npu7"]),
-        "stem_clash": ([str(image), str(clash), *rand], [image.stem]),
         "cuda_only_mode": ([str(image), *rand, "--mode", "fp16"], ["fp16", "not available on cpu"]),
         "unavailable_device": ([str(image), *rand, "--device", "mps"], ["'mps' is not available"]),
         "out_is_a_file": ([str(image), *rand, "--out", str(tmp / "file.txt")], ["file.txt", "must be a folder"]),
@@ -120,21 +118,50 @@ def _error_cases(tmp: Path, image_dir: Path, image: Path, ckpt: Path) -> dict[st
 @pytest.mark.parametrize(
     "case",
     ["wrong_preset", "unknown_preset", "unreadable_image", "missing_input", "no_images", "preset_needed",
-     "bad_device", "stem_clash", "cuda_only_mode", "unavailable_device", "out_is_a_file"],
+     "bad_device", "cuda_only_mode", "unavailable_device", "out_is_a_file"],
 )
 def test_errors_are_one_line_exit_2(
     case: str, tmp_path: Path, image_dir: Path, sample_images: list[Path], tiny_checkpoint: Path, size_args, capsys
 ):
     (tmp_path / "empty").mkdir()
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / sample_images[0].name).write_bytes(b"")
     (tmp_path / "file.txt").write_text("not a folder")
     argv, fragments = _error_cases(tmp_path, image_dir, sample_images[0], tiny_checkpoint)[case]
     out = tmp_path / "out"
     rc = main(["predict", *argv, *([] if "--out" in argv else ["--out", str(out)]), *size_args])
     assert rc == 2
     assert_one_line_error(capsys.readouterr().err, *fragments)
-    assert not (out / "predictions.json").exists()
+    assert not out.exists()  # a failed run leaves no (empty) output folder behind
+
+
+def test_images_sharing_a_stem_all_get_results(tmp_path: Path, sample_images: list[Path], size_args):
+    """cam1/x.jpg, cam2/x.jpg and cam2/x.png: three pictures and three distinct file_names."""
+    from PIL import Image
+
+    inputs = [tmp_path / "cam1" / "x.jpg", tmp_path / "cam2" / "x.jpg", tmp_path / "cam2" / "x.png",
+              tmp_path / "cam2" / "solo.jpg"]
+    for path, source in zip(inputs, sample_images * 4):
+        path.parent.mkdir(exist_ok=True)
+        Image.open(source).save(path)
+    out = tmp_path / "out"
+    rc = main(["predict", str(tmp_path / "cam1"), str(tmp_path / "cam2"), "--random-weights", "--preset", "tiny",
+               "--threshold", "0", "--out", str(out), *size_args])
+    assert rc == 0
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["cam1_x.jpg", "cam2_x.jpg", "cam2_x_png.jpg", "solo.jpg"]
+    names = {r["file_name"] for r in json.loads((out / "predictions.json").read_text())}
+    assert names == {str(inputs[0]), str(inputs[1]), "x.png", "solo.jpg"}
+
+
+def test_no_image_readable_writes_nothing(tmp_path: Path, size_args, capsys):
+    broken = [tmp_path / "a.jpg", tmp_path / "b.png"]
+    for path in broken:
+        path.write_bytes(b"not an image")
+    rc = main(["predict", *map(str, broken), "--random-weights", "--preset", "tiny", "--out", str(tmp_path / "out"),
+               *size_args])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and err[-1] == ("dinodet: error: none of the 2 images could be processed (see the warnings "
+                                   "above); nothing written")
+    assert sum("a.jpg" in line for line in err) == 1 and sum("b.png" in line for line in err) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_one_bad_item_among_many_is_skipped(tmp_path: Path, sample_images: list[Path], size_args, capsys):

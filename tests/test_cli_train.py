@@ -6,6 +6,7 @@ and the small demo run go through ``main()`` in-process to save the interpreter 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -60,6 +61,7 @@ def test_train_then_eval_on_coco128(tmp_path: Path):
     assert len(list((run_dir / "val_predictions").glob("*.jpg"))) == 8  # --pictures' default
     metrics = check_metrics(run_dir / "metrics.json")
     assert metrics["step"] == 2 and metrics["num_images"] == 128
+    assert isinstance(metrics["num_images"], int)  # counts are written as counts, not 128.0
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2 and "train_loss" in records[-1] and "eval_AP" in records[-1]
     config = json.loads((run_dir / "config.json").read_text())
@@ -238,7 +240,10 @@ def test_under_torchrun_only_rank_0_warns_and_a_peer_failure_is_one_line(capsys,
     cli._warn("said once per job")
     assert capsys.readouterr().err == ""
 
+    levels = []
+
     def peer_gone(args):  # what a collective raises when rank 0 has exited
+        levels.append(logging.getLogger("dinodet").level)
         raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500")
 
     monkeypatch.setattr(cli, "_run_check_data", peer_gone)
@@ -246,7 +251,8 @@ def test_under_torchrun_only_rank_0_warns_and_a_peer_failure_is_one_line(capsys,
     assert main(["check-data", "--data", str(tmp_path)]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("dinodet: error: process 1: another process of the job stopped")
-    assert logging.getLogger("dinodet").level == logging.ERROR  # data warnings come from rank 0 alone
+    assert levels == [logging.ERROR]  # while the command runs, data warnings come from rank 0 alone
+    assert logging.getLogger("dinodet").level == logging.NOTSET  # and the logger is left as it was
     assert main(["demo", "--out", str(tmp_path)]) == 2  # the demo is one process
     assert "runs in one process" in capsys.readouterr().err
 
@@ -354,9 +360,18 @@ def test_eval_num_select_override_is_applied(tmp_path, capsys):
     capsys.readouterr()
     broken = next((data / "val2017").glob("*.jpg"))
     broken.write_bytes(b"not an image")
-    assert main(["eval", "--data", str(data), "--checkpoint", str(ckpt), "--no-progress"]) == 0
+    seen_by_root: list[logging.LogRecord] = []  # an application that configured its own logging
+    root_handler = logging.Handler()
+    root_handler.emit = seen_by_root.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(root_handler)
+    try:
+        assert main(["eval", "--data", str(data), "--checkpoint", str(ckpt), "--no-progress"]) == 0
+    finally:
+        logging.getLogger().removeHandler(root_handler)
     captured = capsys.readouterr()
-    assert f"dinodet: warning: cannot read image '{broken}'" in captured.err
+    assert captured.err.count(f"dinodet: warning: cannot read image '{broken}'") == 1
+    assert not [r for r in seen_by_root if r.name.startswith("dinodet")]  # said once, not twice
+    assert logging.getLogger("dinodet").propagate and not logging.getLogger("dinodet").handlers  # restored
     assert f"1 of 2 images could not be read and are left out of the scores: {broken.name}" in captured.err
     assert "dinodet: 1 images of 'val', 20 detections" in captured.out
     for image in (data / "val2017").glob("*.jpg"):  # none readable: an error, not AP 0

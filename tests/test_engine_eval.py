@@ -153,6 +153,7 @@ def test_unreadable_images_are_reported_and_left_out(tmp_path: Path, mixed_sizes
     bad_id = dataset.image_ids[2]
     assert result.unreadable_ids == [bad_id]
     assert result.metrics["num_images"] == NUM_IMAGES - 1 and result.metrics["unreadable_images"] == 1
+    assert isinstance(result.metrics["num_images"], int)
     assert bad_id not in {r["image_id"] for r in result.records}
     assert len(result.records) == (NUM_IMAGES - 1) * 20
     assert dataset.report.unreadable_images == 1
@@ -177,6 +178,9 @@ def test_pictures_of_an_evaluation_without_detections(tmp_path: Path, mixed_size
     written = write_eval_pictures(result, mixed_sizes, tmp_path, pictures=2)
     assert [p.name for p in written] == [PR_CURVE, PER_CLASS_AP, "val_predictions"]
     assert len(list((tmp_path / "val_predictions").glob("*.jpg"))) == 2
+    (tmp_path / "val_predictions" / "from_an_earlier_run.jpg").write_bytes(b"old")
+    write_eval_pictures(result, mixed_sizes, tmp_path, pictures=1)  # the folder shows this run only
+    assert [p.name for p in (tmp_path / "val_predictions").iterdir()] == [f"{mixed_sizes.image_path(0).stem}.jpg"]
 
     # no image scored at all (every one unreadable): nothing to plot, no error
     nothing = coco_scores(coco, [], image_ids=[])
@@ -194,3 +198,29 @@ def test_per_class_keys_tell_apart_classes_of_the_same_name(tmp_path: Path, mixe
     per_class = coco_scores(make_coco(data), []).per_class
     assert f"{first['name']} (id {first['id']})" in per_class and f"{first['name']} (id {second['id']})" in per_class
     assert len(per_class) == len(data["categories"])
+
+
+def test_pictures_of_images_sharing_a_stem_are_all_kept(tmp_path: Path):
+    from PIL import Image
+
+    from dinodet.engine.pictures import write_label_pictures
+
+    class TwoFolders:  # "a/x.jpg" and "b/x.jpg": one stem, two images
+        image_ids = (11, 12)
+        label_map = type("LabelMap", (), {"class_names": ["thing"]})()
+
+        def __len__(self):
+            return 2
+
+        def image_path(self, i):
+            return tmp_path / "ab"[i] / "x.jpg"
+
+        def load_image(self, i):
+            return Image.new("RGB", (20 + i, 10))
+
+        def raw_target(self, i):
+            return {"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "labels": torch.tensor([0])}
+
+    assert write_label_pictures(TwoFolders(), tmp_path / "out", limit=5) == 2
+    widths = {p.name: Image.open(p).width for p in (tmp_path / "out").iterdir()}
+    assert widths == {"x.jpg": 20, "x_12.jpg": 21}

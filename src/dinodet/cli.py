@@ -10,11 +10,14 @@ are reported as ONE line ``dinodet: error: ...`` on stderr with exit status 2 an
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,14 +60,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = None if argv is None else list(argv)  # what --slurm resubmits
-    log = logging.getLogger("dinodet")
-    if not any(isinstance(h, _WarningLines) for h in log.handlers):
-        log.addHandler(_WarningLines())
-    if not _is_main_process():  # data problems are reported once per job, by rank 0
-        log.setLevel(logging.ERROR)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    with _warning_lines():
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _warning_lines() -> Iterator[None]:
+    """While a command runs, the package's logged warnings are printed as ``dinodet: warning:``
+    lines, by rank 0 only, and not also passed to the application's own (root) logging handlers:
+    each warning is said once.  The logger is left as it was found afterwards."""
+    log = logging.getLogger("dinodet")
+    saved = log.level, log.propagate
+    handler = _WarningLines()
+    log.addHandler(handler)
+    log.propagate = False
+    if not _is_main_process():  # data problems are reported once per job, by rank 0
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.level, log.propagate = saved
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -155,7 +177,8 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
             "Detect objects in images (files or folders of images) and write, into --out, one "
             "annotated JPEG per image (same stem) and predictions.json: a list of "
             '{"file_name", "category_id", "bbox": [x, y, w, h], "score"} records in pixels of the '
-            "original image.  Images that cannot be read are reported and skipped; the exit status "
+            "original image.  Images sharing a stem (cam1/0001.jpg, cam2/0001.jpg) are written as "
+            "FOLDER_STEM.jpg and named by their path.  Images that cannot be read are reported and skipped; the exit status "
             "is 0 when at least one image was processed."
         ),
     )
@@ -199,14 +222,19 @@ def _run_predict(args: argparse.Namespace) -> int:
     if not paths:
         raise ImageLoadError(f"no images found in {', '.join(repr(str(p)) for p in args.images)}")
     out_dir = Path(args.out)
-    _check_output_names(paths, out_dir)
+    outputs = _output_names(paths, out_dir)
     _check_out_folder(out_dir)
     detector = _build_detector(args)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # A lone unreadable image is an error; in a set of images it is reported and skipped.
     skip_unreadable = len(paths) > 1
-    records, done = _predict_files(detector, paths, out_dir, args.threshold, args.batch_size, skip_unreadable)
+    try:
+        records, done = _predict_files(detector, outputs, out_dir, args.threshold, args.batch_size, skip_unreadable)
+    finally:
+        if created and not any(out_dir.iterdir()):  # nothing came of it: leave no empty folder behind
+            out_dir.rmdir()
     if done == 0:
         _error(f"none of the {len(paths)} images could be processed (see the warnings above); nothing written")
         return EXIT_USAGE
@@ -252,16 +280,38 @@ def _check_out_folder(out_dir: Path) -> None:
         raise ConfigError(f"--out '{out_dir}' is a file; it must be a folder (created if needed)")
 
 
-def _check_output_names(paths: Sequence[Path], out_dir: Path) -> None:
-    """Annotated images are written as ``out_dir/<stem>.jpg``: no two inputs may share a stem, and
-    no output may overwrite an input (e.g. ``--out`` pointing at the image folder)."""
-    seen: dict[str, Path] = {}
+@dataclasses.dataclass(frozen=True)
+class _Output:
+    """Where one input image's results go: its annotated picture (a file name in ``--out``) and the
+    ``file_name`` of its records in predictions.json."""
+
+    picture: str
+    file_name: str
+
+
+def _output_names(paths: Sequence[Path], out_dir: Path) -> dict[Path, _Output]:
+    """Picture ``<stem>.jpg`` and file_name ``<name>`` per input, as long as those are unique.  Inputs
+    whose stem is shared (``cam1/0001.jpg`` and ``cam2/0001.jpg``, or ``a.jpg`` and ``a.png``) get
+    ``<folder>_<stem>[_<ext>].jpg`` (a number added if still not unique) and their path as given as
+    file_name, so that no result overwrites another.  No picture may overwrite an input image
+    (e.g. ``--out`` pointing at the image folder)."""
+    stems = Counter(p.stem for p in paths)
+    names = Counter(p.name for p in paths)
+    outputs: dict[Path, _Output] = {}
+    taken: set[str] = {f"{p.stem}.jpg" for p in paths if stems[p.stem] == 1}
     for p in paths:
-        if p.stem in seen:
-            raise ImageLoadError(f"'{seen[p.stem]}' and '{p}' would both be written as {p.stem}.jpg; rename one")
-        seen[p.stem] = p
-        if (out_dir / f"{p.stem}.jpg").resolve() == p.resolve():
+        picture = f"{p.stem}.jpg"
+        if stems[p.stem] > 1:
+            ext = p.suffix.lower().lstrip(".")
+            base = "_".join(x for x in (p.parent.name, p.stem, ext if ext != "jpg" else "") if x)
+            picture, n = f"{base}.jpg", 2
+            while picture in taken:
+                picture, n = f"{base}_{n}.jpg", n + 1
+            taken.add(picture)
+        if (out_dir / picture).resolve() == p.resolve():
             raise ConfigError(f"--out '{out_dir}' would overwrite the input image '{p}'; choose another folder")
+        outputs[p] = _Output(picture, p.name if names[p.name] == 1 else str(p))
+    return outputs
 
 
 def _build_detector(args: argparse.Namespace) -> Detector | OnnxDetector:
@@ -285,25 +335,27 @@ def _build_detector(args: argparse.Namespace) -> Detector | OnnxDetector:
 
 def _predict_files(
     detector: Detector | OnnxDetector,
-    paths: Sequence[Path],
+    outputs: dict[Path, _Output],
     out_dir: Path,
     threshold: float,
     batch_size: int,
     skip_unreadable: bool,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Run the detector over ``paths``; write annotated images. Returns (records, images done)."""
+    """Run the detector over the inputs of ``outputs`` (in order); write annotated images.  Returns
+    (records, images done)."""
     from tqdm import tqdm
 
     from .boxes import box_xyxy_to_xywh
     from .visualize import draw_detections
 
+    paths = list(outputs)
     records: list[dict[str, Any]] = []
     done = 0
     with tqdm(total=len(paths), unit="img", disable=len(paths) < PROGRESS_MIN_IMAGES, file=sys.stderr) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = _load_images(paths[start : start + batch_size], skip_unreadable)
             for (path, image), pred in _predict_chunk(detector, chunk, threshold, skip_unreadable):
-                picture = out_dir / f"{path.stem}.jpg"
+                picture = out_dir / outputs[path].picture
                 try:
                     save_image_atomic(draw_detections(image, pred.boxes, pred.class_names, pred.scores), picture,
                                       quality=90)
@@ -312,7 +364,7 @@ def _predict_files(
                         raise
                     _warn(f"cannot write '{picture}': {e.strerror or e}; skipped")
                     continue
-                records.extend(_records(path.name, pred.category_ids.tolist(),
+                records.extend(_records(outputs[path].file_name, pred.category_ids.tolist(),
                                         box_xyxy_to_xywh(pred.boxes).tolist(), pred.scores.tolist()))
                 done += 1
             bar.update(min(batch_size, len(paths) - start))

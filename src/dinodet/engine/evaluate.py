@@ -246,9 +246,9 @@ def evaluate(
         scores = coco_scores(dataset.coco, records, scored)
     scores, unreadable = broadcast_object((scores, unreadable), dist_info)
     metrics = dict(scores.metrics)
-    metrics["num_images"] = float(len(dataset) - len(unreadable))
+    metrics["num_images"] = len(dataset) - len(unreadable)  # counts stay ints in metrics.json
     if unreadable:
-        metrics["unreadable_images"] = float(len(unreadable))
+        metrics["unreadable_images"] = len(unreadable)
     return EvalResult(metrics=metrics, records=records, per_class=scores.per_class, pr_curves=scores.pr_curves,
                       unreadable_ids=list(unreadable))
 

@@ -79,21 +79,30 @@ def _write_pictures(dataset: Any, out_dir: Path, limit: int,
                     draw: Callable[[int, Image.Image], Image.Image]) -> int:
     """``draw(i, image)`` of the first ``limit`` readable images of ``dataset`` (in the annotation
     frame, EXIF orientation applied) as ``out_dir/<image stem>.jpg``; returns how many were written.
-    Unreadable images are skipped (the dataset has reported them)."""
+
+    Unreadable images are skipped (the dataset has reported them).  Two images with one stem (in
+    different subfolders) get ``<stem>_<image id>.jpg``.  ``out_dir`` is the pictures' own folder:
+    pictures an earlier run left there are removed once this run's are written, so that the folder
+    shows one run, not a mix."""
     if limit <= 0:
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = 0
+    names: set[str] = set()
     for i in range(len(dataset)):
-        if written >= limit:
+        if len(names) >= limit:
             break
         try:
             image = dataset.load_image(i)
         except ImageLoadError:
             continue
-        save_image_atomic(draw(i, image), out_dir / f"{dataset.image_path(i).stem}.jpg", quality=90)
-        written += 1
-    return written
+        stem = dataset.image_path(i).stem
+        name = f"{stem}.jpg" if f"{stem}.jpg" not in names else f"{stem}_{dataset.image_ids[i]}.jpg"
+        save_image_atomic(draw(i, image), out_dir / name, quality=90)
+        names.add(name)
+    for old in out_dir.glob("*.jpg"):
+        if old.name not in names:
+            old.unlink(missing_ok=True)
+    return len(names)
 
 
 def write_class_counts(dataset: Any, path: Path, title: str = "") -> Path:
