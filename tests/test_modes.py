@@ -9,7 +9,7 @@ import torch
 
 from dinodet.models.attention import MultiScaleDeformableAttention
 from dinodet.models.dino import DINO
-from dinodet.modes import COMPILE_BUCKET, MODES, ModeRunner, get_mode, pad_batch, pad_to_bucket, supported_modes
+from dinodet.modes import COMPILE_BUCKET, MODES, ModeRunner, get_mode, pad_to_bucket, repeat_to_batch, supported_modes
 from dinodet.presets import get_preset
 
 
@@ -78,12 +78,12 @@ def test_pad_to_bucket_marks_padding():
     assert same is padded and smask is pmask
 
 
-def test_pad_batch_repeats_the_last_image_and_first_images_drops_it(model_and_batch, one_thread):
+def test_repeat_to_batch_repeats_the_last_image_and_first_images_drops_it(model_and_batch, one_thread):
     model, images, mask = model_and_batch
-    padded, pmask = pad_batch(images, mask, 4)
+    padded, pmask = repeat_to_batch(4, images, mask)
     assert padded.shape[0] == pmask.shape[0] == 4
     assert torch.equal(padded[:2], images) and torch.equal(padded[3], images[1]) and torch.equal(pmask[2], mask[1])
-    assert pad_batch(images, mask, 2)[0] is images and pad_batch(images, mask, 1)[0] is images
+    assert repeat_to_batch(2, images, mask)[0] is images and repeat_to_batch(1, images, mask)[0] is images
     exact = ModeRunner(model, "exact", "cpu")
     out = exact(images, mask)
     first = exact(padded, pmask).first_images(2)

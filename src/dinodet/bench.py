@@ -37,6 +37,9 @@ TRAIN_MODES: dict[str, tuple[str, str, bool, bool]] = {
 
 @dataclass
 class BenchRecord:
+    """One row of the table: ``ms`` per image (infer) or per step (train); ``peak_mem_gb`` None on CPU;
+    ``speedup`` = baseline ms / ms within the task; ``msda`` the backend that actually ran."""
+
     mode: str
     task: str
     ms: float
@@ -102,6 +105,8 @@ def random_batch(batch: int, size: tuple[int, int], device: torch.device, num_bo
 
 def bench_inference(model: DINO, device: torch.device, size: tuple[int, int], batch: int, modes: Sequence[str],
                     warmup: int, iters: int) -> list[BenchRecord]:
+    """Time ``model`` in each inference mode on random images [batch, 3, H, W] (``size`` = (H, W)) with an
+    all-False mask [batch, H, W]; one record per mode that ran, the first mode is the baseline."""
     images, mask, _ = random_batch(batch, size, device)
     return _with_speedups(_each(modes, "infer", lambda name: _infer_one(model, name, device, images, mask, warmup,
                                                                        iters)))
@@ -118,6 +123,9 @@ def _infer_one(model: DINO, name: str, device: torch.device, images: Tensor, mas
 
 def bench_training(cfg: DINOConfig, device: torch.device, size: tuple[int, int], batch: int, modes: Sequence[str],
                    warmup: int, iters: int) -> list[BenchRecord]:
+    """Time one training step per mode of ``TRAIN_MODES`` (a fresh model from ``cfg`` each) on random images
+    [batch, 3, H, W] with an all-False mask [batch, H, W] and 7 random targets per image; the first mode is
+    the baseline."""
     images, mask, targets = random_batch(batch, size, device, num_classes=cfg.model.num_classes)
     return _with_speedups(_each(modes, "train", lambda name: _train_one(cfg, name, device, images, mask, targets,
                                                                        warmup, iters)))

@@ -43,6 +43,12 @@ class BackboneConfig:
 
 @dataclass
 class ModelConfig:
+    """Detector architecture: backbone, transformer sizes, queries, denoising, post-processing, MSDA kernel.
+
+    Defaults are the official DINO 4-scale values (256-d, 6 + 6 layers, 900 queries, dn_number 100,
+    COCO's 91 class ids); ``dn_number`` 0 disables contrastive denoising.
+    """
+
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     num_classes: int = 91
     hidden_dim: int = 256
@@ -65,8 +71,10 @@ class ModelConfig:
     dn_labelbook_size: int | None = None  # None: equal to num_classes
     # post-processing
     num_select: int = 300
-    # multi-scale deformable attention kernel: auto (Triton on CUDA, PyTorch elsewhere) | pytorch | gather | triton;
-    # $DINODET_MSDA overrides it
+    # multi-scale deformable attention kernel (models/ops/msda.py): auto | pytorch (grid_sample reference) | gather
+    # (ONNX-exportable) | embedding_bag (one fused embedding_bag) | triton (CUDA only).  auto = Triton on CUDA,
+    # elsewhere embedding_bag without gradients and pytorch with them; a backend that cannot run on the device falls
+    # back to pytorch.  $DINODET_MSDA overrides it
     msda_backend: str = "auto"
 
     @property

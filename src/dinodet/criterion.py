@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor, nn
 
 from .boxes import box_cxcywh_to_xyxy, paired_generalized_box_iou
@@ -44,13 +45,7 @@ def sigmoid_focal_loss(
     rest, divided by num_boxes.  Callers multiply by N afterwards, which makes it a plain sum; the
     mean-then-multiply order is kept because it is what the official float32 computation does.
     """
-    prob = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-        loss = alpha_t * loss
+    loss = torchvision.ops.sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
     return loss.mean(2).sum((1, 2)) / num_boxes
 
 

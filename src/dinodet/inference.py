@@ -6,7 +6,7 @@ converted official checkpoint gives the official detections.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,29 +194,53 @@ class Detector:
         Raises:
             ImageLoadError: a path that cannot be read as an image.
         """
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        items = _as_image_list(images)
-        results: list[Prediction] = []
-        for start in range(0, len(items), batch_size):
-            results.extend(self._predict_batch(items[start : start + batch_size], threshold))
-        return results
-
-    @torch.inference_mode()
-    def _predict_batch(self, items: Sequence[ImageInput], threshold: float) -> list[Prediction]:
-        images, orig_sizes = preprocess_images(items, self.size, self.max_size)
         # compiled modes pad every image to a multiple of COMPILE_BUCKET anyway: group by that size
         multiple = COMPILE_BUCKET if self.runner.mode.compile else 1
-        groups = size_groups([image_hw(im) for im in images], multiple)
-        dets = [self._detect(*pad_batch([images[i] for i in idx]), orig_sizes[idx]) for idx in groups]
-        return regroup_predictions(groups, dets, orig_sizes, threshold, self.class_names, self._category_ids)
+        with torch.inference_mode():
+            return predict_in_batches(images, self._detect, threshold=threshold, batch_size=batch_size,
+                                      size=self.size, max_size=self.max_size, class_names=self.class_names,
+                                      category_ids=self._category_ids, group_multiple=multiple)
 
     def _detect(self, images: Tensor, mask: Tensor, orig_sizes: Tensor) -> Detections:
         out = self.runner(images, mask)
         return postprocess(out.pred_logits.float(), out.pred_boxes.float(), orig_sizes.to(self.device),
                            self.config.model.num_select)
+
+
+def predict_in_batches(
+    images: ImageInput | Sequence[ImageInput],
+    detect: Callable[[Tensor, Tensor, Tensor], Detections],
+    *,
+    threshold: float,
+    batch_size: int,
+    size: int,
+    max_size: int | None,
+    class_names: Sequence[str],
+    category_ids: Tensor,
+    group_multiple: int | None = 1,
+) -> list[Prediction]:
+    """The prediction loop shared by every backend (``Detector``, ``OnnxDetector``).
+
+    ``images`` (see ``Detector.predict``) are prepared ``batch_size`` at a time; within a batch,
+    images whose resized shape rounds up to the same multiple of ``group_multiple`` run together
+    (unpadded when the multiple is 1), each group as ``detect(images [G, 3, H, W], mask [G, H, W],
+    orig_sizes int64 [G, 2])`` -> top-k Detections.  ``group_multiple=None`` runs each batch as one
+    group (a model with a fixed input size pads every image anyway).  Returns one Prediction per
+    image, in input order.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    items = _as_image_list(images)
+    results: list[Prediction] = []
+    for start in range(0, len(items), batch_size):
+        batch, orig_sizes = preprocess_images(items[start:start + batch_size], size, max_size)
+        groups = ([list(range(len(batch)))] if group_multiple is None
+                  else size_groups([image_hw(im) for im in batch], group_multiple))
+        dets = [detect(*pad_batch([batch[i] for i in idx]), orig_sizes[idx]) for idx in groups]
+        results.extend(regroup_predictions(groups, dets, orig_sizes, threshold, class_names, category_ids))
+    return results
 
 
 def regroup_predictions(groups: Sequence[Sequence[int]], dets: Sequence[Detections], orig_sizes: Tensor,

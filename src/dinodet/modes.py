@@ -105,22 +105,29 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device_type=device.type, dtype=dtypes[amp])
 
 
-def pad_batch(images: Tensor, mask: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """Pad images [B, 3, H, W] and mask [B, H, W] up to ``size`` images with copies of the last one."""
-    extra = size - images.shape[0]
+def repeat_to_batch(size: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Fill each [B, ...] tensor up to ``size`` entries with copies of its last one, for a model
+    that takes a fixed batch size (their results are dropped); tensors already that large are
+    returned as they are."""
+    extra = size - tensors[0].shape[0]
     if extra <= 0:
-        return images, mask
-    return (torch.cat([images, images[-1:].expand(extra, -1, -1, -1)]),
-            torch.cat([mask, mask[-1:].expand(extra, -1, -1)]))
+        return tensors
+    return tuple(torch.cat([t, t[-1:].expand(extra, *t.shape[1:])]) for t in tensors)
 
 
-def pad_to_bucket(images: Tensor, mask: Tensor, bucket: int = COMPILE_BUCKET) -> tuple[Tensor, Tensor]:
-    """Zero-pad images [B, 3, H, W] (and mark the padding in mask [B, H, W]) up to multiples of ``bucket``."""
-    h, w = images.shape[-2:]
-    ph, pw = -h % bucket, -w % bucket
+def pad_to_size(images: Tensor, mask: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Zero-pad images [B, 3, H, W] on the bottom/right to [B, 3, height, width], marking the
+    padding True in mask [B, H, W] (as the batch collation does)."""
+    ph, pw = height - images.shape[-2], width - images.shape[-1]
     if ph == 0 and pw == 0:
         return images, mask
     return F.pad(images, (0, pw, 0, ph)), F.pad(mask, (0, pw, 0, ph), value=True)
+
+
+def pad_to_bucket(images: Tensor, mask: Tensor, bucket: int = COMPILE_BUCKET) -> tuple[Tensor, Tensor]:
+    """``pad_to_size`` up to the next multiples of ``bucket`` (few shapes for a compiled model)."""
+    h, w = images.shape[-2:]
+    return pad_to_size(images, mask, h + -h % bucket, w + -w % bucket)
 
 
 class ModeRunner(nn.Module):
@@ -160,7 +167,7 @@ class ModeRunner(nn.Module):
             n = images.shape[0]
             if self.mode.compile:
                 self.batch_size = max(self.batch_size, n)
-                images, mask = pad_batch(*pad_to_bucket(images, mask), self.batch_size)
+                images, mask = repeat_to_batch(self.batch_size, *pad_to_bucket(images, mask))
             if self.mode.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.mode.amp):

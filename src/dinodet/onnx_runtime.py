@@ -18,16 +18,10 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .data.transforms import image_hw, pad_batch, size_groups
 from .errors import first_line
 from .export import METADATA_FORMAT
-from .inference import (
-    ImageInput,
-    Prediction,
-    _as_image_list,
-    preprocess_images,
-    regroup_predictions,
-)
+from .inference import ImageInput, Prediction, predict_in_batches
+from .modes import pad_to_size, repeat_to_batch
 from .postprocess import Detections, postprocess
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -98,23 +92,12 @@ class OnnxDetector:
         A model exported with a fixed batch size runs batches of that size (whatever
         ``batch_size``); with a fixed input size every image is padded to it.
         """
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        batch_size = self.fixed_batch or batch_size
-        items = _as_image_list(images)
-        results: list[Prediction] = []
-        for start in range(0, len(items), batch_size):
-            images_, orig_sizes = preprocess_images(items[start:start + batch_size], self.size, self.max_size)
-            # a dynamic-size model runs same-size images together (unpadded, as Detector.predict);
-            # a fixed-size one pads every image to its input size anyway
-            groups = (size_groups([image_hw(im) for im in images_]) if self.fixed_hw is None
-                      else [list(range(len(images_)))])
-            dets = [self.run(*pad_batch([images_[i] for i in idx]), orig_sizes[idx]) for idx in groups]
-            results.extend(regroup_predictions(groups, dets, orig_sizes, threshold, self.class_names,
-                                               self._category_ids))
-        return results
+        # a dynamic-size model runs same-size images together (unpadded, as Detector.predict);
+        # a fixed-size one pads every image to its input size anyway
+        return predict_in_batches(images, self.run, threshold=threshold, batch_size=self.fixed_batch or batch_size,
+                                  size=self.size, max_size=self.max_size, class_names=self.class_names,
+                                  category_ids=self._category_ids,
+                                  group_multiple=1 if self.fixed_hw is None else None)
 
     def run(self, images: Tensor, mask: Tensor, orig_sizes: Tensor) -> Detections:
         """The model on a preprocessed batch (``preprocess_batch``'s outputs) -> top-k detections."""
@@ -137,11 +120,7 @@ class OnnxDetector:
             if h > fh or w > fw:
                 raise ConfigError(f"{self.path} takes images of at most {fh}x{fw} (HxW) after resizing, got "
                                   f"{h}x{w}; export with --dynamic or a larger --input-size, or lower --size")
-            images = torch.nn.functional.pad(images, (0, fw - w, 0, fh - h))
-            mask = torch.nn.functional.pad(mask, (0, fw - w, 0, fh - h), value=True)
-        if self.fixed_batch is not None and images.shape[0] < self.fixed_batch:
-            extra = self.fixed_batch - images.shape[0]  # repeat the first image; its results are dropped
-            images = torch.cat([images, images[:1].expand(extra, -1, -1, -1)])
-            mask = torch.cat([mask, mask[:1].expand(extra, -1, -1)])
-            orig_sizes = torch.cat([orig_sizes, orig_sizes[:1].expand(extra, -1)])
+            images, mask = pad_to_size(images, mask, fh, fw)
+        if self.fixed_batch is not None:
+            images, mask, orig_sizes = repeat_to_batch(self.fixed_batch, images, mask, orig_sizes)
         return images.contiguous(), mask.contiguous(), orig_sizes.contiguous()

@@ -33,6 +33,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
+from ..boxes import box_xyxy_to_cxcywh
 from ..config import DataConfig
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_size, image_hw, to_float_image
 
@@ -121,9 +122,7 @@ def _finalize(image: Image.Image | Tensor, target: Target) -> tuple[Tensor, Targ
     tensor = F.normalize(to_float_image(image), list(IMAGENET_MEAN), list(IMAGENET_STD))
     out = dict(target)
     boxes = target["boxes"].as_subclass(Tensor).to(torch.float32)
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    cxcywh = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
-    out["boxes"] = cxcywh / torch.tensor([w, h, w, h], dtype=torch.float32)
+    out["boxes"] = box_xyxy_to_cxcywh(boxes) / torch.tensor([w, h, w, h], dtype=torch.float32)
     out["labels"] = target["labels"].as_subclass(Tensor).to(torch.int64)
     out["size"] = torch.tensor([h, w], dtype=torch.int64)
     return tensor, out

@@ -14,6 +14,12 @@ from torch import nn
 
 
 class ModelEMA:
+    """EMA shadow of a model: ``module`` is a deep copy in eval mode without gradients.
+
+    Call ``update(model)`` after every optimizer step; ``updates`` counts them.  ``state_dict`` holds
+    decay, updates and the averaged weights (on CPU) for checkpoints.
+    """
+
     def __init__(self, model: nn.Module, decay: float = 0.9997):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")

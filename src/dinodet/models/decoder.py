@@ -29,6 +29,12 @@ class DecoderLayer(nn.Module):
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
                 memory_padding_mask: Tensor, spatial_shapes: list[tuple[int, int]],
                 attn_mask: Tensor | None) -> Tensor:
+        """tgt, query_pos [B, N, C]; reference_points [B, N, L, 4] cxcywh boxes in 0..1 of the padded maps
+        (valid-ratio scaled); memory [B, S, C]; memory_padding_mask [B, S] True on padded tokens;
+        attn_mask [N, N] bool, True = may not attend, or None -> [B, N, C].
+
+        ``query_pos`` is added to the queries and keys of self-attention and to the cross-attention query.
+        """
         q = k = tgt + query_pos
         sa = self.self_attn(q, k, tgt, attn_mask=attn_mask)[0]
         tgt = self.self_attn_norm(tgt + self.self_attn_dropout(sa))
@@ -38,6 +44,13 @@ class DecoderLayer(nn.Module):
 
 
 class DeformableDecoder(nn.Module):
+    """``num_layers`` ``DecoderLayer``s with iterative box refinement.
+
+    Before each layer the query positions are recomputed from the current reference boxes (sine
+    embedding -> 2-layer MLP); after it the shared box head refines the boxes.  One LayerNorm, shared by
+    all layers, normalises every layer's output for the prediction heads.
+    """
+
     def __init__(self, num_layers: int, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int,
                  n_points: int):
         super().__init__()

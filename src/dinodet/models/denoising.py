@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..boxes import inverse_sigmoid
+from ..boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from .outputs import DenoisingMeta
 
 
@@ -86,14 +86,14 @@ class ContrastiveDenoising(nn.Module):
 
         noised_boxes = known_boxes.clone()
         if self.box_noise_scale > 0 and n_total > 0:
-            xyxy = torch.cat([known_boxes[:, :2] - known_boxes[:, 2:] / 2, known_boxes[:, :2] + known_boxes[:, 2:] / 2], 1)
+            xyxy = box_cxcywh_to_xyxy(known_boxes)
             half_wh = torch.cat([known_boxes[:, 2:] / 2, known_boxes[:, 2:] / 2], 1)
             sign = torch.randint(0, 2, known_boxes.shape, device=device).to(dtype) * 2.0 - 1.0
             part = torch.rand(known_boxes.shape, device=device, dtype=dtype)
             negative = (torch.arange(copies, device=device) % 2 == 1).repeat_interleave(n_total)
             part = part + negative[:, None].to(dtype)  # negatives pushed further away than any positive
             xyxy = (xyxy + part * sign * half_wh * self.box_noise_scale).clamp(0.0, 1.0)
-            noised_boxes = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)
+            noised_boxes = box_xyxy_to_cxcywh(xyxy)
 
         pad = copies * group_size
         hidden = self.label_embed.weight.shape[1]

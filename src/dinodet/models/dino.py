@@ -29,6 +29,14 @@ def valid_ratios(mask: Tensor) -> Tensor:
 
 
 class DINO(nn.Module):
+    """The DINO detector built from a ``ModelConfig``.
+
+    backbone -> projection to ``num_feature_levels`` maps -> deformable encoder -> mixed query selection
+    (+ contrastive denoising queries in training) -> deformable decoder with box refinement -> one class
+    head and one box head shared by all decoder layers.  Construction rejects an unknown
+    ``cfg.msda_backend`` and applies the official initialisation.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -77,6 +85,11 @@ class DINO(nn.Module):
             targets: training only, per image 'labels' int64 [n] (class index) and 'boxes' [n, 4]
                 cxcywh 0..1; enables the denoising queries when the model is in train mode.
             enc_topk_index: parity-testing hook, see ``QuerySelection.forward``.
+        Returns:
+            ``DINOOutput`` (L = dec_layers, Q = min(num_queries, S tokens) queries, C = num_classes,
+            P = dn pad size; boxes cxcywh in 0..1): logits [L, B, Q, C], boxes [L, B, Q, 4],
+            interm_logits [B, Q, C] and interm_boxes [B, Q, 4] (encoder proposals), enc_topk_index [B, Q];
+            dn_logits [L, B, P, C], dn_boxes [L, B, P, 4] and dn_meta only when denoising ran, else None.
         """
         feats = self.backbone(images, mask)
         srcs = self.input_proj([f for f, _ in feats])

@@ -24,6 +24,8 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
+    """Deformable self-attention of every token into all levels, then the FFN (both post-norm)."""
+
     def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int):
         super().__init__()
         self.self_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points)
@@ -33,6 +35,11 @@ class EncoderLayer(nn.Module):
 
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: list[tuple[int, int]],
                 padding_mask: Tensor) -> Tensor:
+        """src, pos [B, S, C]; reference_points [B, S, L, 2] (x, y) in 0..1 of the padded maps;
+        spatial_shapes L pairs (H_l, W_l); padding_mask [B, S] True on padded tokens -> [B, S, C].
+
+        The position embedding is added to the query only; the values are ``src`` itself.
+        """
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask)
         return self.ffn(self.norm(src + self.dropout(attn)))
 
@@ -63,6 +70,11 @@ def encoder_reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios
 
 
 class DeformableEncoder(nn.Module):
+    """``num_layers`` ``EncoderLayer``s over the flattened multi-scale tokens (no final norm).
+
+    Reference points are the token centres, computed once per forward from the valid ratios.
+    """
+
     def __init__(self, num_layers: int, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int,
                  n_points: int):
         super().__init__()
@@ -72,7 +84,8 @@ class DeformableEncoder(nn.Module):
 
     def forward(self, src: Tensor, pos: Tensor, spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor,
                 padding_mask: Tensor) -> Tensor:
-        """src, pos [B, S, C]; padding_mask [B, S] -> memory [B, S, C]."""
+        """src, pos [B, S, C] (S = sum H_l * W_l, level-major); valid_ratios [B, L, 2];
+        padding_mask [B, S] True on padded tokens -> memory [B, S, C]."""
         reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
         out = src
         for layer in self.layers:

@@ -17,6 +17,7 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
 
     def forward(self, x: Tensor) -> Tensor:
+        """x [..., input_dim] -> [..., output_dim] (any leading dims, e.g. [B, Q, C])."""
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:

@@ -65,6 +65,13 @@ class SelectedQueries:
 
 
 class QuerySelection(nn.Module):
+    """Two-stage mixed query selection over the encoder memory.
+
+    Every token is projected + normalised and scored by its own class head; the top-Q tokens by max
+    class logit give the anchors (their proposal refined by the box head, detached), while the content
+    queries are the first Q rows of a learned embedding.  DINO initialises both heads from its decoder heads.
+    """
+
     def __init__(self, d_model: int, num_classes: int, num_queries: int, base_size: float = 0.05):
         super().__init__()
         self.memory_proj = nn.Linear(d_model, d_model)
@@ -77,7 +84,8 @@ class QuerySelection(nn.Module):
 
     def forward(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: list[tuple[int, int]],
                 topk_index: Tensor | None = None) -> SelectedQueries:
-        """memory [B, S, C], padding_mask [B, S].
+        """memory [B, S, C], padding_mask [B, S] True on padded tokens, spatial_shapes L pairs (H_l, W_l)
+        -> ``SelectedQueries`` with Q = min(num_queries, S) (or topk_index's Q).
 
         ``topk_index`` [B, Q] replaces the module's own selection (a testing hook for the parity
         contract, where near-tied scores may legitimately rank differently); leave it None.

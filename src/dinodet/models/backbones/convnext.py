@@ -53,6 +53,8 @@ class ConvNeXtTrunk(nn.Module):
         self.use_checkpoint = False
 
     def forward(self, images: Tensor, out_indices: tuple[int, ...]) -> list[Tensor]:
+        """images [B, 3, H, W] -> one normalised map [B, dims[i], floor(H / 2^(i+2)), floor(W / 2^(i+2))]
+        per stage i in ``out_indices``, in stage order; stages after the last requested one are skipped."""
         x = self.stem(images)
         outs = []
         for i, stage in enumerate(self.stages):

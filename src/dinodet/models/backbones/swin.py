@@ -168,6 +168,7 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(4 * dim)
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
+        """x [B, h*w, C] (row-major tokens of an h x w map) -> [B, ceil(h/2) * ceil(w/2), 2C]."""
         b, _, c = x.shape
         x = x.view(b, h, w, c)
         if h % 2 or w % 2:
@@ -214,6 +215,7 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x [B, 3, H, W] -> [B, dim, ceil(H / patch), ceil(W / patch)] (LayerNorm over the channels)."""
         p = self.patch
         h, w = x.shape[-2:]
         if h % p or w % p:
@@ -253,6 +255,8 @@ class SwinTransformer(nn.Module):
         self.apply(_init_weights)
 
     def forward(self, images: Tensor) -> list[Tensor]:
+        """images [B, 3, H, W] -> per stage i in ``out_indices`` (in stage order) a normalised map
+        [B, num_features[i], ceil(H / 2^(i+2)), ceil(W / 2^(i+2))] (with ``dilation``, stage 3 keeps stage 2's size)."""
         x = self.patch_embed(images)
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
