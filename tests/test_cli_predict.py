@@ -46,7 +46,7 @@ def check_outputs(out: Path, image_dir: Path, names: list[str], threshold: float
         width, height = sizes[r["file_name"]]
         assert w >= 0 and h >= 0 and -width < x < 2 * width and -height < y < 2 * height
         assert threshold < r["score"] <= 1
-    assert not list(out.glob("*.tmp"))  # the atomic write left nothing behind
+    assert not list(out.glob(".*.tmp*"))  # the atomic write left nothing behind
     return records
 
 

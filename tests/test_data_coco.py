@@ -62,7 +62,7 @@ def test_coco128_counts_and_label_map(coco128_train: DetectionDataset, coco128_j
     lm = ds.label_map
     assert lm.num_classes == 80
     assert lm.category_ids == sorted(c["id"] for c in coco128_json["categories"])
-    assert lm.index_of(1) == 0 and lm.index_of(90) == 79 and lm.name_of(0) == "person"
+    assert lm.index_of(1) == 0 and lm.index_of(90) == 79 and lm.class_names[0] == "person"
     assert ds.image_ids == sorted(im["id"] for im in coco128_json["images"])
     # the evaluation GT has the dataset's own ids
     assert sorted(ds.coco.getImgIds()) == ds.image_ids

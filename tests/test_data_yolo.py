@@ -14,7 +14,7 @@ from test_data_coco import SMALL, self_eval_ap
 from dinodet.config import DataConfig
 from dinodet.data.coco import build_dataset
 from dinodet.data.report import DatasetError
-from dinodet.data.yolo import _parse_simple_yaml, label_dir_for, read_names, resolve_yolo_paths
+from dinodet.data.yolo import label_dir_for, read_names, resolve_yolo_paths
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +60,8 @@ def test_yaml_names_and_split_dirs(tmp_path: Path):
     assert images == tmp_path / "imgs" / "tr" and labels == images and names_file == tmp_path / "data.yaml"
     (tmp_path / "list.yaml").write_text("names: ['a', 'b c']\n")
     assert read_names(tmp_path / "list.yaml") == ["a", "b c"]
-    # the fallback parser (used without PyYAML) reads the usual forms
-    assert _parse_simple_yaml("names:\n  - x\n  - y  # comment\nnc: 2\n") == {"names": ["x", "y"], "nc": "2"}
-    assert _parse_simple_yaml("names:\n  0: x\n  1: 'y'\n")["names"] == {"0": "x", "1": "y"}
+    (tmp_path / "block.yaml").write_text("names:\n  - x\n  - y  # comment\nnc: 2\n")
+    assert read_names(tmp_path / "block.yaml") == ["x", "y"]
     assert label_dir_for(Path("/d/images/train2017")) == Path("/d/labels/train2017")
     assert label_dir_for(Path("/d/train/images")) == Path("/d/train/labels")
 

@@ -97,4 +97,4 @@ def test_two_gloo_processes_match_one_process_with_the_same_total_batch(tmp_path
     metrics = json.loads((tmp_path / "ddp" / FINAL_METRICS).read_text())
     assert set(single) <= set(metrics)
     assert metrics["num_images"] == 2  # evaluation shards the val images and gathers them on rank 0
-    assert not list((tmp_path / "ddp").glob("*.tmp"))
+    assert not list((tmp_path / "ddp").glob(".*.tmp*"))

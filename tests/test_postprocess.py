@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinodet.postprocess import Detections, filter_detections, postprocess
+from dinodet.postprocess import Detections, postprocess
 
 
 def logit(p: float) -> float:
@@ -49,18 +49,6 @@ def test_batch_shapes_scaling_and_no_clamp():
 def test_num_select_larger_than_candidates():
     dets = postprocess(torch.randn(1, 2, 3), torch.rand(1, 2, 4), torch.tensor([[10, 10]]), num_select=300)
     assert dets.scores.shape == (1, 6)
-
-
-def test_filter_detections():
-    dets = Detections(
-        scores=torch.tensor([[0.9, 0.5, 0.1], [0.3, 0.2, 0.1]]),
-        labels=torch.tensor([[1, 2, 3], [4, 5, 6]]),
-        boxes=torch.arange(24, dtype=torch.float32).view(2, 3, 4),
-    )
-    kept = filter_detections(dets, 0.4)
-    assert kept[0]["labels"].tolist() == [1, 2]
-    assert kept[0]["boxes"].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert len(kept[1]["scores"]) == 0 and kept[1]["boxes"].shape == (0, 4)
 
 
 FIXTURE_DIR = Path(os.environ.get("DINODET_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))

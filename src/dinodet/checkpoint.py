@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from .compat.official_args import config_from_official_args
 from .compat.official_keys import official_key_map, original_backbone_name
 from .config import ConfigError, DINOConfig
 from .errors import first_line
+from .files import write_atomic
 from .models.backbones import backbone_family
 from .models.dino import DINO
 from .presets import get_preset
@@ -44,23 +44,6 @@ class LoadedCheckpoint:
     source: str = "dinodet"  # "dinodet" or "official"
     extra: dict[str, Any] | None = None  # anything else stored in the file (optimizer state, epoch...)
     path: str = ""  # the file it was read from (for messages)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash leaves the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint gets the usual file permissions
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
@@ -403,6 +386,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: DINOConfi
     that may also carry ``extra`` plain data (optimizer state, epoch, RNG states ...).
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -411,9 +395,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: DINOConfi
             raise ValueError("safetensors checkpoints hold weights only; use a .pt path for training state")
         meta = {"format": FORMAT_TAG, "config": config.to_json(), "class_names": json.dumps(class_names),
                 "category_ids": json.dumps(category_ids)}
-        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+        write_atomic(path, lambda tmp: save_file(state, tmp, metadata=meta))
     else:
         obj = {"format": FORMAT_TAG, "config": config.to_json(), "model": state,
                "class_names": class_names, "category_ids": category_ids, **(extra or {})}
-        _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+        write_atomic(path, lambda tmp: torch.save(obj, tmp))
     return path

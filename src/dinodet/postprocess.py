@@ -36,12 +36,3 @@ def postprocess(logits: Tensor, boxes: Tensor, orig_sizes: Tensor, num_select: i
     img_h, img_w = orig_sizes.to(boxes.device).unbind(1)
     scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)  # [B, 4], kept integer like the official
     return Detections(scores, labels, xyxy * scale[:, None, :])
-
-
-def filter_detections(dets: Detections, score_threshold: float) -> list[dict[str, Tensor]]:
-    """Per image {'scores' [k], 'labels' [k], 'boxes' [k, 4]} keeping detections with score > threshold."""
-    results = []
-    for scores, labels, boxes in zip(dets.scores, dets.labels, dets.boxes):
-        keep = scores > score_threshold
-        results.append({"scores": scores[keep], "labels": labels[keep], "boxes": boxes[keep]})
-    return results

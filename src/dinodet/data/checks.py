@@ -15,10 +15,11 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import first_line
 from .coco import build_index
+from .images import EXIF_ORIENTATION, upright
 from .labels import LabelMap
 from .report import DataReport
-from .yolo import EXIF_ORIENTATION
 
 __all__ = ["DataReport", "check_dataset", "check_image", "format_report"]
 
@@ -47,12 +48,11 @@ def check_image(path: str | Path, decode: bool = False) -> ImageCheck:
             if decode:
                 im.load()
         result.stored_size = (w, h)
-        result.upright_size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        result.upright_size = upright(w, h, orientation)
     except UnidentifiedImageError:  # PIL's message repeats the path
         result.error = "not an image, or an unsupported format"
     except Exception as e:  # noqa: BLE001 -- anything else PIL raises also means the file is unusable
-        text = str(e).strip().splitlines()
-        result.error = text[0] if text else type(e).__name__
+        result.error = first_line(e)
     return result
 
 

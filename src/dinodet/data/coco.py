@@ -48,10 +48,10 @@ from torch.utils.data import Dataset
 from ..config import DataConfig
 from ..errors import first_line
 from .augment import DetectionTransform, eval_transforms, train_transforms
-from .images import ImageLoadError, load_image
+from .images import EXIF_ORIENTATION, ImageLoadError, load_image, upright_size
 from .labels import LabelMap
 from .report import DataReport, DatasetError, SplitNotFoundError
-from .yolo import EXIF_ORIENTATION, SOURCE_KEY, read_names, resolve_yolo_paths, upright_size, yolo_to_coco
+from .yolo import SOURCE_KEY, read_names, resolve_yolo_paths, yolo_to_coco
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,22 @@ from ..errors import first_line
 # tried, whatever their suffix.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; values 5..8 are the rotations that swap width and height
+
+
+def upright(width: int, height: int, orientation: int) -> tuple[int, int]:
+    """(width, height) of a stored ``width x height`` image as viewed with EXIF ``orientation``."""
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def upright_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image as viewed (EXIF orientation applied), from its header only.
+
+    Raises OSError / PIL errors for unreadable files.
+    """
+    with Image.open(path) as im:
+        return upright(*im.size, im.getexif().get(EXIF_ORIENTATION, 1))
+
 
 class ImageLoadError(ValueError):
     """An image file that is missing, unreadable or not a decodable image (one-line message)."""

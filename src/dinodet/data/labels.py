@@ -59,12 +59,6 @@ class LabelMap:
         """Like ``index_of`` but ``None`` for an unknown id."""
         return self._index.get(int(category_id))
 
-    def category_id_of(self, index: int) -> int:
-        return self.category_ids[index]
-
-    def name_of(self, index: int) -> str:
-        return self.class_names[index]
-
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form stored in checkpoints."""
         return {"class_names": list(self.class_names), "category_ids": list(self.category_ids)}

@@ -101,14 +101,6 @@ class DataReport:
                 lines.append(f"{value:>8d} {desc}")
         return "\n".join(lines)
 
-    def merge(self, other: DataReport) -> None:
-        """Add ``other``'s counts and messages to this report."""
-        for name, _, _ in _COUNTERS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for m in other.messages:
-            self.note(m)
-        self.messages_suppressed += other.messages_suppressed
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -25,14 +25,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+import yaml
 
 from ..errors import first_line
-from .images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, upright_size
 from .report import DataReport, DatasetError, SplitNotFoundError
 
 NAMES_FILES = ("names.txt", "classes.txt", "obj.names")
-EXIF_ORIENTATION = 0x0112
 
 
 class YoloFormatError(DatasetError):
@@ -79,46 +78,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise YoloFormatError(f"cannot read '{path}': {e}") from e
     try:
-        import yaml  # optional: PyYAML is not a dependency; the fallback covers dataset files
-    except ImportError:
-        return _parse_simple_yaml(text)
-    try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise YoloFormatError(f"'{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise YoloFormatError(f"'{path}' is not valid YAML: {first_line(e)}") from e
     if not isinstance(data, dict):
         raise YoloFormatError(f"'{path}' must be a YAML mapping")
     return data
-
-
-def _parse_simple_yaml(text: str) -> dict[str, Any]:
-    """Enough YAML for dataset files: ``key: value``, ``names: [a, b]`` and indented list/dict blocks."""
-    out: dict[str, Any] = {}
-    key: str | None = None
-    for raw in text.splitlines():
-        line = raw.split(" #", 1)[0].rstrip() if not raw.lstrip().startswith("#") else ""
-        if not line.strip():
-            continue
-        if not line[0].isspace():
-            k, _, v = line.partition(":")
-            key, v = k.strip(), v.strip()
-            if v.startswith("[") and v.endswith("]"):
-                out[key] = [_unquote(x) for x in v[1:-1].split(",") if x.strip()]
-            else:
-                out[key] = _unquote(v) if v else None
-        elif key is not None:
-            item = line.strip()
-            if item.startswith("- "):
-                out[key] = (out[key] if isinstance(out[key], list) else []) + [_unquote(item[2:])]
-            elif ":" in item:
-                k, _, v = item.partition(":")
-                out[key] = (out[key] if isinstance(out[key], dict) else {}) | {_unquote(k): _unquote(v)}
-    return out
-
-
-def _unquote(s: str) -> str:
-    s = s.strip()
-    return s[1:-1] if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"" else s
 
 
 def find_names_file(root: Path) -> Path:
@@ -232,17 +197,6 @@ def _first_dir(candidates: list[Path], what: str) -> Path:
         if c.is_dir():
             return c
     raise SplitNotFoundError(f"{what} not found; tried: " + ", ".join(str(c) for c in candidates))
-
-
-def upright_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image as viewed (EXIF orientation applied), from its header only.
-
-    Raises OSError / PIL errors for unreadable files.
-    """
-    with Image.open(path) as im:
-        w, h = im.size
-        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 # Where a converted annotation came from ("labels/train/x.txt: line 3"), for the data report's messages;

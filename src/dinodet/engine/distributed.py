@@ -72,11 +72,6 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
-
-
 def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` for a world of one."""
     if not info.enabled:
@@ -110,16 +105,6 @@ def all_gather_tensor(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     out = [torch.empty_like(values) for _ in range(info.world_size)]
     dist.all_gather(out, values.contiguous())
     return torch.stack(out)
-
-
-def mean_over_ranks(values: dict[str, float], device: torch.device, info: DistInfo) -> dict[str, float]:
-    """Average scalar metrics over ranks (all ranks must pass the same keys)."""
-    if not info.enabled or not values:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    t = all_reduce_sum(t, info) / info.world_size
-    return dict(zip(keys, t.tolist()))
 
 
 # --------------------------------------------------------------------------------------- RNG state

@@ -263,7 +263,7 @@ class Trainer:
         ckpt_path = self.run_dir / CHECKPOINT
         state = None
         if self.info.is_main:
-            for stale in self.run_dir.glob(".checkpoint*.tmp"):  # left by a process killed while saving
+            for stale in self.run_dir.glob(".checkpoint*.tmp*"):  # left by a process killed while saving
                 stale.unlink(missing_ok=True)
         if check_run_dir(self.run_dir, opts.resume):
             state = read_train_state(ckpt_path)
