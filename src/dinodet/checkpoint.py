@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .compat.official_args import config_from_official_args
-from .compat.official_keys import official_key_map, original_backbone_name
+from .compat.official_keys import is_official_state, official_key_map, official_state, original_backbone_name
 from .config import ConfigError, DINOConfig
 from .errors import first_line
 from .files import write_atomic
@@ -162,12 +162,8 @@ def load_official_state(model: DINO, state: dict[str, Tensor], path: str | os.Pa
     _load_exact(model, ours, path, name_of=lambda k: next(o for o, d in key_map.items() if d == k))
 
 
-def cfg_name(model: DINO) -> str:
-    return getattr(model, "preset_name", None) or "custom"
-
-
 def _architecture(model: DINO) -> str:
-    name = cfg_name(model)  # official files without --preset are built from their stored args
+    name = model.preset_name  # official files without --preset are built from their stored args
     return f"the architecture its stored args describe ({name})" if name.startswith("official") else f"preset '{name}'"
 
 
@@ -188,10 +184,9 @@ def _load_exact(model: nn.Module, state: dict[str, Tensor], path, name_of=lambda
 def build_model(cfg: DINOConfig) -> DINO:
     """Instantiate ``cfg``; ImageNet backbone weights are loaded if ``cfg.model.backbone.checkpoint`` is set."""
     try:
-        model = DINO(cfg.model)
+        model = DINO(cfg.model, cfg.name)
     except ValueError as e:  # an unknown backbone, norm or kernel name, or settings that do not fit together
         raise ConfigError(f"model config: {e}") from None
-    model.preset_name = cfg.name
     if cfg.model.backbone.checkpoint:
         load_backbone_weights(model, cfg.model.backbone.checkpoint)
     return model
@@ -271,10 +266,6 @@ def _load_imagenet_trunk(body: nn.Module, state: dict[str, Tensor], path, family
     body.load_state_dict(mapped, strict=False)
 
 
-def is_official_state(state: dict[str, Any]) -> bool:
-    return any(k.startswith("transformer.") for k in state)
-
-
 def use_ema_weights(ckpt: LoadedCheckpoint) -> bool:
     """Put the EMA weights of a training checkpoint (RUN_DIR/checkpoint.pt with train.ema on) into
     ``ckpt.model``: they are the weights training evaluated.  Returns whether the file had any."""
@@ -306,10 +297,8 @@ def load_checkpoint(path: str | os.PathLike, preset: str | None = None, device: 
         obj = read_torch_file(path)
         if isinstance(obj, dict) and obj.get("format") == FORMAT_TAG:
             loaded = _load_dinodet(obj, path)
-        elif isinstance(obj, dict) and isinstance(obj.get("model"), dict) and is_official_state(obj["model"]):
-            loaded = _load_official(obj, path, preset)
-        elif isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()) and is_official_state(obj):
-            loaded = _load_official({"model": obj}, path, preset)
+        elif (state := official_state(obj)) is not None:
+            loaded = _load_official(obj if state is not obj else {"model": obj}, path, preset)
         else:
             raise CheckpointError(f"{path}: neither an official DINO checkpoint nor a dinodet checkpoint")
     if preset is not None and loaded.source == "dinodet" and preset != loaded.config.name:

@@ -169,7 +169,7 @@ class Detector:
         config = get_preset(preset, num_classes=num_classes)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = DINO(config.model)
+            model = DINO(config.model, config.name)
         return cls(model, config, device=device, size=size, max_size=max_size, mode=mode)
 
     def predict(

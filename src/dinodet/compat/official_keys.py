@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from typing import Any
 
 from torch import Tensor
 
@@ -96,3 +97,18 @@ def to_official(state: dict[str, Tensor], num_dec_layers: int, num_backbone_leve
         for off in official_names(k, num_dec_layers, num_backbone_levels):
             out[off] = v
     return out
+
+
+def is_official_state(state: dict[str, Any]) -> bool:
+    """Whether a state dict has the official layout (its transformer sits under ``transformer.``)."""
+    return any(k.startswith("transformer.") for k in state)
+
+
+def official_state(obj: Any) -> dict[str, Tensor] | None:
+    """The state dict of an official DINO file's contents (``torch.load`` of a model-zoo checkpoint:
+    ``{"model": state, "args": ...}`` or the bare state dict), or None for anything else."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and is_official_state(obj["model"]):
+        return obj["model"]
+    if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()) and is_official_state(obj):
+        return obj
+    return None

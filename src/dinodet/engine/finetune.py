@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..checkpoint import CheckpointError, load_checkpoint, read_torch_file, use_ema_weights
+from ..checkpoint import CheckpointError, load_checkpoint, load_official_state, read_torch_file, use_ema_weights
+from ..compat.official_keys import official_key_map, official_state
+from ..models.dino import DINO
 
 # Parameters whose rows are classes: [C, ...] for the heads, [labelbook + 1, D] for the label book.
 CLASS_HEAD_PREFIXES = ("class_head.", "query_selection.class_head.")
@@ -67,7 +69,7 @@ def class_rows(src_names: Sequence[str], src_ids: Sequence[int], names: Sequence
     return rows
 
 
-def load_finetune_weights(model: nn.Module, path: str | os.PathLike, class_names: list[str],
+def load_finetune_weights(model: DINO, path: str | os.PathLike, class_names: list[str],
                           category_ids: list[int]) -> FinetuneResult:
     """Initialise ``model`` (built for ``class_names`` / ``category_ids``) from a checkpoint.
 
@@ -88,10 +90,10 @@ def load_finetune_weights(model: nn.Module, path: str | os.PathLike, class_names
     load: dict[str, Tensor] = {}
     for k, v in src.items():
         if k not in ours:
-            raise CheckpointError(f"{path}: unexpected parameter {k} (another architecture than preset '{model_name(model)}'?)")
+            raise CheckpointError(f"{path}: unexpected parameter {k} (another architecture than preset '{model.preset_name}'?)")
         if k.startswith(CLASS_HEAD_PREFIXES + (LABEL_BOOK_PREFIX,)) and not (same_classes and v.shape == ours[k].shape):
             if v.shape[1:] != ours[k].shape[1:]:
-                raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} but preset '{model_name(model)}' "
+                raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} but preset '{model.preset_name}' "
                                       f"expects {tuple(ours[k].shape)}")
             if not result.carried:
                 result.reinitialised.append(k)
@@ -99,13 +101,13 @@ def load_finetune_weights(model: nn.Module, path: str | os.PathLike, class_names
             load[k] = _gather_rows(v, ours[k], rows)
             continue
         if v.shape != ours[k].shape:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} but preset '{model_name(model)}' expects "
+            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} but preset '{model.preset_name}' expects "
                                   f"{tuple(ours[k].shape)}")
         load[k] = v
     missing = [k for k in ours if k not in load and k not in result.reinitialised]
     if missing:
         raise CheckpointError(f"{path}: lacks {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} "
-                              f"(another architecture than preset '{model_name(model)}'?)")
+                              f"(another architecture than preset '{model.preset_name}'?)")
     model.load_state_dict(load, strict=False)
     return result
 
@@ -120,7 +122,7 @@ def _gather_rows(src: Tensor, init: Tensor, rows: Sequence[int | None]) -> Tenso
     return out
 
 
-def _checkpoint_weights(model: nn.Module, path: str | os.PathLike
+def _checkpoint_weights(model: DINO, path: str | os.PathLike
                         ) -> tuple[dict[str, Tensor], int, list[str] | None, list[int] | None]:
     """(dinodet-named state dict, class count, class names, category ids) of a checkpoint.
 
@@ -129,16 +131,7 @@ def _checkpoint_weights(model: nn.Module, path: str | os.PathLike
     checkpoint's class count, so e.g. an official DINO-4scale COCO model fine-tunes any dataset with
     ``--preset dino_r50_4scale``; all official keys must be accounted for (``load_official_state``).
     """
-    from ..checkpoint import is_official_state, load_official_state
-    from ..compat.official_keys import official_key_map
-    from ..models.dino import DINO
-
-    obj = read_torch_file(path) if Path(path).suffix != ".safetensors" else None
-    state = None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and is_official_state(obj["model"]):
-        state = obj["model"]
-    elif isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()) and is_official_state(obj):
-        state = obj
+    state = official_state(read_torch_file(path)) if Path(path).suffix != ".safetensors" else None
     if state is None:
         ckpt = load_checkpoint(path)
         use_ema_weights(ckpt)  # a run's checkpoint.pt: start from the weights it evaluated, as predict/eval/export
@@ -151,11 +144,6 @@ def _checkpoint_weights(model: nn.Module, path: str | os.PathLike
         mcfg.dn_labelbook_size = int(state[ours[LABEL_BOOK_PREFIX + "weight"]].shape[0]) - 1
     except KeyError as e:
         raise CheckpointError(f"{path}: official checkpoint without {e}; not a DINO model?") from None
-    source = DINO(mcfg)
-    source.preset_name = model_name(model)
+    source = DINO(mcfg, model.preset_name)
     load_official_state(source, state, path)
     return source.state_dict(), mcfg.num_classes, None, None
-
-
-def model_name(model: nn.Module) -> str:
-    return getattr(model, "preset_name", None) or "custom"

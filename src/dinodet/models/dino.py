@@ -37,9 +37,10 @@ class DINO(nn.Module):
     ``cfg.msda_backend`` and applies the official initialisation.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, name: str = "custom"):
         super().__init__()
         self.cfg = cfg
+        self.preset_name = name  # the preset (or "official ..." architecture) it was built as, for messages
         d = cfg.hidden_dim
         self.backbone = build_backbone(cfg.backbone)
         self.position = SinePositionEncoding(d // 2, cfg.pe_temperature_h, cfg.pe_temperature_w)
