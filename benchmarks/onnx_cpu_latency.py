@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
 
     default_backend = next(m.backend for m in model.modules() if isinstance(m, MultiScaleDeformableAttention))
-    default_backend = resolve_backend(default_backend, "cpu", torch.float32)
+    default_backend = resolve_backend(default_backend, "cpu")
     torch_modes = {f"pytorch ({default_backend} msda)": default_backend}
     if default_backend != "pytorch":
         torch_modes["pytorch (grid_sample msda)"] = "pytorch"

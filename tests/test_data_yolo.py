@@ -104,7 +104,7 @@ def _yolo_split(root: Path, split_dir: str, n: int = 1, labels: bool = True) -> 
 
 
 def test_roboflow_data_yaml_and_a_yaml_from_another_machine(tmp_path: Path):
-    from dinodet.engine.train import DataSpec, split_exists
+    from dinodet.data.splits import DataSpec, split_exists
 
     # Roboflow's data.yaml names the folders beside it as '../train/images' (Ultralytics strips '../')
     rf = tmp_path / "rf"

@@ -118,7 +118,7 @@ def _infer_one(model: DINO, name: str, device: torch.device, images: Tensor, mas
     runner = ModeRunner(model, name, device)
     sec, peak = _time(lambda: runner(images, mask), device, warmup, iters)
     return _record(name, "infer", sec, images.shape[0], peak,
-                   resolve_backend(runner.mode.msda_backend, device, images.dtype))
+                   resolve_backend(runner.mode.msda_backend, device))
 
 
 def bench_training(cfg: DINOConfig, device: torch.device, size: tuple[int, int], batch: int, modes: Sequence[str],
@@ -156,7 +156,7 @@ def _train_one(cfg: DINOConfig, name: str, device: torch.device, images: Tensor,
     sec, peak = _time(step, device, warmup, iters)
     backend = TRAIN_MODES[name][0]
     return _record(name, "train", sec, images.shape[0], peak,
-                   resolve_backend(backend, device, images.dtype, needs_grad=True), per_image=False)
+                   resolve_backend(backend, device, needs_grad=True), per_image=False)
 
 
 def make_train_step(cfg: DINOConfig, name: str, device: torch.device, images: Tensor, mask: Tensor,

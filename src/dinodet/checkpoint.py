@@ -44,6 +44,7 @@ class LoadedCheckpoint:
     source: str = "dinodet"  # "dinodet" or "official"
     extra: dict[str, Any] | None = None  # anything else stored in the file (optimizer state, epoch...)
     path: str = ""  # the file it was read from (for messages)
+    ema_weights: bool = False  # the model holds a training run's EMA weights (see load_checkpoint's ema)
 
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
@@ -284,11 +285,14 @@ def use_ema_weights(ckpt: LoadedCheckpoint) -> bool:
 
 
 def load_checkpoint(path: str | os.PathLike, preset: str | None = None, device: str | torch.device = "cpu",
-                    overrides: DINOConfig | None = None) -> LoadedCheckpoint:
+                    ema: bool = False) -> LoadedCheckpoint:
     """Load an official DINO checkpoint or a dinodet checkpoint and build the matching model.
 
     For official files the config comes from ``preset`` if given, else from the args stored in the
-    file.  dinodet files carry their own config (``preset`` then only has to agree with it).
+    file.  dinodet files carry their own config (``preset`` then only has to agree with it).  With
+    ``ema``, a training run's checkpoint.pt gives its EMA weights, the ones training evaluated
+    (``use_ema_weights``); ``ema_weights`` of the result says whether the model holds EMA weights
+    (checkpoint_best.pt of an EMA run stores them as its weights).
     """
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -302,11 +306,11 @@ def load_checkpoint(path: str | os.PathLike, preset: str | None = None, device: 
         else:
             raise CheckpointError(f"{path}: neither an official DINO checkpoint nor a dinodet checkpoint")
     if preset is not None and loaded.source == "dinodet" and preset != loaded.config.name:
-        from .presets import get_preset
-
         get_preset(preset)  # an unknown name says so (a ConfigError) rather than "not made with it"
         raise CheckpointError(f"{path}: checkpoint was made with preset '{loaded.config.name}', not '{preset}'")
     loaded.path = str(path)
+    if ema:
+        loaded.ema_weights = use_ema_weights(loaded) or bool((loaded.extra or {}).get("ema_weights"))
     loaded.model.to(device).eval()
     return loaded
 

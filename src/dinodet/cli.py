@@ -487,8 +487,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from .data.splits import DataSpec, build_train_datasets
     from .engine.distributed import dist_info_from_env
-    from .engine.train import CHECKPOINT, DataSpec, TrainOptions, build_train_datasets, check_run_dir, train
+    from .engine.train import CHECKPOINT, TrainOptions, check_run_dir, train
 
     _check_train_args(args)
     _check_data_arg(args)
@@ -498,7 +499,7 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg, label_map = _train_config(args, run_dir / CHECKPOINT)
     check_run_dir(run_dir, args.resume)  # before the (possibly slow) dataset indexing
     info = dist_info_from_env()
-    train_set, val_set = build_train_datasets(DataSpec(args.data, args.format), cfg, label_map, info)
+    train_set, val_set = build_train_datasets(DataSpec(args.data, args.format), cfg, label_map)
     if info.is_main:
         print(f"dinodet: training '{cfg.name}' on {len(train_set)} images, {train_set.label_map.num_classes} "
               f"classes; evaluating on {len(val_set)} images -> {run_dir}", file=sys.stderr)
@@ -651,14 +652,14 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint, use_ema_weights
+    from .checkpoint import load_checkpoint
     from .config import apply_overrides
     from .data.coco import build_dataset
     from .data.report import DatasetError
+    from .data.splits import DataSpec, eval_split
     from .engine.distributed import cleanup_distributed, init_distributed
     from .engine.evaluate import category_mapping, evaluate, format_per_class
     from .engine.pictures import write_eval_pictures
-    from .engine.train import DataSpec, split_exists
     from .inference import default_label_map
     from .modes import ModeRunner, check_mode
 
@@ -673,7 +674,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         if (Path(args.out) / "checkpoint.pt").is_file():  # its metrics.json and plots are the run's results
             raise ConfigError(f"--out '{args.out}' holds a training run; its results would be replaced "
                               "(choose another --out)")
-    ckpt = load_checkpoint(args.checkpoint, preset=args.preset)
+    # a training checkpoint.pt holds EMA weights beside the raw ones: evaluate those, as training did
+    ckpt = load_checkpoint(args.checkpoint, preset=args.preset, ema=True)
     cfg = apply_overrides(ckpt.config, args.overrides)
     # the model is the checkpoint's: of its settings only the top-k size applies at evaluation
     ignored = [o.split("=")[0].strip() for o in args.overrides
@@ -681,12 +683,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if ignored:
         _warn(f"{', '.join(ignored)}: the checkpoint's model is evaluated as built; ignored")
     model = ckpt.model
-    # a training checkpoint.pt holds EMA weights beside the raw ones; checkpoint_best.pt holds them as its weights
-    ema = use_ema_weights(ckpt) or bool((ckpt.extra or {}).get("ema_weights"))
-    split = args.split or "val"
-    if args.split is None and not split_exists(DataSpec(args.data, args.format), split):
-        _warn(f"no 'val' split in '{args.data}'; evaluating the 'train' split")
-        split = "train"
+    split = args.split or eval_split(DataSpec(args.data, args.format))
     dataset = build_dataset(args.data, split, args.format, train=False, data_cfg=cfg.data)
     names, ids = default_label_map(cfg.model.num_classes, ckpt.class_names, ckpt.category_ids)
     lm = dataset.label_map
@@ -709,7 +706,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         cleanup_distributed()
     if not info.is_main:
         return 0
-    metrics = {**result.metrics, "split": split, "checkpoint": str(args.checkpoint), "ema_weights": bool(ema),
+    metrics = {**result.metrics, "split": split, "checkpoint": str(args.checkpoint), "ema_weights": ckpt.ema_weights,
                "mode": args.mode}
     if result.unreadable_ids:
         index = {iid: i for i, iid in enumerate(dataset.image_ids)}
@@ -720,7 +717,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         _warn(f"{len(result.unreadable_ids)} of {len(dataset)} images could not be read and are left out of "
               f"the scores: {listed}")
     print(f"dinodet: {len(dataset) - len(result.unreadable_ids)} images of '{split}', {len(result.records)} "
-          "detections" + (" (EMA weights)" if ema else ""))
+          "detections" + (" (EMA weights)" if ckpt.ema_weights else ""))
     _print_metrics(metrics)
     if result.per_class:
         print("AP per class:\n" + format_per_class(result.per_class))
@@ -759,7 +756,7 @@ def _add_check_data(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_check_data(args: argparse.Namespace) -> int:
     from .data.checks import check_dataset, format_report
-    from .engine.train import DataSpec, split_exists
+    from .data.splits import DataSpec, split_exists
 
     if args.pictures < 0:
         raise ConfigError(f"--pictures must be >= 0, got {args.pictures}")

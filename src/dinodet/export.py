@@ -264,10 +264,9 @@ def _load_model(checkpoint: Any, preset: str | None) -> tuple[nn.Module, DINOCon
                 (checkpoint.size, checkpoint.max_size))
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise ExportError(f"expected a checkpoint path or a Detector, got {type(checkpoint).__name__}")
-    from .checkpoint import load_checkpoint, use_ema_weights
+    from .checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(checkpoint, preset=preset)
-    use_ema_weights(ckpt)  # a training run's checkpoint.pt: the weights predict and eval use
+    ckpt = load_checkpoint(checkpoint, preset=preset, ema=True)  # a run's checkpoint.pt: the weights predict uses
     data = ckpt.config.data
     return ckpt.model.eval(), ckpt.config, ckpt.class_names, ckpt.category_ids, (data.eval_size, data.max_size)
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint, use_ema_weights
+from .checkpoint import load_checkpoint
 from .config import ConfigError, DINOConfig
 from .data.coco_classes import COCO_CLASSES
 from .data.images import load_image, to_rgb
@@ -147,8 +147,7 @@ class Detector:
             ConfigError: unknown preset, mode or unavailable device.
         """
         dev = resolve_device(device)
-        ckpt = load_checkpoint(path, preset=preset, device=str(dev))
-        use_ema_weights(ckpt)
+        ckpt = load_checkpoint(path, preset=preset, device=str(dev), ema=True)
         return cls(ckpt.model, ckpt.config, ckpt.class_names, ckpt.category_ids, dev, size, max_size, mode)
 
     @classmethod

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..checkpoint import CheckpointError, load_checkpoint, load_official_state, read_torch_file, use_ema_weights
+from ..checkpoint import CheckpointError, load_checkpoint, load_official_state, read_torch_file
 from ..compat.official_keys import official_key_map, official_state
 from ..models.dino import DINO
 
@@ -133,8 +133,7 @@ def _checkpoint_weights(model: DINO, path: str | os.PathLike
     """
     state = official_state(read_torch_file(path)) if Path(path).suffix != ".safetensors" else None
     if state is None:
-        ckpt = load_checkpoint(path)
-        use_ema_weights(ckpt)  # a run's checkpoint.pt: start from the weights it evaluated, as predict/eval/export
+        ckpt = load_checkpoint(path, ema=True)  # a run's checkpoint.pt: the weights it evaluated, as predict/eval
         return ckpt.model.state_dict(), ckpt.config.model.num_classes, ckpt.class_names, ckpt.category_ids
     mcfg = copy.deepcopy(model.cfg)
     ours = {v: k for k, v in official_key_map(list(model.state_dict()), mcfg.dec_layers,

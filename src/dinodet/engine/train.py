@@ -61,6 +61,7 @@ from ..criterion import SetCriterion, build_criterion
 from ..errors import first_line
 from ..files import write_json_atomic
 from ..matcher import NonFiniteCostError
+from ..modes import autocast as amp_autocast
 from .distributed import (
     DistInfo,
     all_gather_objects,
@@ -74,7 +75,7 @@ from .distributed import (
     set_rng_state,
 )
 from .ema import ModelEMA
-from .evaluate import HEADLINE, EvalResult, amp_autocast, evaluate
+from .evaluate import HEADLINE, EvalResult, evaluate
 from .finetune import load_finetune_weights
 from .logging import METRICS_LOG, RunLogger
 from .pictures import write_eval_pictures
@@ -679,52 +680,4 @@ def train(cfg: DINOConfig, train_set: Any, val_set: Any, opts: TrainOptions) -> 
     finally:
         if not was_initialised:
             cleanup_distributed()
-
-
-# ------------------------------------------------------------------------------------ datasets
-
-
-@dataclass
-class DataSpec:
-    """Where the data is: a folder in COCO or YOLO layout (see ``dinodet.data.coco``)."""
-
-    root: str
-    format: str = "coco"
-    train_split: str = "train"
-    val_split: str = "val"
-
-
-def split_exists(spec: DataSpec, split: str) -> bool:
-    """Whether ``split`` can be located (its annotations/images found; not yet parsed).  A split that
-    is named but broken (a data YAML's path that does not exist, a missing label folder) raises."""
-    from ..data.coco import resolve_coco_paths
-    from ..data.report import SplitNotFoundError
-    from ..data.yolo import resolve_yolo_paths
-
-    try:
-        if spec.format == "yolo":
-            resolve_yolo_paths(spec.root, split)
-        else:
-            resolve_coco_paths(spec.root, split)
-    except SplitNotFoundError:
-        return False
-    return True
-
-
-def build_train_datasets(spec: DataSpec, cfg: DINOConfig, label_map: Any = None,
-                         info: DistInfo = DistInfo()) -> tuple[Any, Any]:
-    """(training set with augmentation, evaluation set): the val split if there is one, else the
-    training images with evaluation transforms (with a warning).  Both share one label map:
-    ``label_map`` if given (resume / fine-tuning onto a stored class set), else the training split's."""
-    from ..data.coco import build_dataset
-
-    train_set = build_dataset(spec.root, spec.train_split, spec.format, train=True, data_cfg=cfg.data,
-                              label_map=label_map)
-    split = spec.val_split
-    if not split_exists(spec, split):
-        _warn(f"no '{split}' split in '{spec.root}'; evaluating on the training images", info)
-        split = spec.train_split
-    val_set = build_dataset(spec.root, split, spec.format, train=False, data_cfg=cfg.data,
-                            label_map=train_set.label_map)
-    return train_set, val_set
 

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ..boxes import inverse_sigmoid
 from ..config import ModelConfig
-from .attention import set_msda_backend
+from .attention import MultiScaleDeformableAttention, set_msda_backend
 from .backbones import build_backbone
 from .backbones.resnet import resample_mask
 from .decoder import DeformableDecoder
@@ -71,7 +71,7 @@ class DINO(nn.Module):
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
         for m in self.modules():
-            if hasattr(m, "sampling_offsets"):
+            if isinstance(m, MultiScaleDeformableAttention):
                 m.reset_parameters()
         nn.init.normal_(self.level_embed)
         # the encoder-output heads start as copies of the decoder heads, as officially

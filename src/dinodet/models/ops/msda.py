@@ -175,8 +175,7 @@ def _usable(name: str, device: torch.device) -> bool:
     return not (name == "triton" and device.type != "cuda")
 
 
-def resolve_backend(requested: str, device: torch.device | str, dtype: torch.dtype | None = None,
-                    needs_grad: bool = False) -> str:
+def resolve_backend(requested: str, device: torch.device | str, needs_grad: bool = False) -> str:
     """The backend that will actually run for ``requested`` on ``device``.
 
     ``$DINODET_MSDA`` (when set) overrides ``requested``.  ``auto`` means the Triton kernel on CUDA
@@ -211,5 +210,5 @@ def ms_deform_attn(
     for how ``backend`` is chosen)."""
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (value, sampling_locations, attention_weights))
-    fn = _BACKENDS[resolve_backend(backend, value.device, value.dtype, needs_grad)]
+    fn = _BACKENDS[resolve_backend(backend, value.device, needs_grad)]
     return fn(value, spatial_shapes, sampling_locations, attention_weights)
