@@ -116,7 +116,7 @@ def test_wrong_preset_is_reported(tmp_path):
         load_checkpoint(path, preset="dino_r50_5scale")
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".SAFETENSORS"])
 def test_dinodet_round_trip(tmp_path, tiny_model, suffix):
     cfg, model = tiny_model
     path = save_checkpoint(tmp_path / f"m{suffix}", model, cfg, class_names=["a", "b"], category_ids=[3, 7])

@@ -228,3 +228,27 @@ def test_predictions_json_equals_the_api_in_coco_xywh(tmp_path, sample_images, t
         torch.testing.assert_close(torch.tensor([r["bbox"] for r in got]), want, atol=0.006, rtol=0)
         assert [r["category_id"] for r in got] == pred.category_ids.tolist()
         torch.testing.assert_close(torch.tensor([r["score"] for r in got]), pred.scores, atol=6e-6, rtol=0)
+
+
+def test_a_file_named_twice_runs_once(tmp_path: Path, sample_images: list[Path], size_args):
+    image = sample_images[0]
+    again = image.parent / ".." / image.parent.name / image.name  # the same file, spelled otherwise
+    out = tmp_path / "out"
+    assert main(["predict", str(image), str(again), "--random-weights", "--preset", "tiny", "--threshold", "0",
+                 "--out", str(out), *size_args]) == 0
+    assert [p.name for p in out.glob("*.jpg")] == [f"{image.stem}.jpg"]
+    assert {r["file_name"] for r in json.loads((out / "predictions.json").read_text())} == {image.name}
+
+
+def test_an_unwritable_out_is_found_before_the_work(tmp_path: Path, sample_images: list[Path], monkeypatch,
+                                                    capsys):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    rc = main(["predict", str(sample_images[0]), "--checkpoint", str(tmp_path / "not_read.pt"),
+               "--out", str(locked / "new" / "out")])
+    assert rc == 2  # before the checkpoint is even looked at
+    assert_one_line_error(capsys.readouterr().err, "no permission to write in", str(locked))

@@ -207,3 +207,15 @@ def test_an_absurd_annotated_size_skips_the_image_instead_of_allocating_it(tmp_p
     assert ds.image_ids == [2] and ds.coco.getImgIds() == [2]
     assert ds.report.invalid_annotations == 1 and ds.report.orphan_annotations == 0
     assert any("a.jpg: annotated size 100000x100000" in m for m in ds.report.messages)
+
+
+def test_the_cli_shows_every_line_of_a_data_report(broken_coco: Path, capsys):
+    """train/eval index the data while the CLI runs: the counts and first files reach stderr."""
+    from dinodet.cli import _warning_lines
+
+    with _warning_lines():
+        build_dataset(str(broken_coco), "train", data_cfg=CFG)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("dinodet: warning: ") and err[0].endswith("data problems:")
+    assert all(line.startswith("dinodet: warning: ") for line in err)
+    assert any("missing image files" in line for line in err) and any("missing.jpg" in line for line in err)

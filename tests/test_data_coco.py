@@ -154,3 +154,28 @@ def test_unusable_dataset_raises_clear_error(tmp_path: Path):
         build_dataset(str(tmp_path), "train", format="voc")
     with pytest.raises(DatasetError, match="dataset root not found"):
         build_dataset(str(tmp_path / "nope"), "train")
+
+
+@pytest.mark.parametrize("text", ["{\"images\": " + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000])
+def test_pathological_json_is_one_clear_error(tmp_path: Path, text: str):
+    from dinodet.data.coco import load_json
+    from dinodet.data.report import DatasetError
+
+    path = tmp_path / "instances_train2017.json"
+    path.write_text(text)
+    with pytest.raises(DatasetError, match="cannot parse annotation file .*instances_train2017.json"):
+        load_json(path)
+
+
+def test_a_negative_area_is_replaced_by_the_box_area(tmp_path: Path):
+    """COCOeval files a box by its "area"; a negative one fits no area range and would be ignored."""
+    data = json.loads(ANN.read_text())
+    first = data["annotations"][0]
+    first["area"] = -5.0
+    ann = tmp_path / "instances.json"
+    ann.write_text(json.dumps(data))
+    ds = build_dataset(str(COCO128), "train", "coco", train=False, data_cfg=SMALL, ann_file=ann,
+                       img_dir=COCO128 / "images" / "train2017")
+    kept = next(a for a in ds.coco.dataset["annotations"] if a["id"] == first["id"])
+    w, h = first["bbox"][2:]
+    assert kept["area"] == pytest.approx(w * h)

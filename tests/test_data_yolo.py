@@ -166,12 +166,33 @@ def test_label_problems_name_the_label_file_and_line(tmp_path: Path):
     img.mkdir(parents=True)
     lbl.mkdir(parents=True)
     Image.new("RGB", (40, 20)).save(img / "a.jpg")
-    (lbl / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n0 0.5 0.5 0 0.2\n0 1.8 0.5 0.2 0.2\n7 0.5 0.5 0.2 0.2\n")
+    (lbl / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n0 0.5 0.5 0 0.2\n0 1.8 0.5 0.2 0.2\n7 0.5 0.5 0.2 0.2\n"
+                               "0 20 10 8 4\n")  # line 5: pixels, not fractions of the image
     (tmp_path / "names.txt").write_text("thing\n")
     ds = build_dataset(str(tmp_path), "train", "yolo", train=False, data_cfg=SMALL)
     r = ds.report
     assert (r.boxes, r.boxes_dropped_degenerate, r.boxes_outside, r.unknown_category) == (1, 1, 1, 1)
     assert any(m.startswith(f"{lbl / 'a.txt'}: line 2: box") and "has no area" in m for m in r.messages)
     assert any(m.startswith(f"{lbl / 'a.txt'}: line 3: box") and "lies outside" in m for m in r.messages)
-    assert any("class 7 (1 boxes) is beyond the 1 class names" in m for m in r.messages)
+    assert f"{lbl / 'a.txt'}: line 4: class 7 (1 boxes) is beyond the 1 class names; skipped" in r.messages
+    assert r.invalid_annotations == 1
+    assert f"{lbl / 'a.txt'}: line 5: values above 1 (pixels?): YOLO boxes are fractions of the image size; " \
+           "skipped" in r.messages
     assert all("dinodet_source" not in a for a in ds.coco.dataset["annotations"])  # not in the ground truth
+
+
+@pytest.mark.parametrize(("file", "content", "fragment"), [
+    ("data.yaml", "names: []\n", "'names:' is empty"),
+    ("data.yaml", "names: {}\n", "'names:' is empty"),
+    ("data.yaml", "names: [a, b\ntrain: x\n", "is not valid YAML"),  # said, not "no class names found"
+    ("data.yaml", "names: [caf\xe9]\n".encode("latin-1"), "not UTF-8"),
+    ("names.txt", "caf\xe9\n".encode("latin-1"), "not UTF-8"),
+])
+def test_bad_names_files_are_one_clear_error(tmp_path: Path, file: str, content, fragment: str):
+    from dinodet.data.yolo import find_names_file
+
+    path = tmp_path / file
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DatasetError, match=fragment) as err:
+        read_names(find_names_file(tmp_path))
+    assert file in str(err.value)

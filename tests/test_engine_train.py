@@ -474,3 +474,26 @@ def test_eval_every_skips_the_evaluations_in_between(shapes_root, tmp_path):
     records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert ["eval_AP" in r for r in records] == [False, True, True]  # epoch 2, and the last one
+
+
+def test_a_run_stopped_before_its_first_checkpoint_can_be_started_over(tmp_path: Path):
+    """A job killed while saving its first checkpoint leaves its log, config and TensorBoard files:
+    --resume (what a requeued job passes) starts it over; a new run there is refused, as anywhere
+    a run's files would be overwritten."""
+    from dinodet.engine.train import check_run_dir
+
+    run_dir = tmp_path / "r"
+    (run_dir / "tb").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 1, "step": 4}\n')
+    (run_dir / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="pass --resume to start it over"):
+        check_run_dir(run_dir, resume=False)
+    assert check_run_dir(run_dir, resume=True) is False  # nothing to resume: a new run, allowed
+    (run_dir / "metrics.json").write_text("{}")  # a finished run's results: never overwritten
+    with pytest.raises(ConfigError, match=r"earlier run's results \(metrics.json, metrics.jsonl"):
+        check_run_dir(run_dir, resume=True)
+    alone = tmp_path / "mine"
+    alone.mkdir()
+    (alone / "curves.png").write_bytes(b"a picture of the user's")
+    with pytest.raises(ConfigError, match="curves.png"):
+        check_run_dir(alone, resume=False)

@@ -260,6 +260,11 @@ def test_api_rejects_bad_options(tiny_detector: Detector, tmp_path: Path):
         to_onnx(tiny_detector, tmp_path / "m.onnx", dynamic=True, batch_size=2)
     with pytest.raises(ExportError, match=r"\.onnx"):
         to_onnx(tiny_detector, tmp_path / "m.pt")
+    with pytest.raises(ExportError, match="max_size must be >= 65"):  # a 1x1 model that finds nothing
+        to_onnx(tiny_detector, tmp_path / "m.onnx", max_size=1)
+    with pytest.raises(ExportError, match="need size <= max_size, got size 100 and max_size 80"):
+        to_onnx(tiny_detector, tmp_path / "m.onnx", size=100, max_size=80)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_predict_onnxruntime_errors_are_one_line(image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):

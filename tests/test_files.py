@@ -46,3 +46,9 @@ def test_errors_name_the_target_not_the_temporary_file(tmp_path):
     with pytest.raises(OSError) as err:
         write_json_atomic(target, {"AP": 0.5})
     assert err.value.filename == str(target) and ".tmp" not in str(err.value)
+
+
+def test_a_name_near_the_length_limit_is_written(tmp_path):
+    target = tmp_path / ("x" * 240 + ".json")  # fits (255 bytes), but ".<name>.<pid>.tmp.json" would not
+    write_json_atomic(target, [1])
+    assert json.loads(target.read_text()) == [1] and os.listdir(tmp_path) == [target.name]

@@ -295,7 +295,7 @@ def load_checkpoint(path: str | os.PathLike, preset: str | None = None, device: 
     (checkpoint_best.pt of an EMA run stores them as its weights).
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         loaded = _load_safetensors(path)
     else:
         obj = read_torch_file(path)
@@ -381,7 +381,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: DINOConfi
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         from safetensors.torch import save_file
 
         if extra:

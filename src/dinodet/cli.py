@@ -109,7 +109,9 @@ def _run(args: argparse.Namespace) -> int:
 
 class _WarningLines(logging.Handler):
     """The package's logged warnings (e.g. an unreadable image, skipped) as ``dinodet: warning:``
-    lines, like the CLI's own; written through tqdm so that a progress bar stays intact."""
+    lines, like the CLI's own; written through tqdm so that a progress bar stays intact.  A
+    multi-line warning (a dataset's problem counts and first files) keeps all its lines, each
+    prefixed, so that none is lost and each can be grepped."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -118,7 +120,8 @@ class _WarningLines(logging.Handler):
         from tqdm import tqdm
 
         kind = "error" if record.levelno >= logging.ERROR else "warning"
-        tqdm.write(f"dinodet: {kind}: {first_line(record.getMessage())}", file=sys.stderr)
+        lines = record.getMessage().rstrip().splitlines() or [""]
+        tqdm.write("\n".join(f"dinodet: {kind}: {line}" for line in lines), file=sys.stderr)
 
 
 def _is_main_process() -> bool:
@@ -218,7 +221,10 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     _check_predict_args(args)
-    paths = list(dict.fromkeys(iter_image_paths(args.images)))  # a file named twice runs once
+    unique: dict[Path, Path] = {}  # a file named twice (also as "a.jpg" and "dir/../a.jpg") runs once
+    for path in iter_image_paths(args.images):
+        unique.setdefault(path.resolve(), path)
+    paths = list(unique.values())
     if not paths:
         raise ImageLoadError(f"no images found in {', '.join(repr(str(p)) for p in args.images)}")
     out_dir = Path(args.out)
@@ -275,9 +281,14 @@ def _check_predict_args(args: argparse.Namespace) -> None:
 
 
 def _check_out_folder(out_dir: Path) -> None:
-    """Before the slow work: ``--out`` must be (or become) a folder."""
+    """Before the slow work: ``--out`` must be (or become) a folder we can write in."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out '{out_dir}' is a file; it must be a folder (created if needed)")
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out '{out_dir}': '{existing}' is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out '{out_dir}': no permission to write in '{existing}'")
 
 
 @dataclasses.dataclass(frozen=True)

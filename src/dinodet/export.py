@@ -158,6 +158,8 @@ def to_onnx(
     if msda not in MSDA_VARIANTS:
         raise ExportError(f"unknown MSDA variant '{msda}' (choose from: {', '.join(MSDA_VARIANTS)})")
     _check_resize(size, max_size)  # what is given, before the slow loading
+    if size is not None and max_size is not None and size > max_size:  # as predict refuses it
+        raise ExportError(f"need size <= max_size, got size {size} and max_size {max_size}")
     if dynamic and (batch_size is not None or input_size is not None):
         raise ExportError("a batch size / input size fixes the input shape: not allowed with dynamic")
     batch_size = 1 if batch_size is None else int(batch_size)
@@ -234,10 +236,12 @@ def to_onnx(
 
 
 def _check_resize(size: int | None, max_size: int | None) -> None:
+    """The resize an export records (checked as given, then as resolved with the checkpoint's)."""
     if size is not None and size < 1:
         raise ExportError(f"size must be >= 1, got {size}")
-    if max_size is not None and max_size < 1:
-        raise ExportError(f"max_size must be >= 1, got {max_size}")
+    if max_size is not None and max_size < DYNAMIC_MIN_SIDE:  # the default input size is max_size square
+        raise ExportError(f"max_size must be >= {DYNAMIC_MIN_SIDE} (the coarsest feature level needs 2x2 cells), "
+                          f"got {max_size}")
 
 
 # ------------------------------------------------------------------------------------------ helpers

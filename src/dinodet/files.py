@@ -24,7 +24,8 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     ``open`` (not ``mkstemp``) keeps the usual umask permissions.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    # the stem is shortened: a name near the file system's 255-byte limit must still get a temporary
+    tmp = path.with_name(f".{path.stem[:64]}.{os.getpid()}.tmp{path.suffix}")
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -109,6 +109,8 @@ def load_json(path: Path) -> dict[str, Any]:
         raise DatasetError(f"annotation file not found: '{path}'") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DatasetError(f"cannot parse annotation file '{path}': {e}") from None
+    except (ValueError, RecursionError) as e:  # e.g. a 5000-digit number, brackets nested 100k deep
+        raise DatasetError(f"cannot parse annotation file '{path}': {first_line(e)}") from None
     if not isinstance(data, dict):
         raise DatasetError(f"'{path}' is not a COCO annotation file (top level is not an object)")
     return data
@@ -263,6 +265,7 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
     gt_anns: list[dict[str, Any]] = []
     used_ann_ids: set[int] = set()
     unknown: Counter[int] = Counter()
+    first_unknown: dict[int, str] = {}  # category id -> where it was first seen (YOLO: file and line)
     pending_id: list[dict[str, Any]] = []  # annotations needing a fresh id (missing/duplicate/zero)
     for a in anns_in:
         parsed = _parse_annotation(a)
@@ -279,6 +282,7 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
         idx = label_map.get_index(cid)
         if idx is None:
             unknown[cid] += 1
+            first_unknown.setdefault(cid, a.get(SOURCE_KEY, ""))
             continue
         info = images[iid]
         width, height = info["width"], info["height"]
@@ -302,7 +306,8 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
             gt["bbox"], gt["area"] = [x1, y1, x2 - x1, y2 - y1], (x2 - x1) * (y2 - y1)
         else:  # unchanged, so official evaluations are reproduced exactly
             gt["bbox"] = [x, y, w, h]
-            gt["area"] = float(a["area"]) if _finite(a.get("area")) else w * h
+            # a negative area would drop the box from every COCOeval area range (AP would ignore it)
+            gt["area"] = float(a["area"]) if _finite(a.get("area")) and float(a["area"]) >= 0 else w * h
         aid = _positive_int(a.get("id"))
         if aid is None or aid in used_ann_ids:
             pending_id.append(gt)  # COCOeval treats match id 0 as "unmatched": ids must be unique and > 0
@@ -320,7 +325,8 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
     for cid, n in sorted(unknown.items()):
         what = (f"class {cid} ({n} boxes) is beyond the {len(label_map.class_names)} class names"
                 if yolo else f"category id {cid} ({n} boxes) is not in the label map")
-        report.add("unknown_category", f"{src}: {what}; skipped", n=n)
+        report.add("unknown_category", f"{first_unknown[cid] or src}: {what}"
+                   + ("; first here" if n > 1 and first_unknown[cid] else "") + "; skipped", n=n)
 
     order = sorted(images)  # sorted image ids, like torchvision's CocoDetection
     counts = np.array([len(per_image[i]) for i in order], dtype=np.int64)

@@ -34,6 +34,11 @@ from .report import DataReport, DatasetError, SplitNotFoundError
 NAMES_FILES = ("names.txt", "classes.txt", "obj.names")
 
 
+# A label value above this is not a fraction of the image size (rounding gives 1.0001, boxes reach
+# a little outside; pixel coordinates give tens or hundreds): such a line is skipped, not clipped.
+NOT_NORMALISED = 2.0
+
+
 class YoloFormatError(DatasetError):
     """The YOLO dataset layout or names list cannot be found/parsed."""
 
@@ -50,6 +55,8 @@ def read_names(path: str | Path) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise YoloFormatError(f"cannot read class names from '{path}': {e}") from e
+    except UnicodeDecodeError:
+        raise YoloFormatError(f"'{path}' is not UTF-8 text; save the class names as UTF-8") from None
     names = [ln.strip() for ln in lines]
     while names and not names[-1]:
         names.pop()
@@ -59,6 +66,8 @@ def read_names(path: str | Path) -> list[str]:
 
 
 def _names_from_yaml_value(names: Any, path: Path) -> list[str]:
+    if isinstance(names, (list, dict)) and not names:
+        raise YoloFormatError(f"'{path}': 'names:' is empty; list the class names")
     if isinstance(names, list):
         return [str(n) for n in names]
     if isinstance(names, dict):
@@ -77,6 +86,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise YoloFormatError(f"cannot read '{path}': {e}") from e
+    except UnicodeDecodeError:
+        raise YoloFormatError(f"'{path}' is not UTF-8 text; save it as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -91,12 +102,15 @@ def find_names_file(root: Path) -> Path:
     for name in NAMES_FILES:
         if (root / name).is_file():
             return root / name
+    unreadable: YoloFormatError | None = None
     for yml in sorted([*root.glob("*.yaml"), *root.glob("*.yml")], key=lambda p: (p.stem != "data", p.name)):
         try:
             if "names" in _read_yaml(yml):
                 return yml
-        except YoloFormatError:
-            continue
+        except YoloFormatError as e:
+            unreadable = unreadable or e
+    if unreadable is not None:  # e.g. a data.yaml with a syntax error: say that, not "no names found"
+        raise unreadable
     raise YoloFormatError(
         f"no class names found in '{root}' (looked for {', '.join(NAMES_FILES)} and *.yaml with 'names:'); "
         + ("it looks like a COCO dataset: use --format coco" if (root / "annotations").is_dir()
@@ -279,6 +293,9 @@ def _read_label_file(path: Path, report: DataReport) -> list[tuple[tuple[float, 
             box = ((min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys))
         else:
             bad[f"line {n}: expected 'class cx cy w h', got {len(fields)} fields"] += 1
+            continue
+        if max(coords) > NOT_NORMALISED:
+            bad[f"line {n}: values above 1 (pixels?): YOLO boxes are fractions of the image size"] += 1
             continue
         out.append((box, int(cls), n))
     for msg in bad:

@@ -131,7 +131,7 @@ def _checkpoint_weights(model: DINO, path: str | os.PathLike
     checkpoint's class count, so e.g. an official DINO-4scale COCO model fine-tunes any dataset with
     ``--preset dino_r50_4scale``; all official keys must be accounted for (``load_official_state``).
     """
-    state = official_state(read_torch_file(path)) if Path(path).suffix != ".safetensors" else None
+    state = official_state(read_torch_file(path)) if Path(path).suffix.lower() != ".safetensors" else None
     if state is None:
         ckpt = load_checkpoint(path, ema=True)  # a run's checkpoint.pt: the weights it evaluated, as predict/eval
         return ckpt.model.state_dict(), ckpt.config.model.num_classes, ckpt.class_names, ckpt.category_ids

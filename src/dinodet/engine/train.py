@@ -77,8 +77,8 @@ from .distributed import (
 from .ema import ModelEMA
 from .evaluate import HEADLINE, EvalResult, evaluate
 from .finetune import load_finetune_weights
-from .logging import METRICS_LOG, RunLogger
-from .pictures import write_eval_pictures
+from .logging import METRICS_LOG, TB_DIR, RunLogger
+from .pictures import PER_CLASS_AP, PR_CURVE, PREDICTIONS_DIR, write_eval_pictures
 from .plots import plot_curves
 
 CHECKPOINT = "checkpoint.pt"
@@ -86,6 +86,9 @@ BEST_CHECKPOINT = "checkpoint_best.pt"
 FINAL_METRICS = "metrics.json"
 CURVES = "curves.png"
 RESOLVED_CONFIG = "config.json"
+# everything a run writes in RUN_DIR besides checkpoint.pt, none of which a new run may overwrite
+RUN_OUTPUTS = (BEST_CHECKPOINT, FINAL_METRICS, METRICS_LOG, RESOLVED_CONFIG, CURVES, PR_CURVE, PER_CLASS_AP,
+               PREDICTIONS_DIR, TB_DIR)
 AMP_MODES = ("off", "bf16", "fp16")
 TRAIN_STATE_VERSION = 1
 
@@ -202,17 +205,22 @@ def check_run_dir(run_dir: Path, resume: bool) -> bool:
     """Whether the run in ``run_dir`` is to be resumed (``resume`` and a checkpoint.pt there).
 
     Raises ConfigError rather than overwrite an earlier run's results: a checkpoint.pt without
-    ``resume``, or results (best checkpoint, metrics) with no checkpoint.pt to continue from."""
+    ``resume``, or files a run writes with no checkpoint.pt to continue from.  One exception: with
+    ``resume``, a run stopped before its first checkpoint (only its log, config and curves exist,
+    no best checkpoint or final metrics) starts over there, as a requeued job needs."""
     if (run_dir / CHECKPOINT).is_file():
         if not resume:
             raise ConfigError(f"'{run_dir}' already holds a run ({CHECKPOINT}); pass --resume to continue it "
                               "or choose another --out")
         return True
-    earlier = [name for name in (BEST_CHECKPOINT, FINAL_METRICS, METRICS_LOG) if (run_dir / name).exists()]
-    if earlier:
-        raise ConfigError(f"'{run_dir}' holds an earlier run's results ({', '.join(earlier)}) but no {CHECKPOINT} "
-                          "to resume from; choose another --out")
-    return False
+    earlier = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    finished = [name for name in (BEST_CHECKPOINT, FINAL_METRICS) if name in earlier]
+    if not earlier or (resume and not finished):
+        return False
+    hint = ("" if finished else f"; if it is a run stopped before its first {CHECKPOINT}, pass --resume to start "
+            "it over")
+    raise ConfigError(f"'{run_dir}' holds an earlier run's results ({', '.join(earlier)}) but no {CHECKPOINT} "
+                      f"to resume from; choose another --out{hint}")
 
 
 def read_train_state(path: Path) -> dict[str, Any]:
@@ -306,7 +314,9 @@ class Trainer:
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.info.enabled else self.model)
         self.logger = RunLogger(self.run_dir, enabled=self.info.is_main,
-                                resume_step=self.counters.step if state is not None else None,
+                                # a run restarted by --resume (stopped before its first checkpoint): its
+                                # log and TensorBoard events are dropped, as those after a checkpoint are
+                                resume_step=self.counters.step if state is not None else (0 if opts.resume else None),
                                 tensorboard=opts.tensorboard)
         if self.info.is_main:
             write_json_atomic(self.run_dir / RESOLVED_CONFIG, self.cfg.to_dict())
