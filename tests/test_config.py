@@ -33,6 +33,8 @@ def test_presets_are_valid_and_round_trip(name: str):
     ("data.crop_size=[600,384]", "data.crop_size is (min, max)"),
     ("data.eval_size=-5", "data.eval_size must be >= 1"),
     ("loss.aux_loss=1", "loss.aux_loss must be true or false"),
+    ("train.epochs", "override 'train.epochs' is not of the form key.path=value"),
+    ("=3", "override '=3' is not of the form key.path=value"),
 ])
 def test_bad_values_name_their_key(override: str, message: str):
     with pytest.raises(ConfigError) as err:
@@ -62,3 +64,11 @@ def test_unknown_names_in_the_model_are_config_errors():
                                ("model.msda_backend=\"bogus\"", "unknown model.msda_backend 'bogus'")):
         with pytest.raises(ConfigError, match=fragment):
             build_model(apply_overrides(get_preset("tiny"), [override]))
+
+
+@pytest.mark.parametrize("override", ["demo.num_train", "demo.nope=3", "demo.num_train=0"])
+def test_demo_overrides_are_config_errors(override: str):
+    from dinodet.engine.demo import demo_config
+
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        demo_config([override])

@@ -259,11 +259,18 @@ def _dataclass_type(cls, name: str):
     return None
 
 
-def _parse_value(text: str) -> Any:
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"key.path=value"`` -> (key path, value parsed as JSON, else the text itself).
+
+    Raises ConfigError for an item without ``=`` or without a key.
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' is not of the form key.path=value")
     try:
-        return json.loads(text)
+        return key.strip(), json.loads(raw)
     except json.JSONDecodeError:
-        return text
+        return key.strip(), raw
 
 
 def apply_overrides(cfg: DINOConfig, overrides: list[str]) -> DINOConfig:
@@ -273,10 +280,8 @@ def apply_overrides(cfg: DINOConfig, overrides: list[str]) -> DINOConfig:
     """
     d = cfg.to_dict()
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key.path=value")
-        path, raw = item.split("=", 1)
-        keys = path.strip().split(".")
+        path, value = parse_override(item)
+        keys = path.split(".")
         node = d
         for k in keys[:-1]:
             if not isinstance(node, dict) or k not in node or not isinstance(node[k], dict):
@@ -284,5 +289,5 @@ def apply_overrides(cfg: DINOConfig, overrides: list[str]) -> DINOConfig:
             node = node[k]
         if keys[-1] not in node:
             raise ConfigError(f"unknown config key: {path}")
-        node[keys[-1]] = _parse_value(raw)
+        node[keys[-1]] = value
     return DINOConfig.from_dict(d)

@@ -8,12 +8,11 @@ with ``demo.`` go to DemoSettings (e.g. ``demo.num_train=100``), all others to t
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError, DINOConfig, apply_overrides, typed_value
+from ..config import ConfigError, DINOConfig, apply_overrides, parse_override, typed_value
 from ..presets import get_preset
 
 DEMO_PRESET = "tiny"
@@ -67,22 +66,18 @@ def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> tuple[DemoSettin
     Raises:
         ConfigError: an unknown key or a malformed override.
     """
-    demo_items = [o for o in overrides if o.split("=", 1)[0].strip().startswith("demo.")]
-    cfg_items = [o for o in overrides if o not in demo_items]
+    parsed = [parse_override(o) for o in overrides]
+    demo_items = [(k, v) for k, v in parsed if k.startswith("demo.")]
+    cfg_items = [o for o, (k, _) in zip(overrides, parsed) if not k.startswith("demo.")]
     cfg = apply_overrides(get_preset(DEMO_PRESET), list(DEMO_OVERRIDES) + cfg_items)
     cfg.name = DEMO_PRESET  # the architecture is tiny's; checkpoints then load with --preset tiny
     values = dataclasses.asdict(DemoSettings())
     hints = typing.get_type_hints(DemoSettings)
-    for item in demo_items:
-        key, raw = item.split("=", 1)
-        name = key.strip().removeprefix("demo.")
+    for key, value in demo_items:
+        name = key.removeprefix("demo.")
         if name not in values:
-            raise ConfigError(f"unknown config key: {key.strip()} (demo keys: {', '.join('demo.' + k for k in values)})")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        values[name] = typed_value(hints[name], value, key.strip())
+            raise ConfigError(f"unknown config key: {key} (demo keys: {', '.join('demo.' + k for k in values)})")
+        values[name] = typed_value(hints[name], value, key)
     settings = DemoSettings(**values)
     # checked here, before the training they would otherwise end (the dataset's own are checked on generation)
     for name in ("num_train", "num_val"):
