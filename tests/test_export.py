@@ -122,6 +122,7 @@ def test_cli_export_writes_checked_onnx_with_metadata(dynamic_onnx: Path, capsys
     assert contract["inputs"]["images"]["shape"] == ["batch", 3, "height", "width"]
     assert contract["inputs"]["mask"]["dtype"] == "bool"
     assert contract["preprocess"]["mean"] == [0.485, 0.456, 0.406]
+    assert contract["num_select"] == int(meta["num_select"]) and "caller" in contract["postprocess"]
     shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in [*model.graph.input, *model.graph.output]}
     assert shapes == {"images": ["batch", 3, "height", "width"], "mask": ["batch", "height", "width"],

@@ -518,5 +518,9 @@ def _contract(input_names: Sequence[str], output_names: Sequence[str], dynamic: 
                        "pad": "zeros at bottom/right to the batch's largest image; mask True there"},
         "shape": ({"dynamic": True, "min_side": DYNAMIC_MIN_SIDE} if dynamic
                   else {"dynamic": False, "batch": batch_size, "height": input_size[0], "width": input_size[1]}),
-        "num_select": num_select if with_postprocess else None,
+        "num_select": num_select,
+        "postprocess": ("in the graph: the top num_select detections of each image" if with_postprocess else
+                        "by the caller: sigmoid(logits), the top num_select scores over all (query, class) "
+                        "pairs, each with its query's box as x0, y0, x1, y1 times (width, height, width, "
+                        "height) of the original image"),
     }
