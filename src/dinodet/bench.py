@@ -26,6 +26,7 @@ from .models.dino import DINO
 from .models.ops.msda import resolve_backend
 from .modes import ModeRunner, autocast, supported_modes
 from .presets import get_preset
+from .targets import Target
 
 #: Training-step recipes: (MSDA backend, amp, channels_last, fused AdamW).
 TRAIN_MODES: dict[str, tuple[str, str, bool, bool]] = {
@@ -89,7 +90,7 @@ def _time(fn: Callable[[], object], device: torch.device, warmup: int, iters: in
 
 
 def random_batch(batch: int, size: tuple[int, int], device: torch.device, num_boxes: int = 7,
-                 num_classes: int = 91, seed: int = 0) -> tuple[Tensor, Tensor, list[dict[str, Tensor]]]:
+                 num_classes: int = 91, seed: int = 0) -> tuple[Tensor, Tensor, list[Target]]:
     """Normalised random images [B, 3, H, W], an all-valid mask and ``num_boxes`` random targets each."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, *size, generator=g)
@@ -151,7 +152,7 @@ def _each(modes: Sequence[str], task: str, run: Callable[[str], BenchRecord]) ->
 
 
 def _train_one(cfg: DINOConfig, name: str, device: torch.device, images: Tensor, mask: Tensor,
-               targets: list[dict[str, Tensor]], warmup: int, iters: int) -> BenchRecord:
+               targets: list[Target], warmup: int, iters: int) -> BenchRecord:
     step = make_train_step(cfg, name, device, images, mask, targets)
     sec, peak = _time(step, device, warmup, iters)
     backend = TRAIN_MODES[name][0]
@@ -160,7 +161,7 @@ def _train_one(cfg: DINOConfig, name: str, device: torch.device, images: Tensor,
 
 
 def make_train_step(cfg: DINOConfig, name: str, device: torch.device, images: Tensor, mask: Tensor,
-                    targets: list[dict[str, Tensor]]) -> Callable[[], None]:
+                    targets: list[Target]) -> Callable[[], None]:
     """One training step (forward, losses, backward, clipping, AdamW) of a fresh model in training mode
     ``name`` (a key of ``TRAIN_MODES``) on this fixed batch, as a closure."""
     backend, amp, channels_last, fused = TRAIN_MODES[name]

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from .boxes import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from .config import LossConfig
-from .matcher import HungarianMatcher, MatchIndices, Target
+from .matcher import HungarianMatcher, MatchIndices
+from .targets import Target
 
 if TYPE_CHECKING:  # type-only: keeps the criterion importable independently of the model package
     from .models.outputs import DenoisingMeta, DINOOutput

@@ -8,8 +8,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from .targets import Target
 
-Target = dict[str, Tensor]  # {'labels': int64 [n], 'boxes': float [n, 4] cxcywh in 0..1}
 MatchIndices = list[tuple[Tensor, Tensor]]  # per image: (query indices, target indices), int64 CPU
 
 

@@ -35,9 +35,10 @@ from torchvision import tv_tensors
 
 from ..boxes import box_xyxy_to_cxcywh
 from ..config import DataConfig
+from ..targets import Target
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_size, image_hw, to_float_image
 
-Target = dict[str, Any]
+RawTarget = dict[str, Any]  # before _finalize: tv_tensors BoundingBoxes (xyxy pixels), labels
 
 
 def _randint(low: int, high: int) -> int:
@@ -102,7 +103,7 @@ class DropEmptyBoxes:
     cannot express that (its minimum size is 1 pixel), hence this small transform.
     """
 
-    def __call__(self, image: Any, target: Target) -> tuple[Any, Target]:
+    def __call__(self, image: Any, target: RawTarget) -> tuple[Any, RawTarget]:
         boxes = target["boxes"]
         n = boxes.shape[0]
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
@@ -116,7 +117,7 @@ class DropEmptyBoxes:
         return image, out
 
 
-def _finalize(image: Image.Image | Tensor, target: Target) -> tuple[Tensor, Target]:
+def _finalize(image: Image.Image | Tensor, target: RawTarget) -> tuple[Tensor, Target]:
     """To float tensor + ImageNet normalisation; boxes xyxy pixels -> normalised (cx, cy, w, h)."""
     h, w = image_hw(image)
     tensor = F.normalize(to_float_image(image), list(IMAGENET_MEAN), list(IMAGENET_STD))
@@ -135,7 +136,7 @@ class DetectionTransform:
         self.geometric = geometric
         self.name = name
 
-    def __call__(self, image: Image.Image | Tensor, target: Target) -> tuple[Tensor, Target]:
+    def __call__(self, image: Image.Image | Tensor, target: RawTarget) -> tuple[Tensor, Target]:
         h, w = image_hw(image)
         if isinstance(image, Tensor) and not isinstance(image, tv_tensors.Image):
             # A plain tensor would be treated as "the image" only if no other tensor came first;

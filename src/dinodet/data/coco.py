@@ -47,6 +47,7 @@ from torch.utils.data import Dataset
 
 from ..config import DataConfig
 from ..errors import first_line
+from ..targets import Target
 from .augment import DetectionTransform, eval_transforms, train_transforms
 from .images import EXIF_ORIENTATION, ImageLoadError, load_image, upright_size
 from .labels import LabelMap
@@ -509,7 +510,7 @@ class DetectionDataset(Dataset):
             self.report.add(counter, message)
             logger.warning(message)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]] | None:
+    def __getitem__(self, i: int) -> tuple[Tensor, Target] | None:
         if i < 0:
             i += len(self)
         if i in self._bad:

@@ -9,12 +9,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..targets import Target
 from .transforms import pad_batch
 
-Batch = tuple[Tensor, Tensor, list[dict[str, Tensor]]]
+Batch = tuple[Tensor, Tensor, list[Target]]
 
 
-def collate(batch: list[tuple[Tensor, dict[str, Tensor]] | None]) -> Batch | None:
+def collate(batch: list[tuple[Tensor, Target] | None]) -> Batch | None:
     """Pad a list of samples into one batch, dropping unreadable items (``None``).
 
     Args:

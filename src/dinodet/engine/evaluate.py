@@ -32,6 +32,7 @@ from ..boxes import box_xyxy_to_xywh
 from ..data.transforms import image_hw, size_groups
 from ..modes import autocast as amp_autocast
 from ..postprocess import postprocess
+from ..targets import Target
 from .distributed import DistInfo, all_gather_objects, broadcast_object
 
 #: COCOeval.stats in order; the AP* entries are the headline metrics written to metrics.json.
@@ -75,7 +76,7 @@ def _as_list(batch: list[Any]) -> list[Any]:
     return batch  # keep images unpadded; grouping by size happens in predict_dataset
 
 
-def same_size_groups(items: Sequence[tuple[Tensor, dict[str, Tensor]]]) -> list[list[int]]:
+def same_size_groups(items: Sequence[tuple[Tensor, Target]]) -> list[list[int]]:
     """Indices of ``items`` grouped by image size (first-appearance order, input order within)."""
     return size_groups([image_hw(image) for image, _ in items])
 
@@ -142,7 +143,7 @@ def predict_dataset(
     return [r for part, _ in gathered for r in part], sorted(i for _, part in gathered for i in part)
 
 
-def _predict_group(items: list[tuple[Tensor, dict[str, Tensor]]], model: nn.Module,
+def _predict_group(items: list[tuple[Tensor, Target]], model: nn.Module,
                    category_ids: Sequence[int | None], device: torch.device, num_select: int,
                    amp: str) -> list[dict[str, Any]]:
     images = torch.stack([im for im, _ in items]).to(device, non_blocking=True)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from ..targets import Target
 from .outputs import DenoisingMeta
 
 
@@ -58,7 +59,7 @@ class ContrastiveDenoising(nn.Module):
         self.label_noise_ratio = label_noise_ratio
         self.box_noise_scale = box_noise_scale
 
-    def forward(self, targets: list[dict[str, Tensor]], num_queries: int) -> DenoisingQueries:
+    def forward(self, targets: list[Target], num_queries: int) -> DenoisingQueries:
         """targets: per image 'labels' int64 [n_i] and 'boxes' [n_i, 4] cxcywh 0..1."""
         device, dtype = self.label_embed.weight.device, self.label_embed.weight.dtype
         counts = [int(t["labels"].numel()) for t in targets]

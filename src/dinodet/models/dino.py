@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from ..boxes import inverse_sigmoid
 from ..config import ModelConfig
+from ..targets import Target
 from .attention import MultiScaleDeformableAttention, set_msda_backend
 from .backbones import build_backbone
 from .backbones.resnet import resample_mask
@@ -78,7 +79,7 @@ class DINO(nn.Module):
         self.query_selection.class_head.load_state_dict(self.class_head.state_dict())
         self.query_selection.box_head.load_state_dict(self.box_head.state_dict())
 
-    def forward(self, images: Tensor, mask: Tensor, targets: list[dict[str, Tensor]] | None = None, *,
+    def forward(self, images: Tensor, mask: Tensor, targets: list[Target] | None = None, *,
                 enc_topk_index: Tensor | None = None) -> DINOOutput:
         """
         Args:
