@@ -18,8 +18,8 @@ from dinodet.config import BackboneConfig
 from dinodet.data.transforms import pad_batch
 from dinodet.models.backbones import build_backbone
 from dinodet.models.backbones.convnext import CONVNEXT_VARIANTS, ConvNeXtBackbone
-from dinodet.models.backbones.resnet import resample_mask
 from dinodet.models.dino import DINO
+from dinodet.models.masks import resample_mask
 from dinodet.presets import get_preset
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference"

@@ -19,9 +19,9 @@ from dinodet.compat.reference_run import apply_train_overrides
 from dinodet.config import BackboneConfig
 from dinodet.data.transforms import pad_batch
 from dinodet.models.backbones import build_backbone
-from dinodet.models.backbones.resnet import resample_mask
 from dinodet.models.backbones.swin import SWIN_VARIANTS, SwinBackbone, shifted_window_mask
 from dinodet.models.dino import DINO
+from dinodet.models.masks import resample_mask
 from dinodet.presets import get_preset
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference"

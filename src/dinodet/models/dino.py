@@ -9,24 +9,16 @@ from ..config import ModelConfig
 from ..targets import Target
 from .attention import MultiScaleDeformableAttention, set_msda_backend
 from .backbones import build_backbone
-from .backbones.resnet import resample_mask
 from .decoder import DeformableDecoder
 from .denoising import ContrastiveDenoising
 from .encoder import DeformableEncoder
 from .heads import box_head, class_head
+from .masks import resample_mask, valid_ratios
 from .neck import InputProjection
 from .ops.msda import available_backends
 from .outputs import DINOOutput
 from .position import SinePositionEncoding
 from .query_selection import QuerySelection
-
-
-def valid_ratios(mask: Tensor) -> Tensor:
-    """mask [B, H, W] (True = padding) -> [B, 2] (w, h) fraction of the map that is image."""
-    _, h, w = mask.shape
-    valid_h = torch.sum(~mask[:, :, 0], 1)
-    valid_w = torch.sum(~mask[:, 0, :], 1)
-    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
 
 
 class DINO(nn.Module):

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .heads import MLP, box_head, class_head
+from .masks import valid_sizes
 
 
 def encoder_proposals(padding_mask: Tensor, spatial_shapes: list[tuple[int, int]],
@@ -31,8 +32,7 @@ def encoder_proposals(padding_mask: Tensor, spatial_shapes: list[tuple[int, int]
     start = 0
     for lvl, (h, w) in enumerate(spatial_shapes):
         mask = padding_mask[:, start:start + h * w].view(b, h, w)
-        valid_h = torch.sum(~mask[:, :, 0], 1)
-        valid_w = torch.sum(~mask[:, 0, :], 1)
+        valid_h, valid_w = valid_sizes(mask)
         # arange == linspace(0, h - 1, h) exactly, and keeps h symbolic under torch.export
         grid_y, grid_x = torch.meshgrid(
             torch.arange(h, dtype=torch.float32, device=device),

@@ -21,7 +21,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .resnet import resample_mask
+from ..masks import resample_mask
 
 # depths, dims
 CONVNEXT_VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {

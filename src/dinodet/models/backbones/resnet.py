@@ -5,10 +5,11 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d as _TorchvisionFrozenBN
+
+from ..masks import resample_mask
 
 _CHANNELS = {
     "resnet18": (64, 128, 256, 512),
@@ -56,11 +57,6 @@ class FrozenBatchNorm2d(_TorchvisionFrozenBN):
 # normalisation to train: gn (GroupNorm, 32 groups) does not depend on the batch, so results stay
 # independent of batch size and of the number of DDP processes; bn is plain BatchNorm.
 NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": partial(nn.GroupNorm, 32)}
-
-
-def resample_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest-neighbour resize of a padding mask [B, H, W] bool to ``size`` (official rule)."""
-    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
 
 
 class ResNetBackbone(nn.Module):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .resnet import resample_mask
+from ..masks import resample_mask
 
 # embed_dim, depths, heads (patch size 4 everywhere; window size is a separate knob: 7 or 12)
 SWIN_VARIANTS: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
