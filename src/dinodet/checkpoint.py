@@ -37,6 +37,9 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadedCheckpoint:
+    """A checkpoint read by ``load_checkpoint``: the model built and loaded (eval mode), its config
+    and label map, and what else the file carried."""
+
     model: DINO
     config: DINOConfig
     class_names: list[str] | None = None

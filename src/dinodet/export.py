@@ -79,6 +79,8 @@ class ExportError(ValueError):
 
 @dataclass
 class ExportResult:
+    """What ``to_onnx`` wrote: the file, its opset, input/output names and its metadata properties."""
+
     path: Path
     opset: int
     inputs: list[str]

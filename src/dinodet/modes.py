@@ -41,6 +41,8 @@ COMPILE_BUCKET = 64  # pixels; padded sizes per side under ``compile`` (800x1199
 
 @dataclass(frozen=True)
 class InferenceMode:
+    """One inference mode (``MODES``): autocast dtype, MSDA kernel, memory format, compilation."""
+
     name: str
     amp: str = "off"  # off | bf16 | fp16
     msda_backend: str = "auto"

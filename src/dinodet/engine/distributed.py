@@ -159,6 +159,8 @@ def preserved_rng() -> Iterator[None]:
 
 @dataclass
 class SlurmOptions:
+    """The SLURM allocation of ``dinodet train --slurm`` (submitit parameters)."""
+
     nodes: int = 1
     gpus_per_node: int = 1  # one training process per GPU
     cpus_per_task: int = 8

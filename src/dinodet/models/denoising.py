@@ -19,6 +19,9 @@ from .outputs import DenoisingMeta
 
 @dataclass
 class DenoisingQueries:
+    """The denoising queries of a training batch, put before the matching queries in the decoder
+    (P = 2 * groups * max targets per image)."""
+
     content: Tensor  # [B, P, C] label embeddings (zeros in unused padding slots)
     anchors_unsig: Tensor  # [B, P, 4] noised boxes, logit space (zeros in padding slots)
     attn_mask: Tensor  # [P + Q, P + Q] bool, True = may not attend
@@ -49,6 +52,11 @@ def denoising_attn_mask(num_groups: int, group_size: int, num_queries: int, devi
 
 
 class ContrastiveDenoising(nn.Module):
+    """DINO's contrastive denoising (CDN): every ground-truth box of the batch becomes, per group, a
+    positive query (label flipped with probability label_noise_ratio / 2, box moved by less than
+    box_noise_scale of its half size) and a negative one (moved further), whose predictions the
+    criterion compares with the ground truth; ``label_embed`` is the label book they start from."""
+
     def __init__(self, num_classes: int, labelbook_size: int, hidden_dim: int, dn_number: int = 100,
                  label_noise_ratio: float = 0.5, box_noise_scale: float = 0.4):
         super().__init__()
