@@ -173,7 +173,8 @@ def make_train_step(cfg: DINOConfig, name: str, device: torch.device, images: Te
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=fused or None)
+    # one group (the official step's cost); fused or not is what the modes compare
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused or None)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -181,7 +182,7 @@ def make_train_step(cfg: DINOConfig, name: str, device: torch.device, images: Te
             out = model(images, mask, targets)
         losses = criterion(out.float(), targets)
         criterion.total_loss(losses).backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.1)
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_max_norm)
         opt.step()
 
     return step
