@@ -229,9 +229,43 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
                 report.note(f"{src}: category id {cid} is '{name}' here but '{label_map.class_names[idx]}' "
                             "in the label map; using the label map")
 
+    images, dropped = _index_images(data["images"], img_dir, check_files, report, src)
+    gt_anns, per_image = _index_annotations(anns_in, images, dropped, label_map, report, src, yolo)
+
+    order = sorted(images)  # sorted image ids, like torchvision's CocoDetection
+    counts = np.array([len(per_image[i]) for i in order], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    flat = [b for i in order for b in per_image[i]]
+    arr = np.asarray(flat, dtype=np.float64).reshape(-1, 5)
+    report.num_classes = label_map.num_classes
+    report.images += len(order)
+    report.boxes += len(flat)
+    report.images_without_boxes += int((counts == 0).sum())
+
+    gt_dict = {
+        "info": data.get("info") or {"description": src},
+        "licenses": data.get("licenses") or [],
+        "images": [images[i] for i in order],
+        "annotations": gt_anns,
+        "categories": label_map.categories(),
+    }
+    return DatasetIndex(
+        gt=gt_dict, label_map=label_map, img_dir=img_dir,
+        files=[str(img_dir / images[i]["file_name"]) for i in order],
+        image_ids=np.asarray(order, dtype=np.int64),
+        sizes=np.asarray([[images[i]["height"], images[i]["width"]] for i in order], dtype=np.int64).reshape(-1, 2),
+        boxes=arr[:, :4].astype(np.float32), labels=arr[:, 4].astype(np.int64), offsets=offsets, report=report,
+        categories=dataset_cats,
+    )
+
+
+def _index_images(entries: list[Any], img_dir: Path, check_files: bool, report: DataReport, src: str
+                  ) -> tuple[dict[int, dict[str, Any]], set[int]]:
+    """The usable image entries by id (with their width and height), and the ids dropped with a
+    report (missing, unreadable, too large): their annotations then go without a second message."""
     images: dict[int, dict[str, Any]] = {}
     dropped: set[int] = set()  # images already reported (missing/unreadable): their boxes go silently
-    for entry in data["images"]:
+    for entry in entries:
         iid = entry.get("id") if isinstance(entry, dict) else None
         fname = entry.get("file_name") if isinstance(entry, dict) else None
         if not isinstance(iid, int) or isinstance(iid, bool) or not isinstance(fname, str) or not fname:
@@ -262,6 +296,14 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
             continue
         images[iid] = {**entry, "width": width, "height": height}
 
+    return images, dropped
+
+
+def _index_annotations(anns_in: list[Any], images: dict[int, dict[str, Any]], dropped: set[int],
+                       label_map: LabelMap, report: DataReport, src: str, yolo: bool
+                       ) -> tuple[list[dict[str, Any]], dict[int, list[tuple[float, float, float, float, int]]]]:
+    """(COCO ground truth: the kept annotations with unique positive ids; per image id the training
+    boxes (x1, y1, x2, y2 clipped to the image, class index), crowd boxes left out)."""
     per_image: dict[int, list[tuple[float, float, float, float, int]]] = {iid: [] for iid in images}
     gt_anns: list[dict[str, Any]] = []
     used_ann_ids: set[int] = set()
@@ -329,31 +371,7 @@ def index_coco(data: dict[str, Any], img_dir: str | Path, label_map: LabelMap | 
         report.add("unknown_category", f"{first_unknown[cid] or src}: {what}"
                    + ("; first here" if n > 1 and first_unknown[cid] else "") + "; skipped", n=n)
 
-    order = sorted(images)  # sorted image ids, like torchvision's CocoDetection
-    counts = np.array([len(per_image[i]) for i in order], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    flat = [b for i in order for b in per_image[i]]
-    arr = np.asarray(flat, dtype=np.float64).reshape(-1, 5)
-    report.num_classes = label_map.num_classes
-    report.images += len(order)
-    report.boxes += len(flat)
-    report.images_without_boxes += int((counts == 0).sum())
-
-    gt_dict = {
-        "info": data.get("info") or {"description": src},
-        "licenses": data.get("licenses") or [],
-        "images": [images[i] for i in order],
-        "annotations": gt_anns,
-        "categories": label_map.categories(),
-    }
-    return DatasetIndex(
-        gt=gt_dict, label_map=label_map, img_dir=img_dir,
-        files=[str(img_dir / images[i]["file_name"]) for i in order],
-        image_ids=np.asarray(order, dtype=np.int64),
-        sizes=np.asarray([[images[i]["height"], images[i]["width"]] for i in order], dtype=np.int64).reshape(-1, 2),
-        boxes=arr[:, :4].astype(np.float32), labels=arr[:, 4].astype(np.int64), offsets=offsets, report=report,
-        categories=dataset_cats,
-    )
+    return gt_anns, per_image
 
 
 def _parse_categories(cats: Any, src: str) -> dict[int, str]:
