@@ -21,7 +21,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from ..masks import resample_mask
+from .staged import StagedBackbone
 
 # depths, dims
 CONVNEXT_VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -71,13 +71,12 @@ class ConvNeXtTrunk(nn.Module):
         return outs
 
 
-class ConvNeXtBackbone(nn.Module):
+class ConvNeXtBackbone(StagedBackbone):
     """ConvNeXt behind the backbone interface: ``forward(images, mask) -> [(features, mask), ...]``.
 
     ``return_layers`` count stages like the official ``return_interm_indices`` (0..3 = strides 4..32).
-    ``frozen_stages``: -1 trains everything (official DINO); 0 freezes the stem; k >= 1 also freezes
-    stages 0..k-1 (with their downsampling layers).  Frozen parts get no gradient and stay in eval
-    mode.  ``use_checkpoint`` recomputes each block's activations in the backward pass.
+    ``frozen_stages`` (see ``StagedBackbone``): a stage includes its downsampling layer.
+    ``use_checkpoint`` recomputes each block's activations in the backward pass.
     """
 
     def __init__(self, name: str = "convnext_xlarge", return_layers: tuple[int, ...] = (1, 2, 3),
@@ -86,36 +85,27 @@ class ConvNeXtBackbone(nn.Module):
         if name not in CONVNEXT_VARIANTS:
             raise ValueError(f"unknown ConvNeXt variant '{name}' (available: {', '.join(CONVNEXT_VARIANTS)})")
         depths, dims = CONVNEXT_VARIANTS[name]
-        self.return_layers = tuple(sorted(return_layers))
-        if not self.return_layers or not set(self.return_layers) <= set(range(len(depths))):
-            raise ValueError(f"return_layers {return_layers} must be stage indices in 0..{len(depths) - 1}")
-        if not -1 <= frozen_stages <= len(depths):
-            raise ValueError(f"frozen_stages must be in -1..{len(depths)}, got {frozen_stages}")
+        self._setup(return_layers, len(depths), frozen_stages)
         self.body = ConvNeXtTrunk(depths, dims, drop_path_rate)
         self.num_channels = [dims[i] for i in self.return_layers]
         self.strides = [2 ** (i + 2) for i in self.return_layers]
-        self.frozen_stages = frozen_stages
         self.set_checkpointing(use_checkpoint)
         for i in range(len(dims)):
             if i not in self.return_layers:  # present for state-dict compatibility only
                 getattr(self.body, f"norm{i}").requires_grad_(False)
-        for m in self._frozen_modules():
+        for m in self.frozen_modules():
             m.requires_grad_(False)
+
+    @property
+    def stem(self) -> nn.Module:
+        return self.body.stem
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        return list(self.body.stages)
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        return self.body(images, self.return_layers)
 
     def set_checkpointing(self, enabled: bool = True) -> None:
         self.body.use_checkpoint = enabled
-
-    def _frozen_modules(self) -> list[nn.Module]:
-        if self.frozen_stages < 0:
-            return []
-        return [self.body.stem] + list(self.body.stages[:self.frozen_stages])
-
-    def train(self, mode: bool = True) -> ConvNeXtBackbone:
-        super().train(mode)
-        for m in self._frozen_modules():
-            m.eval()
-        return self
-
-    def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """images [B, 3, H, W], mask [B, H, W] -> per returned stage (features [B, C_i, h_i, w_i], mask [B, h_i, w_i])."""
-        return [(f, resample_mask(mask, f.shape[-2:])) for f in self.body(images, self.return_layers)]

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from ..masks import resample_mask
+from .staged import StagedBackbone
 
 # embed_dim, depths, heads (patch size 4 everywhere; window size is a separate knob: 7 or 12)
 SWIN_VARIANTS: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
@@ -284,15 +284,13 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-class SwinBackbone(nn.Module):
+class SwinBackbone(StagedBackbone):
     """Swin trunk behind the backbone interface: ``forward(images, mask) -> [(features, mask), ...]``.
 
     ``return_layers`` count stages like the official ``return_interm_indices`` (0..3 = strides 4..32).
-    ``frozen_stages``: -1 trains everything (official DINO); 0 freezes the patch embedding; k >= 1
-    also freezes stages 0..k-1 (their blocks and the patch merging that ends them).  Frozen parts get
-    no gradient and stay in eval mode (no stochastic depth), like the official ``_freeze_stages``
-    (whose numbering is shifted by one: its ``frozen_stages=k+1`` freezes what ``k`` freezes here;
-    DINO itself never freezes Swin).
+    ``frozen_stages`` (see ``StagedBackbone``): a stage includes the patch merging that ends it; the
+    official ``_freeze_stages`` numbering is shifted by one (its ``frozen_stages=k+1`` freezes what
+    ``k`` freezes here; DINO itself never freezes Swin), and frozen parts have no stochastic depth.
     ``use_checkpoint`` recomputes every block's activations in the backward pass
     (torch.utils.checkpoint) instead of storing them.
     """
@@ -304,38 +302,25 @@ class SwinBackbone(nn.Module):
         if name not in SWIN_VARIANTS:
             raise ValueError(f"unknown Swin variant '{name}' (available: {', '.join(SWIN_VARIANTS)})")
         embed_dim, depths, heads = SWIN_VARIANTS[name]
-        self.return_layers = tuple(sorted(return_layers))
-        if not self.return_layers or not set(self.return_layers) <= set(range(len(depths))):
-            raise ValueError(f"return_layers {return_layers} must be stage indices in 0..{len(depths) - 1}")
-        if not -1 <= frozen_stages <= len(depths):
-            raise ValueError(f"frozen_stages must be in -1..{len(depths)}, got {frozen_stages}")
+        self._setup(return_layers, len(depths), frozen_stages)
         self.body = SwinTransformer(embed_dim, depths, heads, window_size, drop_path_rate, self.return_layers, dilation)
         self.num_channels = [self.body.num_features[i] for i in self.return_layers]
         self.strides = [min(2 ** (i + 2), 16) if dilation else 2 ** (i + 2) for i in self.return_layers]
-        self.frozen_stages = frozen_stages
         self.set_checkpointing(use_checkpoint)
-        for p in self._frozen_parameters():
-            p.requires_grad_(False)
+        for m in self.frozen_modules():
+            m.requires_grad_(False)
+
+    @property
+    def stem(self) -> nn.Module:
+        return self.body.patch_embed
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        return list(self.body.layers)
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        return self.body(images)
 
     def set_checkpointing(self, enabled: bool = True) -> None:
         for stage in self.body.layers:
             stage.use_checkpoint = enabled
-
-    def _frozen_modules(self) -> list[nn.Module]:
-        if self.frozen_stages < 0:
-            return []
-        return [self.body.patch_embed] + list(self.body.layers[:self.frozen_stages])
-
-    def _frozen_parameters(self):
-        for m in self._frozen_modules():
-            yield from m.parameters()
-
-    def train(self, mode: bool = True) -> SwinBackbone:
-        super().train(mode)
-        for m in self._frozen_modules():
-            m.eval()
-        return self
-
-    def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """images [B, 3, H, W], mask [B, H, W] -> per returned stage (features [B, C_i, h_i, w_i], mask [B, h_i, w_i])."""
-        return [(f, resample_mask(mask, f.shape[-2:])) for f in self.body(images)]
