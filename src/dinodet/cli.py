@@ -666,25 +666,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .config import apply_overrides
     from .data.coco import build_dataset
-    from .data.report import DatasetError
     from .data.splits import DataSpec, eval_split
     from .engine.distributed import cleanup_distributed, init_distributed
-    from .engine.evaluate import category_mapping, evaluate, format_per_class
-    from .engine.pictures import write_eval_pictures
+    from .engine.evaluate import category_mapping, evaluate
     from .inference import default_label_map
-    from .modes import ModeRunner, check_mode
+    from .modes import ModeRunner
 
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    _check_picture_args(args)
-    _check_data_arg(args)
-    device = _checked_device(args.device)
-    check_mode(args.mode, device)
-    if args.out:
-        _check_out_folder(Path(args.out))
-        if (Path(args.out) / "checkpoint.pt").is_file():  # its metrics.json and plots are the run's results
-            raise ConfigError(f"--out '{args.out}' holds a training run; its results would be replaced "
-                              "(choose another --out)")
+    device = _check_eval_args(args)
     # a training checkpoint.pt holds EMA weights beside the raw ones: evaluate those, as training did
     ckpt = load_checkpoint(args.checkpoint, preset=args.preset, ema=True)
     cfg = apply_overrides(ckpt.config, args.overrides)
@@ -715,9 +703,36 @@ def _run_eval(args: argparse.Namespace) -> int:
                           num_workers=cfg.data.num_workers, progress=not args.no_progress)
     finally:
         cleanup_distributed()
-    if not info.is_main:
-        return 0
-    metrics = {**result.metrics, "split": split, "checkpoint": str(args.checkpoint), "ema_weights": ckpt.ema_weights,
+    if info.is_main:
+        _report_eval(args, result, dataset, split, ckpt.ema_weights)
+    return 0
+
+
+def _check_eval_args(args: argparse.Namespace) -> str:
+    """The eval flags that can be checked before any loading; returns the device to use."""
+    from .modes import check_mode
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_picture_args(args)
+    _check_data_arg(args)
+    device = _checked_device(args.device)
+    check_mode(args.mode, device)
+    if args.out:
+        _check_out_folder(Path(args.out))
+        if (Path(args.out) / "checkpoint.pt").is_file():  # its metrics.json and plots are the run's results
+            raise ConfigError(f"--out '{args.out}' holds a training run; its results would be replaced "
+                              "(choose another --out)")
+    return device
+
+
+def _report_eval(args: argparse.Namespace, result: Any, dataset: Any, split: str, ema_weights: bool) -> None:
+    """Print an evaluation's scores; with --out write metrics.json, predictions.json and pictures."""
+    from .data.report import DatasetError
+    from .engine.evaluate import format_per_class
+    from .engine.pictures import write_eval_pictures
+
+    metrics = {**result.metrics, "split": split, "checkpoint": str(args.checkpoint), "ema_weights": ema_weights,
                "mode": args.mode}
     if result.unreadable_ids:
         index = {iid: i for i, iid in enumerate(dataset.image_ids)}
@@ -728,7 +743,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         _warn(f"{len(result.unreadable_ids)} of {len(dataset)} images could not be read and are left out of "
               f"the scores: {listed}")
     print(f"dinodet: {len(dataset) - len(result.unreadable_ids)} images of '{split}', {len(result.records)} "
-          "detections" + (" (EMA weights)" if ckpt.ema_weights else ""))
+          "detections" + (" (EMA weights)" if ema_weights else ""))
     _print_metrics(metrics)
     if result.per_class:
         print("AP per class:\n" + format_per_class(result.per_class))
@@ -741,7 +756,6 @@ def _run_eval(args: argparse.Namespace) -> int:
                                       threshold=args.picture_threshold, folder=f"{split}_predictions")
         print(f"dinodet: metrics -> {out / 'metrics.json'}, detections -> {out / 'predictions.json'}"
               + "".join(f", {p.name}" for p in written))
-    return 0
 
 
 # -------------------------------------------------------------------------------------- check-data
