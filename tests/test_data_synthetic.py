@@ -81,3 +81,13 @@ def test_reuse_and_refuse_to_clobber(synth: Path, tmp_path: Path):
     assert len(list((foreign / "train2017").iterdir())) == 3
     with pytest.raises(ValueError, match="num_classes"):
         make_synthetic_coco(tmp_path / "bad", num_classes=9)
+
+
+def test_kept_data_is_not_regenerated_with_other_parameters(tmp_path: Path):
+    """A resumed demo run keeps its data: other parameters are an error, the same ones reuse it."""
+    root = make_synthetic_coco(tmp_path / "d", num_train=2, num_val=1, image_size=(32, 32))
+    stamp = (root / "annotations" / "instances_train2017.json").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"other parameters \(num_train 2 -> 3\)"):
+        make_synthetic_coco(root, num_train=3, num_val=1, image_size=(32, 32), keep=True)
+    assert make_synthetic_coco(root, num_train=2, num_val=1, image_size=(32, 32), keep=True) == root
+    assert (root / "annotations" / "instances_train2017.json").stat().st_mtime_ns == stamp

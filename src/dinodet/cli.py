@@ -852,12 +852,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     settings, cfg = demo_config(args.overrides)
     run_dir = Path(args.out)
     _check_out_folder(run_dir)
-    check_run_dir(run_dir, args.resume)
+    resuming = check_run_dir(run_dir, args.resume)
     device = _checked_device(args.device)
     print(f"dinodet: synthetic dataset of {settings.num_train} + {settings.num_val} images in {run_dir / 'data'} "
           "(generated unless already there)",
           file=sys.stderr)
-    data = make_demo_data(run_dir, settings)
+    data = make_demo_data(run_dir, settings, resuming)
     train_set = build_dataset(data, "train", train=True, data_cfg=cfg.data)
     val_set = build_dataset(data, "val", train=False, data_cfg=cfg.data, label_map=train_set.label_map)
     opts = TrainOptions(run_dir=run_dir, device=device, resume=args.resume, progress=not args.no_progress,

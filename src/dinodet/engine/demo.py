@@ -92,17 +92,19 @@ def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> tuple[DemoSettin
     return settings, cfg
 
 
-def make_demo_data(run_dir: Path, s: DemoSettings) -> Path:
+def make_demo_data(run_dir: Path, s: DemoSettings, resuming: bool = False) -> Path:
     """Generate (or reuse, when already there with the same settings) RUN_DIR/data.  A dataset there
-    that the demo did not generate is never replaced: the run stops with a one-line error."""
+    that the demo did not generate is never replaced: the run stops with a one-line error; nor is the
+    data of a run being resumed (other ``demo.*`` settings are then an error)."""
     from ..data.synthetic import make_synthetic_coco
 
     try:
         return make_synthetic_coco(run_dir / DATA_DIR, num_train=s.num_train, num_val=s.num_val,
                                    image_size=(s.image_size, s.image_size), seed=s.seed, num_classes=s.num_classes,
-                                   size_range=(s.min_size, s.max_size))
+                                   size_range=(s.min_size, s.max_size), keep=resuming)
     except FileExistsError:
         raise ConfigError(f"'{run_dir / DATA_DIR}' holds a dataset the demo did not generate; "
                           "choose another --out folder") from None
     except ValueError as e:
-        raise ConfigError(f"demo dataset: {e}") from None
+        hint = "; resume with the run's demo.* settings, or choose another --out" if resuming else ""
+        raise ConfigError(f"demo dataset: {e}{hint}") from None
