@@ -188,6 +188,10 @@ def test_iscrowd_written_as_a_string(tmp_path: Path):
     index = index_coco(data, tmp_path, check_files=False)
     assert index.report.crowd_ignored == 2 and index.report.boxes == 2  # "0" is not crowd; "1" and True are
     assert sorted(a["iscrowd"] for a in index.gt["annotations"]) == [0, 0, 1, 1]
+    # a boolean is not an id: {"image_id": true} is reported, not read as image 1
+    data["annotations"] = [{**anns[0], "image_id": True}, {**anns[0], "id": 9, "category_id": True}]
+    index = index_coco(data, tmp_path, check_files=False)
+    assert index.report.invalid_annotations == 2 and index.report.boxes == 0
 
 
 def test_an_absurd_annotated_size_skips_the_image_instead_of_allocating_it(tmp_path: Path):

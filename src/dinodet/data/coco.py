@@ -394,7 +394,9 @@ def _parse_annotation(a: Any) -> tuple[int, int, tuple[float, float, float, floa
     if not isinstance(a, dict):
         return None
     iid, cid, bbox = a.get("image_id"), a.get("category_id"), a.get("bbox")
-    if not isinstance(iid, int) or not isinstance(cid, int) or not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (iid, cid)):  # true is not image 1
+        return None
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         return None
     try:
         x, y, w, h = (float(v) for v in bbox)
