@@ -188,6 +188,10 @@ def test_iscrowd_written_as_a_string(tmp_path: Path):
     index = index_coco(data, tmp_path, check_files=False)
     assert index.report.crowd_ignored == 2 and index.report.boxes == 2  # "0" is not crowd; "1" and True are
     assert sorted(a["iscrowd"] for a in index.gt["annotations"]) == [0, 0, 1, 1]
+    (tmp_path / "a.jpg").mkdir()  # a folder named like the image: said so, not "not found"
+    index = index_coco(data, tmp_path)
+    assert index.report.missing_files == 1
+    assert f"{tmp_path / 'a.jpg'}: listed in annotations but is a folder, not an image; skipped" in index.report.messages
     # a boolean is not an id: {"image_id": true} is reported, not read as image 1
     data["annotations"] = [{**anns[0], "image_id": True}, {**anns[0], "id": 9, "category_id": True}]
     index = index_coco(data, tmp_path, check_files=False)

@@ -196,3 +196,14 @@ def test_bad_names_files_are_one_clear_error(tmp_path: Path, file: str, content,
     with pytest.raises(DatasetError, match=fragment) as err:
         read_names(find_names_file(tmp_path))
     assert file in str(err.value)
+
+
+def test_a_folder_where_a_label_file_should_be_is_reported(tmp_path: Path):
+    img, lbl = tmp_path / "images" / "train", tmp_path / "labels" / "train"
+    img.mkdir(parents=True)
+    (lbl / "a.txt").mkdir(parents=True)
+    Image.new("RGB", (40, 20)).save(img / "a.jpg")
+    (tmp_path / "names.txt").write_text("thing\n")
+    ds = build_dataset(str(tmp_path), "train", "yolo", train=False, data_cfg=SMALL)
+    assert ds.report.invalid_annotations == 1 and len(ds) == 1
+    assert any(m.startswith(f"{lbl / 'a.txt'}: a folder where the label file should be") for m in ds.report.messages)

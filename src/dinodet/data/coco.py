@@ -277,7 +277,8 @@ def _index_images(entries: list[Any], img_dir: Path, check_files: bool, report: 
             continue
         path = img_dir / fname
         if check_files and not path.is_file():
-            report.add("missing_files", f"{path}: listed in {src} but not found; skipped")
+            what = "is a folder, not an image" if path.is_dir() else "not found"
+            report.add("missing_files", f"{path}: listed in {src} but {what}; skipped")
             dropped.add(iid)
             continue
         width, height = _positive_int(entry.get("width")), _positive_int(entry.get("height"))

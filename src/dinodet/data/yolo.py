@@ -243,7 +243,10 @@ def yolo_to_coco(img_dir: Path, label_dir: Path, names: list[str], report: DataR
             report.add("unreadable_images", f"{path}: cannot read image header ({first_line(e)}); skipped")
             continue
         images.append({"id": image_id, "file_name": r.as_posix(), "width": width, "height": height})
-        if label_path.is_file():
+        if label_path.is_dir():
+            report.add("invalid_annotations", f"{label_path}: a folder where the label file should be; "
+                                              "image treated as negative")
+        elif label_path.is_file():
             for box, cls, line in _read_label_file(label_path, report):
                 cx, cy, bw, bh = box
                 x, y = (cx - bw / 2) * width, (cy - bh / 2) * height
