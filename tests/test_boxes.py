@@ -103,3 +103,14 @@ def test_inverse_sigmoid_exact_formula():
 def test_inverse_sigmoid_round_trip_inside_range():
     x = torch.linspace(0.01, 0.99, 99)
     assert torch.allclose(inverse_sigmoid(x).sigmoid(), x, atol=1e-6)
+
+
+def test_paired_giou_is_the_diagonal_of_the_pairwise_giou():
+    from dinodet.boxes import paired_generalized_box_iou
+
+    a, b = random_xyxy(40, seed=3), random_xyxy(40, seed=4)  # many pairs are disjoint (GIoU < 0)
+    a = torch.cat([a, torch.tensor([[0.2, 0.2, 0.2, 0.2]])])  # degenerate pair: official eps gives 0, not NaN
+    b = torch.cat([b, torch.tensor([[0.2, 0.2, 0.2, 0.2]])])
+    paired = paired_generalized_box_iou(a, b)
+    assert (paired[:-1] < 0).any() and paired[-1].item() == 0.0
+    assert torch.equal(paired, torch.diagonal(generalized_box_iou(a, b)))

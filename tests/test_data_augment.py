@@ -133,3 +133,39 @@ def test_train_transforms_are_deterministic_under_seed():
     for (ia, ta), (ib, tb) in zip(a, b):
         assert torch.equal(ia, ib) and torch.equal(ta["boxes"], tb["boxes"])
     assert any(ia.shape != ic.shape or not torch.equal(ia, ic) for (ia, _), (ic, _) in zip(a, c))
+
+
+def test_train_flip_happens_about_half_the_time():
+    image, target = _scene()
+    tf = train_transforms(CFG)
+    torch.manual_seed(0)
+    flips = []
+    for _ in range(60):
+        _, t = tf(image, target)
+        if t["labels"].tolist() == [0, 1]:  # both objects survived: the red one is left of the green one unless flipped
+            boxes = _pixel_boxes(t)
+            flips.append(bool(boxes[0, 0] > boxes[1, 0]))
+    assert len(flips) > 20 and 0.25 < sum(flips) / len(flips) < 0.75
+
+
+def test_random_size_crop_stays_inside_the_image():
+    image = Image.new("RGB", (400, 50), (255, 255, 255))  # wide: a crop outside it would add black padding
+    crop = RandomSizeCrop(10, 40)
+    torch.manual_seed(0)
+    for _ in range(20):
+        out = crop(image)
+        assert np.asarray(out).min() == 255, out.size
+
+
+def test_crop_branch_first_resize_has_no_max_size():
+    # official: RandomResize([400, 500, 600]) without max_size before the crop, so a very elongated image
+    # is first made tall enough for a crop of up to crop_size in both directions (near-square crops);
+    # capping it at max_size would leave crops as thin as the capped image.
+    image = Image.new("RGB", (400, 40), (255, 255, 255))  # aspect ratio 10
+    target = {"boxes": torch.tensor([[0.0, 0, 400, 40]]), "labels": torch.tensor([1])}
+    tf = train_transforms(CFG)
+    torch.manual_seed(0)
+    aspects = [out.shape[2] / out.shape[1] for out, _ in (tf(image, target) for _ in range(20))]
+    cropped = [a for a in aspects if a < 8]  # the uncropped branch keeps the aspect ratio of ~10
+    assert cropped and len(cropped) < len(aspects)
+    assert max(cropped) < 90 / 48 + 0.1, aspects

@@ -497,3 +497,19 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_started_over(tmp_path:
     (alone / "curves.png").write_bytes(b"a picture of the user's")
     with pytest.raises(ConfigError, match="curves.png"):
         check_run_dir(alone, resume=False)
+
+
+def test_ema_defaults_eval_mode_and_decay_bounds():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5)).train()
+    ema = ModelEMA(model)
+    assert ema.decay == 0.9997  # the official default
+    assert not ema.module.training and model.training  # the shadow is evaluated as is: no dropout
+    frozen, copied = ModelEMA(model, decay=1.0), ModelEMA(model, decay=0.0)  # both ends are valid
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    frozen.update(model)
+    copied.update(model)
+    assert torch.equal(copied.module[0].weight, model[0].weight)
+    assert torch.equal(frozen.module[0].weight, ema.module[0].weight)
+    with pytest.raises(ValueError):
+        ModelEMA(model, decay=1.5)

@@ -136,3 +136,22 @@ def test_nan_predictions_are_a_clear_error():
     boxes[0, 1, 0] = float("nan")
     with pytest.raises(NonFiniteCostError, match="not finite"):
         HungarianMatcher()(logits, boxes, targets)
+
+
+def test_saturated_probabilities_keep_the_official_log_guard():
+    # sigmoid(-200) and sigmoid(200) are exactly 0 and 1 in float32: the +1e-8 inside the logs keeps
+    # the cost finite (and equal to the official value) instead of raising NonFiniteCostError
+    logits, boxes, targets = make_batch([2], 3, 3, seed=11)
+    logits[0, :, :] = -200.0
+    logits[0, 1, :] = 200.0
+    cost = HungarianMatcher(2.0, 5.0, 2.0).cost_matrix(logits, boxes, targets)
+    assert torch.isfinite(cost).all()
+    ref = np_cost(logits[0].double().numpy(), boxes[0].double().numpy(), targets[0]["labels"].numpy(),
+                  targets[0]["boxes"].double().numpy())
+    np.testing.assert_allclose(cost[0].numpy(), ref, rtol=1e-5, atol=1e-5)
+    assert len(HungarianMatcher()(logits, boxes, targets)[0][0]) == 2
+
+
+def test_default_costs_are_the_official_ones():
+    m = HungarianMatcher()
+    assert (m.cost_class, m.cost_bbox, m.cost_giou, m.focal_alpha, m.gamma) == (2.0, 5.0, 2.0, 0.25, 2.0)

@@ -249,3 +249,86 @@ def test_frozen_stages_get_no_gradient():
     bb = ResNetBackbone("resnet50", (1, 2, 3), freeze_at=cfg.model.backbone.freeze_at)
     trainable = {n.split(".")[0] for n, p in bb.body.named_parameters() if p.requires_grad}
     assert trainable == {"layer2", "layer3", "layer4"}
+
+
+def test_denoising_group_rule_boundary_at_100_queries():
+    # official: `if dn_number * 2 >= 100: groups = dn_number * 2 // (2 * max_targets)`, so 50 is divided
+    assert num_denoising_groups(50, 7) == 100 // 14
+    assert num_denoising_groups(49, 7) == 98
+
+
+def test_denoising_label_noise_rate_and_classes():
+    """label_noise_ratio r: each label is redrawn with probability r / 2, uniformly over ALL classes."""
+    from dinodet.models.denoising import ContrastiveDenoising
+
+    torch.manual_seed(0)
+    dn = ContrastiveDenoising(num_classes=4, labelbook_size=4, hidden_dim=8, dn_number=100,
+                              label_noise_ratio=0.4, box_noise_scale=0.0)
+    n = 500  # one group: 2 * 500 = 1000 draws
+    q = dn([{"labels": torch.zeros(n, dtype=torch.long), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.4]]).repeat(n, 1)}],
+           num_queries=10)
+    rows = q.content[0]  # [1000, 8]
+    match = (rows[:, None] == dn.label_embed.weight[None]).all(-1)  # [1000, 5]
+    assert (match.sum(1) == 1).all()
+    counts = match.sum(0)
+    changed = rows.shape[0] - counts[0].item()
+    assert 110 < changed < 190  # expected 1000 * 0.2 * 3/4 = 150 (sd ~11)
+    assert (counts[1:4] > 20).all() and counts[4] == 0  # every other class, the last one included
+
+
+def test_denoising_box_noise_is_two_sided_and_clamped_to_the_image():
+    from dinodet.models.denoising import ContrastiveDenoising
+
+    torch.manual_seed(0)
+    dn = ContrastiveDenoising(num_classes=91, labelbook_size=91, hidden_dim=8, dn_number=100,
+                              label_noise_ratio=0.0, box_noise_scale=1.0)
+    n = 50
+    centre = torch.tensor([[0.5, 0.5, 0.2, 0.4]]).repeat(n, 1)
+    corner = torch.tensor([[0.05, 0.96, 0.1, 0.08]]).repeat(n, 1)  # touches the left and bottom borders
+    q = dn([{"labels": torch.zeros(n, dtype=torch.long), "boxes": centre},
+            {"labels": torch.zeros(n, dtype=torch.long), "boxes": corner}], num_queries=10)
+    boxes = q.anchors_unsig.sigmoid()
+    corners = torch.cat([boxes[..., :2] - boxes[..., 2:] / 2, boxes[..., :2] + boxes[..., 2:] / 2], -1)
+    assert (corners >= -1e-3).all() and (corners <= 1 + 1e-3).all()  # noised in xyxy, then clamped to [0, 1]
+    shift = corners[0] - torch.tensor([0.4, 0.3, 0.6, 0.7])
+    moved_down = (shift < 0).float().mean().item()
+    assert 0.35 < moved_down < 0.65  # random sign: about half the corners move each way
+
+
+def test_encoder_proposals_use_valid_width_and_height_and_both_bounds():
+    mask = torch.zeros(1, 4, 8, dtype=torch.bool)
+    mask[:, 3:, :] = True  # valid height 3
+    mask[:, :, 5:] = True  # valid width 5
+    wide = torch.zeros(1, 1, 100, dtype=torch.bool)  # a 1 x 100 map: cx = 0.005 ... 0.995
+    props, valid = encoder_proposals(torch.cat([mask.flatten(1), wide.flatten(1)], 1), [(4, 8), (1, 100)], 0.05)
+    first = props[0, :32].view(4, 8, 4)
+    torch.testing.assert_close(first[1, 3].sigmoid(), torch.tensor([3.5 / 5, 1.5 / 3, 0.05, 0.05]))
+    torch.testing.assert_close(first[2, 0].sigmoid(), torch.tensor([0.5 / 5, 2.5 / 3, 0.05, 0.05]))
+    row = valid[0, 32:, 0]
+    assert not row[0] and not row[99] and row[1:99].all()  # (0.01, 0.99) is open on both sides
+    assert torch.isinf(props[0, 32]).all() and torch.isinf(props[0, 131]).all()
+
+
+def test_query_selection_ranking_gradients_and_padding():
+    from dinodet.models.query_selection import QuerySelection
+
+    torch.manual_seed(0)
+    qs = QuerySelection(d_model=16, num_classes=5, num_queries=30)  # more queries than the 20 tokens
+    shapes = [(4, 4), (2, 2)]
+    mask = torch.zeros(1, 20, dtype=torch.bool)
+    mask[0, :16].view(4, 4)[:, 3] = True
+    mask[0, 16:].view(2, 2)[:, 1] = True
+    memory = torch.randn(1, 20, 16)
+    other = memory.clone()
+    other[mask] = 50 * torch.randn(int(mask.sum()), 16)  # padded tokens' content must not matter
+    a, b = qs(memory, mask, shapes), qs(other, mask, shapes)
+    assert torch.equal(a.own_topk_index, b.own_topk_index) and torch.equal(a.interm_logits, b.interm_logits)
+    assert torch.equal(a.anchors_unsig, b.anchors_unsig)
+    # ranked by the best class logit of each token; content queries are the first Q rows
+    best = a.interm_logits[0].max(-1).values
+    assert (best[:-1] >= best[1:]).all()
+    assert torch.equal(a.content[0], qs.content_queries.weight[:20])
+    # anchors are detached, the encoder-head boxes keep their gradient
+    assert not a.anchors_unsig.requires_grad and a.interm_boxes.requires_grad
+    a.interm_boxes.sum().backward()
+    assert qs.box_head.layers[-1].weight.grad.abs().sum() > 0

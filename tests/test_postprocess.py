@@ -64,3 +64,8 @@ def test_bitwise_equal_to_official_postprocess(path):
     assert torch.equal(dets.scores, ev["scores"])
     assert torch.equal(dets.labels, ev["labels"])
     assert torch.equal(dets.boxes, ev["boxes"])
+
+
+def test_default_num_select_is_the_official_300():
+    dets = postprocess(torch.randn(1, 100, 5), torch.rand(1, 100, 4), torch.tensor([[10, 10]]))
+    assert dets.scores.shape == (1, 300) and dets.boxes.shape == (1, 300, 4)
