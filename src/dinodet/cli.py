@@ -181,8 +181,8 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
             "annotated JPEG per image (same stem) and predictions.json: a list of "
             '{"file_name", "category_id", "bbox": [x, y, w, h], "score"} records in pixels of the '
             "original image.  Images sharing a stem (cam1/0001.jpg, cam2/0001.jpg) are written as "
-            "FOLDER_STEM.jpg and named by their path.  Images that cannot be read are reported and skipped; the exit status "
-            "is 0 when at least one image was processed."
+            "FOLDER_STEM.jpg and named by their path.  Images that cannot be read are reported and "
+            "skipped; the exit status is 0 when at least one image was processed."
         ),
     )
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
