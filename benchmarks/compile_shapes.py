@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
+from dinodet.inference.modes import ModeRunner, pad_to_bucket
 from dinodet.models.dino import DINO
-from dinodet.modes import ModeRunner, pad_to_bucket
 from dinodet.presets import get_preset
 
 ASPECTS = (4 / 3, 3 / 2, 16 / 9, 1.0, 5 / 4, 3 / 4, 2 / 3, 9 / 16, 4 / 5)

@@ -21,8 +21,8 @@ import torch
 from dinodet.checkpoint import load_checkpoint, use_ema_weights
 from dinodet.data.coco import build_dataset
 from dinodet.engine.evaluate import category_mapping, evaluate
-from dinodet.inference import default_label_map
-from dinodet.modes import ModeRunner, supported_modes
+from dinodet.inference.detector import default_label_map
+from dinodet.inference.modes import ModeRunner, supported_modes
 
 BAR = 0.005
 

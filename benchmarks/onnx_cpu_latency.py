@@ -4,7 +4,7 @@
         [--threads 1] [--repeats 5] [--msda grid_sample,gather] [--json OUT] [--note TEXT]
 
 Random weights (latency does not depend on them), one normalised image of HEIGHT x WIDTH with no
-padding.  The model is exported once per MSDA variant with a fixed input shape (``dinodet.export``)
+padding.  The model is exported once per MSDA variant with a fixed input shape (``dinodet.deploy.export``)
 and the onnxruntime sessions (default graph optimisations) and the PyTorch model (eval mode,
 ``inference_mode``, its default CPU MSDA backend and the grid_sample reference) are timed in
 interleaved rounds, so that a load change on a shared machine hits every contender alike.  Both
@@ -26,11 +26,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from dinodet.export import to_onnx
-from dinodet.inference import Detector
+from dinodet.deploy.export import to_onnx
+from dinodet.inference.detector import Detector
 from dinodet.models.attention import MultiScaleDeformableAttention, set_msda_backend
 from dinodet.models.ops.msda import resolve_backend
-from dinodet.postprocess import postprocess
+from dinodet.models.postprocess import postprocess
 
 
 def cpu_name() -> str:

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dinodet.bench import TRAIN_MODES, make_train_step, parse_size, random_batch
+from dinodet.deploy.bench import TRAIN_MODES, make_train_step, parse_size, random_batch
+from dinodet.inference.modes import ModeRunner
 from dinodet.models.dino import DINO
-from dinodet.modes import ModeRunner
 from dinodet.presets import get_preset
 
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="dino_r50_4scale")
     ap.add_argument("--size", default="800x1199")
     ap.add_argument("--task", choices=("infer", "train"), default="infer")
-    ap.add_argument("--mode", default="bf16", help="inference mode (dinodet.modes) or training mode (bench.TRAIN_MODES)")
+    ap.add_argument("--mode", default="bf16", help="inference mode (dinodet.inference.modes) or training mode (bench.TRAIN_MODES)")
     ap.add_argument("--batch", type=int, default=None, help="default 1 for infer, 2 for train")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=5)

@@ -52,7 +52,7 @@ def size_args() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_detector():
-    from dinodet.inference import Detector
+    from dinodet.inference.detector import Detector
 
     return Detector.from_random("tiny", size=TEST_SIZE, max_size=TEST_MAX_SIZE, seed=0)
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinodet.checkpoint import CheckpointError, build_model, load_checkpoint
+from dinodet.checkpoint import CheckpointError, init_from_config, load_checkpoint
 from dinodet.compat.official_args import config_from_official_args
 from dinodet.compat.official_keys import original_backbone_name, to_official
 from dinodet.config import BackboneConfig
 from dinodet.data.transforms import pad_batch
+from dinodet.models import build_model
 from dinodet.models.backbones import build_backbone
 from dinodet.models.backbones.convnext import CONVNEXT_VARIANTS, ConvNeXtBackbone
 from dinodet.models.dino import DINO
@@ -250,13 +251,13 @@ def test_imagenet_checkpoint_loads_as_backbone(tmp_path, layout):
     torch.save(obj, path)
     cfg = get_preset("tiny")
     cfg.model.backbone = BackboneConfig(name=MICRO, return_layers=(1, 2, 3), checkpoint=str(path))
-    model = build_model(cfg)
+    model = init_from_config(cfg)
     ours = model.backbone.body.state_dict()
     for k, v in body.items():
         assert torch.equal(ours[k], v), k
 
     cfg.model.backbone.name = MICRO + "_wide"
     with pytest.raises(CheckpointError) as e:
-        build_model(cfg)
+        init_from_config(cfg)
     assert "has shape (16, 3, 4, 4) but backbone 'convnext_micro_wide' expects (32, 3, 4, 4)" in str(e.value)
     assert ("downsample_layers.0.0.weight" if layout == "original" else "stem.0.weight") in str(e.value)

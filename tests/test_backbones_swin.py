@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinodet.checkpoint import CheckpointError, build_model, load_checkpoint
+from dinodet.checkpoint import CheckpointError, init_from_config, load_checkpoint
 from dinodet.compat.official_args import config_from_official_args
 from dinodet.compat.official_keys import official_key_map, original_backbone_name, to_official
 from dinodet.compat.reference_run import apply_train_overrides
 from dinodet.config import BackboneConfig
 from dinodet.data.transforms import pad_batch
+from dinodet.models import build_model
 from dinodet.models.backbones import build_backbone
 from dinodet.models.backbones.swin import SWIN_VARIANTS, SwinBackbone, shifted_window_mask
 from dinodet.models.dino import DINO
@@ -308,7 +309,7 @@ def test_imagenet_checkpoint_loads_as_backbone(tmp_path, layout):
     cfg = _tiny_swin_config()
     cfg.model.backbone.checkpoint = str(path)
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = init_from_config(cfg)
     ours = model.backbone.body.state_dict()
     for k, v in ref.body.state_dict().items():
         if not k.startswith("norm"):
@@ -325,7 +326,7 @@ def test_imagenet_checkpoint_mismatches_are_named(tmp_path):
         torch.save({"model": st}, path)
         cfg.model.backbone.checkpoint = str(path)
         with pytest.raises(CheckpointError) as e:
-            build_model(cfg)
+            init_from_config(cfg)
         return str(e.value)
 
     missing = dict(state)

@@ -6,8 +6,8 @@ import json
 import pytest
 from PIL import Image
 
-from dinodet.bench import parse_size, run_bench
 from dinodet.cli import main
+from dinodet.deploy.bench import parse_size, run_bench
 
 
 def test_bench_cli_writes_records_for_both_tasks(tmp_path, capsys, one_thread):
@@ -35,7 +35,7 @@ def test_bench_cli_writes_records_for_both_tasks(tmp_path, capsys, one_thread):
 
 
 def test_a_failing_fast_mode_is_reported_and_skipped(monkeypatch, capsys, one_thread):
-    from dinodet import bench
+    from dinodet.deploy import bench
 
     real = bench._infer_one
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinodet.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from dinodet.checkpoint import CheckpointError, init_from_config, load_checkpoint, save_checkpoint
 from dinodet.compat.official_args import config_from_official_args
 from dinodet.compat.official_keys import official_key_map, to_official
+from dinodet.models import build_model
 from dinodet.presets import get_preset
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -202,9 +203,9 @@ def test_backbone_checkpoint_is_loaded(tmp_path):
     cfg = get_preset("tiny")
     cfg.model.backbone.checkpoint = str(path)
     with pytest.raises(CheckpointError, match="set model.backbone.norm=frozen_bn"):
-        build_model(cfg)  # tiny trains from scratch with GroupNorm: BN statistics have no place to go
+        init_from_config(cfg)  # tiny trains from scratch with GroupNorm: BN statistics have no place to go
     cfg.model.backbone.norm = "frozen_bn"
-    model = build_model(cfg)
+    model = init_from_config(cfg)
     assert torch.equal(model.backbone.body.layer3[0].conv1.weight, ref.layer3[0].conv1.weight)
     assert torch.equal(model.backbone.body.bn1.running_var, ref.bn1.running_var)
 
@@ -223,9 +224,9 @@ def test_checkpoint_files_get_the_umask_permissions(tmp_path, tiny_model):
 
 # an official checkpoint is loaded without --preset: the config comes from its stored args
 def test_official_checkpoint_without_preset_uses_its_args(tmp_path):
-    from dinodet.checkpoint import CheckpointError, build_model, load_checkpoint
+    from dinodet.checkpoint import CheckpointError, load_checkpoint
     from dinodet.compat.official_keys import to_official
-    from dinodet.inference import Detector
+    from dinodet.inference.detector import Detector
     from dinodet.presets import get_preset
 
     args = json.loads((REF / "DINO_4scale.args.json").read_text())

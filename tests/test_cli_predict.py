@@ -212,7 +212,7 @@ def test_help_and_no_command(capsys):
 
 # predictions.json holds the API's detections, in xywh, at the --size given
 def test_predictions_json_equals_the_api_in_coco_xywh(tmp_path, sample_images, tiny_checkpoint, size_args):
-    from dinodet.inference import Detector
+    from dinodet.inference.detector import Detector
 
     out = tmp_path / "out"
     assert main(["predict", str(sample_images[0]), str(sample_images[2]), "--checkpoint", str(tiny_checkpoint),

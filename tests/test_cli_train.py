@@ -83,7 +83,7 @@ def test_train_then_eval_on_coco128(tmp_path: Path):
     assert detections and {d["category_id"] for d in detections} <= coco_ids  # the dataset's own ids
 
     # the trained checkpoint carries its label map into the prediction API
-    from dinodet.inference import Detector
+    from dinodet.inference.detector import Detector
 
     det = Detector.from_checkpoint(run_dir / "checkpoint_best.pt", size=96, max_size=128)
     pred = det.predict(COCO128 / "images" / "train2017" / "000000000009.jpg", threshold=0.0)[0]
@@ -192,7 +192,8 @@ def test_user_mistakes_with_files_are_one_line(capsys, tmp_path: Path, monkeypat
     (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00")
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")
     if "tiny.pt" in argv:
-        from dinodet.checkpoint import build_model, save_checkpoint
+        from dinodet.checkpoint import save_checkpoint
+        from dinodet.models import build_model
         from dinodet.presets import get_preset
 
         save_checkpoint(tmp_path / "tiny.pt", build_model(get_preset("tiny")), get_preset("tiny"))
@@ -211,9 +212,10 @@ def test_demo_never_replaces_a_dataset_it_did_not_generate(capsys, tmp_path: Pat
 
 def test_eval_of_a_best_checkpoint_says_it_holds_ema_weights(tmp_path: Path, capsys):
     """checkpoint_best.pt of an EMA run stores the EMA weights as its weights (and says so)."""
-    from dinodet.checkpoint import build_model, save_checkpoint
+    from dinodet.checkpoint import save_checkpoint
     from dinodet.config import apply_overrides
     from dinodet.data.synthetic import make_synthetic_coco
+    from dinodet.models import build_model
     from dinodet.presets import get_preset
 
     data = make_synthetic_coco(tmp_path / "data", num_train=2, num_val=2, image_size=(64, 64), seed=0, num_classes=4)
@@ -342,9 +344,10 @@ def test_missing_backbone_checkpoint_is_one_clear_line(tmp_path: Path):
 
 # eval --set model.num_select=10 is applied (2 val images x 10 detections)
 def test_eval_num_select_override_is_applied(tmp_path, capsys):
-    from dinodet.checkpoint import build_model, save_checkpoint
+    from dinodet.checkpoint import save_checkpoint
     from dinodet.config import apply_overrides
     from dinodet.data.synthetic import make_synthetic_coco
+    from dinodet.models import build_model
     from dinodet.presets import get_preset
 
     data = make_synthetic_coco(tmp_path / "data", num_train=2, num_val=2, image_size=(64, 64), seed=0, num_classes=4)

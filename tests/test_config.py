@@ -58,7 +58,7 @@ def test_stored_configs_are_checked_too():
 
 
 def test_unknown_names_in_the_model_are_config_errors():
-    from dinodet.checkpoint import build_model
+    from dinodet.models import build_model
 
     for override, fragment in (("model.backbone.name=\"resnet9\"", "unknown ResNet 'resnet9'"),
                                ("model.msda_backend=\"bogus\"", "unknown model.msda_backend 'bogus'")):

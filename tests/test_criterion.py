@@ -7,7 +7,7 @@ import torch
 from conftest import HOST_SYNC_OPS, dispatched_ops
 
 from dinodet.config import LossConfig
-from dinodet.criterion import SetCriterion, _dn_indices, build_criterion
+from dinodet.models.criterion import SetCriterion, _dn_indices, build_criterion
 from dinodet.models.outputs import DenoisingMeta, DINOOutput
 
 C = 5  # classes
@@ -324,7 +324,7 @@ def test_without_aux_loss_only_the_last_layer_counts():
     from test_criterion import C, make_output, make_targets, np_set_losses, pairs_of
 
     from dinodet.config import LossConfig
-    from dinodet.criterion import build_criterion
+    from dinodet.models.criterion import build_criterion
 
     targets = make_targets()
     out = make_output(targets, seed=3)

@@ -17,11 +17,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dinodet.checkpoint import build_model, read_torch_file
+from dinodet.checkpoint import read_torch_file
 from dinodet.config import DINOConfig, apply_overrides
 from dinodet.data.coco import build_dataset
 from dinodet.data.synthetic import make_synthetic_coco
-from dinodet.engine.train import CHECKPOINT, FINAL_METRICS, TrainOptions, train
+from dinodet.engine.run_dir import CHECKPOINT, FINAL_METRICS
+from dinodet.engine.train import TrainOptions, train
+from dinodet.models import build_model
 from dinodet.presets import get_preset
 
 SIZE = 64

@@ -21,7 +21,7 @@ from dinodet.engine.evaluate import (
     same_size_groups,
 )
 from dinodet.engine.pictures import PER_CLASS_AP, PR_CURVE, write_eval_pictures
-from dinodet.inference import Detector
+from dinodet.inference.detector import Detector
 
 COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
 NUM_IMAGES = 8

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinodet.checkpoint import CheckpointError, build_model, save_checkpoint
+from dinodet.checkpoint import CheckpointError, save_checkpoint
 from dinodet.compat.official_keys import to_official
 from dinodet.config import apply_overrides
 from dinodet.data.coco_classes import COCO_CLASSES
 from dinodet.engine.finetune import CLASS_HEAD_PREFIXES, LABEL_BOOK_PREFIX, class_rows, load_finetune_weights
 from dinodet.engine.train import resolve_config
+from dinodet.models import build_model
 from dinodet.presets import get_preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,16 +17,13 @@ import pytest
 import torch
 from torch import nn
 
-from dinodet.checkpoint import CheckpointError, build_model, read_torch_file, save_checkpoint
+from dinodet.checkpoint import CheckpointError, read_torch_file, save_checkpoint
 from dinodet.config import ConfigError, apply_overrides
 from dinodet.data.coco import build_dataset
 from dinodet.data.synthetic import make_synthetic_coco
 from dinodet.engine.ema import ModelEMA
+from dinodet.engine.run_dir import BEST_CHECKPOINT, CHECKPOINT, CURVES, FINAL_METRICS
 from dinodet.engine.train import (
-    BEST_CHECKPOINT,
-    CHECKPOINT,
-    CURVES,
-    FINAL_METRICS,
     LOGGED_LOSSES,
     Trainer,
     TrainOptions,
@@ -36,6 +33,7 @@ from dinodet.engine.train import (
     train,
     window_weights,
 )
+from dinodet.models import build_model
 from dinodet.presets import get_preset
 
 SIZE = 64
@@ -369,8 +367,8 @@ class _Repeat(torch.utils.data.Dataset):
 
 
 def test_non_finite_loss_stops_the_run_before_anything_is_saved(shapes_root: Path, tmp_path: Path, monkeypatch):
-    from dinodet.criterion import SetCriterion
     from dinodet.engine.train import TrainingError
+    from dinodet.models.criterion import SetCriterion
 
     cfg = small_config("train.log_every=1000")  # checked at the epoch end, not at a log step
     tr, va = datasets(shapes_root, cfg)
@@ -438,8 +436,9 @@ def test_fp16_training_saves_the_scaler_and_resumes_exactly(shapes_root, tmp_pat
 
 # TrainOptions.finetune_from (dinodet train --finetune-from) starts from the checkpoint's weights
 def test_finetune_from_starts_the_run_from_those_weights(shapes_root, tmp_path, monkeypatch):
-    from dinodet.checkpoint import build_model, save_checkpoint
+    from dinodet.checkpoint import save_checkpoint
     from dinodet.engine.train import resolve_config
+    from dinodet.models import build_model
 
     cfg = small_config()
     tr, va = datasets(shapes_root, cfg)
@@ -480,7 +479,7 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_started_over(tmp_path:
     """A job killed while saving its first checkpoint leaves its log, config and TensorBoard files:
     --resume (what a requeued job passes) starts it over; a new run there is refused, as anywhere
     a run's files would be overwritten."""
-    from dinodet.engine.train import check_run_dir
+    from dinodet.engine.run_dir import check_run_dir
 
     run_dir = tmp_path / "r"
     (run_dir / "tb").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""ONNX export (``dinodet export`` / ``dinodet.export.to_onnx``) and the onnxruntime backend.
+"""ONNX export (``dinodet export`` / ``dinodet.deploy.export.to_onnx``) and the onnxruntime backend.
 
 An export traces the whole model symbolically (about a minute for the tiny preset with dynamic
 shapes on a 2-core CPU), so the tests share three exports: the tiny checkpoint through the CLI with
@@ -24,11 +24,11 @@ from conftest import TEST_MAX_SIZE, TEST_SIZE
 from dinodet.cli import main
 from dinodet.config import ConfigError, DINOConfig
 from dinodet.data.coco_classes import COCO_CLASSES
-from dinodet.export import MAX_OPSET, METADATA_FORMAT, MIN_OPSET, ExportError, to_onnx
-from dinodet.inference import Detector, preprocess_batch
+from dinodet.deploy.export import MAX_OPSET, METADATA_FORMAT, MIN_OPSET, ExportError, to_onnx
+from dinodet.inference.detector import Detector, preprocess_batch
+from dinodet.inference.onnx_runtime import OnnxDetector
 from dinodet.models.dino import DINO
-from dinodet.onnx_runtime import OnnxDetector
-from dinodet.postprocess import postprocess
+from dinodet.models.postprocess import postprocess
 from dinodet.presets import get_preset
 
 FIXED_HW = (128, 160)
@@ -170,7 +170,7 @@ def test_grid_sample_and_gather_variants_agree(dynamic_onnx: Path, fixed_gather_
 
 def test_fp16_conversion_keeps_float32_io(fixed_gather_onnx: Path, sample_images: list[Path], one_thread):
     """--fp16 is a post-pass on the exported graph (weights and arithmetic in float16)."""
-    from dinodet.export import _to_fp16
+    from dinodet.deploy.export import _to_fp16
 
     model = _to_fp16(onnx.load(str(fixed_gather_onnx)))
     onnx.checker.check_model(model)
@@ -342,9 +342,9 @@ def test_other_backbones_export_matches_pytorch(make_config, tmp_path: Path, one
 # a checkpoint's own label map reaches the ONNX metadata and onnxruntime predictions
 # --fp16 keeps the detections of the float32 graph (not only the I/O types)
 def test_export_keeps_the_label_map_and_fp16_keeps_the_detections(tmp_path, tiny_detector, sample_images, one_thread):
-    from dinodet.export import _to_fp16, to_onnx
-    from dinodet.inference import Detector, preprocess_batch
-    from dinodet.onnx_runtime import OnnxDetector
+    from dinodet.deploy.export import _to_fp16, to_onnx
+    from dinodet.inference.detector import Detector, preprocess_batch
+    from dinodet.inference.onnx_runtime import OnnxDetector
 
     names, ids = [f"thing{k}" for k in range(91)], [1000 + k for k in range(91)]
     det = Detector(tiny_detector.model, tiny_detector.config, names, ids, size=96, max_size=128)

@@ -12,7 +12,7 @@ from dinodet.config import ConfigError
 from dinodet.data.coco_classes import COCO_CLASSES
 from dinodet.data.images import ImageLoadError, load_image
 from dinodet.data.transforms import eval_transform, pad_batch
-from dinodet.inference import Detector, Prediction, default_label_map
+from dinodet.inference.detector import Detector, Prediction, default_label_map
 
 
 def _as_uint8_tensor(im: Image.Image) -> torch.Tensor:
@@ -197,7 +197,7 @@ def test_numpy_images_and_wrong_inputs(tiny_detector, sample_images, sample_pred
 
 # the seed of from_random matters (and the same seed repeats)
 def test_from_random_seed_changes_the_weights():
-    from dinodet.inference import Detector
+    from dinodet.inference.detector import Detector
 
     a = Detector.from_random("tiny", seed=1).model.state_dict()
     b = Detector.from_random("tiny", seed=2).model.state_dict()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinodet.matcher import HungarianMatcher
+from dinodet.models.matcher import HungarianMatcher
 
 
 def np_cost(logits, boxes, labels, tboxes, w_class=2.0, w_bbox=5.0, w_giou=2.0, alpha=0.25):
@@ -130,7 +130,7 @@ def test_match_sets_equals_matching_each_set_alone():
 
 
 def test_nan_predictions_are_a_clear_error():
-    from dinodet.matcher import NonFiniteCostError
+    from dinodet.models.matcher import NonFiniteCostError
 
     logits, boxes, targets = make_batch([2], 3, 3, seed=10)
     boxes[0, 1, 0] = float("nan")

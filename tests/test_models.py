@@ -168,7 +168,7 @@ def test_forward_passes_never_wait_for_the_device(tiny):
     that reads a value back or has a data-dependent shape, and build no tensor from host data once
     the per-size constants are cached ("lift_fresh": on a GPU a blocking host-to-device copy), so on
     a GPU the host queues a whole forward without waiting.  Padding makes the masks non-trivial."""
-    from dinodet.postprocess import postprocess
+    from dinodet.models.postprocess import postprocess
 
     cfg, model = tiny
     images, mask = _batch([(96, 128), (80, 64)])
@@ -195,8 +195,8 @@ def test_cuda_forward_and_loss_synchronize_only_for_the_matching(tiny):
     import copy
     import warnings
 
-    from dinodet.criterion import build_criterion
-    from dinodet.postprocess import postprocess
+    from dinodet.models.criterion import build_criterion
+    from dinodet.models.postprocess import postprocess
 
     cfg, model = tiny
     dev = torch.device("cuda")

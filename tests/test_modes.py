@@ -7,9 +7,17 @@ import os
 import pytest
 import torch
 
+from dinodet.inference.modes import (
+    COMPILE_BUCKET,
+    MODES,
+    ModeRunner,
+    get_mode,
+    pad_to_bucket,
+    repeat_to_batch,
+    supported_modes,
+)
 from dinodet.models.attention import MultiScaleDeformableAttention
 from dinodet.models.dino import DINO
-from dinodet.modes import COMPILE_BUCKET, MODES, ModeRunner, get_mode, pad_to_bucket, repeat_to_batch, supported_modes
 from dinodet.presets import get_preset
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinodet.postprocess import Detections, postprocess
+from dinodet.models.postprocess import Detections, postprocess
 
 
 def logit(p: float) -> float:

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
     from .config import ConfigError, DINOConfig
     from .data.coco_classes import COCO_CLASSES
     from .data.images import ImageLoadError, load_image
-    from .inference import Detector, Prediction
+    from .inference.detector import Detector, Prediction
     from .presets import get_preset, list_presets
     from .visualize import draw_detections
 

@@ -21,18 +21,16 @@ from torch import Tensor, nn
 
 from .compat.official_args import config_from_official_args
 from .compat.official_keys import is_official_state, official_key_map, official_state, original_backbone_name
-from .config import ConfigError, DINOConfig
-from .errors import first_line
+from .config import DINOConfig
+from .errors import CheckpointError, first_line
 from .files import write_atomic
 from .models.backbones import backbone_family
+from .models.build import build_model
 from .models.dino import DINO
 from .presets import get_preset
 
 FORMAT_TAG = "dinodet-checkpoint-v1"
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the requested model (one-line message)."""
 
 
 @dataclass
@@ -185,12 +183,10 @@ def _load_exact(model: nn.Module, state: dict[str, Tensor], path, name_of=lambda
         raise CheckpointError(f"{path}: " + key_problems(missing, list(result.unexpected_keys)))
 
 
-def build_model(cfg: DINOConfig) -> DINO:
-    """Instantiate ``cfg``; ImageNet backbone weights are loaded if ``cfg.model.backbone.checkpoint`` is set."""
-    try:
-        model = DINO(cfg.model, cfg.name)
-    except ValueError as e:  # an unknown backbone, norm or kernel name, or settings that do not fit together
-        raise ConfigError(f"model config: {e}") from None
+def init_from_config(cfg: DINOConfig) -> DINO:
+    """``cfg``'s model as a training run starts it: built by ``models.build_model``, with the
+    ImageNet backbone weights that ``cfg.model.backbone.checkpoint`` names, if any."""
+    model = build_model(cfg)
     if cfg.model.backbone.checkpoint:
         load_backbone_weights(model, cfg.model.backbone.checkpoint)
     return model
@@ -268,6 +264,16 @@ def _load_imagenet_trunk(body: nn.Module, state: dict[str, Tensor], path, family
             raise CheckpointError(f"{path}: {names[k]} has shape {tuple(v.shape)} but {what} expects "
                                   f"{tuple(ours[k].shape)}{hint}")
     body.load_state_dict(mapped, strict=False)
+
+
+def read_train_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw content of a training checkpoint (RUN_DIR/checkpoint.pt), validated."""
+    path = Path(path)
+    obj = read_torch_file(path)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT_TAG or "optimizer" not in obj:
+        raise CheckpointError(f"{path}: not a dinodet training checkpoint (no optimizer state); "
+                              "use --finetune-from to start from plain weights")
+    return obj
 
 
 def use_ema_weights(ckpt: LoadedCheckpoint) -> bool:

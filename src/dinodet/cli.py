@@ -31,8 +31,8 @@ from .presets import list_presets
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .inference import Detector
-    from .onnx_runtime import OnnxDetector
+    from .inference.detector import Detector
+    from .inference.onnx_runtime import OnnxDetector
 
 EXIT_USAGE = 2  # argparse's status for bad usage; we use it for every user-facing error
 PROGRESS_MIN_IMAGES = 5  # below this a progress bar is more noise than help
@@ -140,8 +140,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """The package's error types whose messages are meant for users (one line, naming the file)."""
     from .checkpoint import CheckpointError  # deferred: imports the model code
     from .data.report import DatasetError
-    from .engine.train import TrainingError
-    from .export import ExportError
+    from .deploy.export import ExportError
+    from .errors import TrainingError
 
     return (CheckpointError, ConfigError, ImageLoadError, DatasetError, TrainingError, ExportError)
 
@@ -161,7 +161,7 @@ def _warn(message: str) -> None:
 
 def _note_compile(mode: str) -> None:
     """Say why a compiled mode's first batches are slow, before the progress bar seems to stall."""
-    from .modes import get_mode
+    from .inference.modes import get_mode
 
     if get_mode(mode).compile:
         print(f"dinodet: mode '{mode}' compiles the model on the first batch of a new image size (at most 3 "
@@ -327,10 +327,10 @@ def _output_names(paths: Sequence[Path], out_dir: Path) -> dict[Path, _Output]:
 
 def _build_detector(args: argparse.Namespace) -> Detector | OnnxDetector:
     # deferred like every torch import here: torch + torchvision take seconds, `--help` should not
-    from .inference import Detector
+    from .inference.detector import Detector
 
     if args.backend == "onnxruntime":
-        from .onnx_runtime import OnnxDetector
+        from .inference.onnx_runtime import OnnxDetector
 
         return OnnxDetector(args.model, device=args.device, size=args.size, max_size=args.max_size)
     if args.random_weights:
@@ -500,7 +500,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from .data.splits import DataSpec, build_train_datasets
     from .engine.distributed import dist_info_from_env
-    from .engine.train import CHECKPOINT, TrainOptions, check_run_dir, train
+    from .engine.run_dir import CHECKPOINT, check_run_dir
+    from .engine.train import TrainOptions, train
 
     _check_train_args(args)
     _check_data_arg(args)
@@ -528,7 +529,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _pictures_in(run_dir: Path) -> str:
     """", pictures: curves.png, ..." for the pictures a run wrote (some need detections or GT)."""
     from .engine.pictures import PER_CLASS_AP, PR_CURVE, PREDICTIONS_DIR
-    from .engine.train import CURVES
+    from .engine.run_dir import CURVES
 
     found = [n for n in (CURVES, PR_CURVE, PER_CLASS_AP) if (run_dir / n).is_file()]
     if (run_dir / PREDICTIONS_DIR).is_dir():
@@ -537,7 +538,7 @@ def _pictures_in(run_dir: Path) -> str:
 
 
 def _check_train_args(args: argparse.Namespace) -> None:
-    from .engine.train import CHECKPOINT
+    from .engine.run_dir import CHECKPOINT
 
     _check_picture_args(args)
     _check_out_folder(Path(args.out))
@@ -560,9 +561,8 @@ def _train_config(args: argparse.Namespace, checkpoint: Path) -> tuple[Any, Any]
 
     label_map = None
     if args.resume and checkpoint.is_file():
-        from .checkpoint import CheckpointError
+        from .checkpoint import CheckpointError, read_train_state
         from .data.labels import LabelMap
-        from .engine.train import read_train_state
 
         state = read_train_state(checkpoint)
         try:
@@ -586,7 +586,7 @@ def _train_config(args: argparse.Namespace, checkpoint: Path) -> tuple[Any, Any]
 
 
 def _checked_device(device: str) -> str:
-    from .inference import resolve_device
+    from .inference.detector import resolve_device
 
     return str(resolve_device(device))
 
@@ -669,8 +669,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .data.splits import DataSpec, eval_split
     from .engine.distributed import cleanup_distributed, init_distributed
     from .engine.evaluate import category_mapping, evaluate
-    from .inference import default_label_map
-    from .modes import ModeRunner
+    from .inference.detector import default_label_map
+    from .inference.modes import ModeRunner
 
     device = _check_eval_args(args)
     # a training checkpoint.pt holds EMA weights beside the raw ones: evaluate those, as training did
@@ -710,7 +710,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _check_eval_args(args: argparse.Namespace) -> str:
     """The eval flags that can be checked before any loading; returns the device to use."""
-    from .modes import check_mode
+    from .inference.modes import check_mode
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -845,7 +845,8 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from .data.coco import build_dataset
     from .engine.demo import demo_config, make_demo_data
-    from .engine.train import Trainer, TrainOptions, check_run_dir
+    from .engine.run_dir import check_run_dir
+    from .engine.train import Trainer, TrainOptions
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("the demo runs in one process; under torchrun use `dinodet train` on its data")
@@ -896,8 +897,8 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from .bench import TRAIN_MODES, format_table, parse_size, records_json, run_bench
-    from .modes import MODES, supported_modes
+    from .deploy.bench import TRAIN_MODES, format_table, parse_size, records_json, run_bench
+    from .inference.modes import MODES, supported_modes
     from .presets import get_preset
 
     device = _checked_device(args.device)
@@ -985,7 +986,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .export import DEFAULT_OPSET, check_opset, to_onnx
+    from .deploy.export import DEFAULT_OPSET, check_opset, to_onnx
 
     opset = check_opset(DEFAULT_OPSET if args.opset is None else args.opset)  # before the slow loading
     from .checkpoint import check_checkpoint_path

@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
+
 
 @dataclass
 class BackboneConfig:
@@ -161,9 +163,6 @@ class DINOConfig:
     def from_json(cls, s: str) -> DINOConfig:
         return cls.from_dict(json.loads(s))
 
-
-class ConfigError(ValueError):
-    """A config key or value that does not exist or does not fit."""
 
 
 def _from_dict(cls, d: dict[str, Any], prefix: str):

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 
 from ..checkpoint import CheckpointError, load_checkpoint
-from ..compat.official_keys import official_key_map
 from ..config import ConfigError
-from ..criterion import build_criterion
 from ..data.transforms import pad_batch
+from ..models.criterion import build_criterion
 from ..models.dino import DINO
-from ..postprocess import postprocess
+from ..models.postprocess import postprocess
+from .official_keys import official_key_map
 
 
 def apply_train_overrides(model: DINO, overrides: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import first_line
+from ..errors import ImageLoadError, first_line
 
 # Lower-case suffixes picked up when a directory is expanded; explicitly named files are always
 # tried, whatever their suffix.
@@ -32,9 +32,6 @@ def upright_size(path: str | Path) -> tuple[int, int]:
     with Image.open(path) as im:
         return upright(*im.size, im.getexif().get(EXIF_ORIENTATION, 1))
 
-
-class ImageLoadError(ValueError):
-    """An image file that is missing, unreadable or not a decodable image (one-line message)."""
 
 
 def load_image(path: str | Path) -> Image.Image:

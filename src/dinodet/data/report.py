@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import DatasetError
+
 # (field, description, is_problem): the order is the order of ``summary()``.  Problems are things
 # that were dropped or altered; the others are informational counts.
 _COUNTERS: tuple[tuple[str, str, bool], ...] = (
@@ -104,9 +106,6 @@ class DataReport:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used at all (layout not found, annotation file unparsable); one-line message."""
 
 
 class SplitNotFoundError(DatasetError):

@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..boxes import box_xyxy_to_xywh
 from ..data.transforms import image_hw, size_groups
-from ..modes import autocast as amp_autocast
-from ..postprocess import postprocess
+from ..inference.modes import autocast as amp_autocast
+from ..models.postprocess import postprocess
 from ..targets import Target
 from .distributed import DistInfo, all_gather_objects, broadcast_object
 

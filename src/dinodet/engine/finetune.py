@@ -77,7 +77,7 @@ def load_finetune_weights(model: DINO, path: str | os.PathLike, class_names: lis
     the classes differ.  Any other missing, unexpected or mis-shaped key means another
     architecture: CheckpointError.
     """
-    from ..inference import default_label_map
+    from ..inference.detector import default_label_map
 
     src, num_classes, src_names, src_ids = _checkpoint_weights(model, path)
     src_names, src_ids = default_label_map(num_classes, src_names, src_ids)

@@ -49,19 +49,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from ..checkpoint import (
-    FORMAT_TAG,
     CheckpointError,
-    build_model,
+    init_from_config,
     key_problems,
-    read_torch_file,
+    read_train_state,
     save_checkpoint,
 )
 from ..config import ConfigError, DINOConfig, TrainConfig, check_config
-from ..criterion import SetCriterion, build_criterion
-from ..errors import first_line
+from ..errors import TrainingError, first_line
 from ..files import write_json_atomic
-from ..matcher import NonFiniteCostError
-from ..modes import autocast as amp_autocast
+from ..inference.modes import autocast as amp_autocast
+from ..models.criterion import SetCriterion, build_criterion
+from ..models.matcher import NonFiniteCostError
 from .distributed import (
     DistInfo,
     all_gather_objects,
@@ -77,18 +76,11 @@ from .distributed import (
 from .ema import ModelEMA
 from .evaluate import HEADLINE, EvalResult, evaluate
 from .finetune import load_finetune_weights
-from .logging import METRICS_LOG, TB_DIR, RunLogger
-from .pictures import PER_CLASS_AP, PR_CURVE, PREDICTIONS_DIR, write_eval_pictures
+from .logging import RunLogger
+from .pictures import write_eval_pictures
 from .plots import plot_curves
+from .run_dir import BEST_CHECKPOINT, CHECKPOINT, CURVES, FINAL_METRICS, RESOLVED_CONFIG, check_run_dir
 
-CHECKPOINT = "checkpoint.pt"
-BEST_CHECKPOINT = "checkpoint_best.pt"
-FINAL_METRICS = "metrics.json"
-CURVES = "curves.png"
-RESOLVED_CONFIG = "config.json"
-# everything a run writes in RUN_DIR besides checkpoint.pt, none of which a new run may overwrite
-RUN_OUTPUTS = (BEST_CHECKPOINT, FINAL_METRICS, METRICS_LOG, RESOLVED_CONFIG, CURVES, PR_CURVE, PER_CLASS_AP,
-               PREDICTIONS_DIR, TB_DIR)
 AMP_MODES = ("off", "bf16", "fp16")
 TRAIN_STATE_VERSION = 1
 
@@ -97,9 +89,6 @@ LOGGED_LOSSES = ("loss_ce", "loss_bbox", "loss_giou", "class_error",
                  "loss_ce_dn", "loss_bbox_dn", "loss_giou_dn",
                  "loss_ce_interm", "loss_bbox_interm", "loss_giou_interm")
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); one-line message."""
 
 
 @dataclass
@@ -201,37 +190,6 @@ def window_weights(box_counts: Tensor, world_size: int) -> tuple[Tensor, Tensor]
     return valid, weights
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> bool:
-    """Whether the run in ``run_dir`` is to be resumed (``resume`` and a checkpoint.pt there).
-
-    Raises ConfigError rather than overwrite an earlier run's results: a checkpoint.pt without
-    ``resume``, or files a run writes with no checkpoint.pt to continue from.  One exception: with
-    ``resume``, a run stopped before its first checkpoint (only its log, config and curves exist,
-    no best checkpoint or final metrics) starts over there, as a requeued job needs."""
-    if (run_dir / CHECKPOINT).is_file():
-        if not resume:
-            raise ConfigError(f"'{run_dir}' already holds a run ({CHECKPOINT}); pass --resume to continue it "
-                              "or choose another --out")
-        return True
-    earlier = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    finished = [name for name in (BEST_CHECKPOINT, FINAL_METRICS) if name in earlier]
-    if not earlier or (resume and not finished):
-        return False
-    hint = ("" if finished else f"; if it is a run stopped before its first {CHECKPOINT}, pass --resume to start "
-            "it over")
-    raise ConfigError(f"'{run_dir}' holds an earlier run's results ({', '.join(earlier)}) but no {CHECKPOINT} "
-                      f"to resume from; choose another --out{hint}")
-
-
-def read_train_state(path: Path) -> dict[str, Any]:
-    """The raw content of a training checkpoint (RUN_DIR/checkpoint.pt), validated."""
-    obj = read_torch_file(path)
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT_TAG or "optimizer" not in obj:
-        raise CheckpointError(f"{path}: not a dinodet training checkpoint (no optimizer state); "
-                              "use --finetune-from to start from plain weights")
-    return obj
-
-
 def _warn(message: str, info: DistInfo) -> None:
     if info.is_main:
         from tqdm import tqdm
@@ -280,7 +238,7 @@ class Trainer:
             _warn(f"--resume: no {ckpt_path} yet; starting a new run", self.info)
 
         seed_everything(t.seed)  # the same initial weights on every rank
-        self.model = build_model(self.cfg).to(self.device)
+        self.model = init_from_config(self.cfg).to(self.device)
         if opts.finetune_from and state is None:
             loaded = load_finetune_weights(self.model, opts.finetune_from, self.label_map.class_names,
                                            self.label_map.category_ids)

@@ -23,13 +23,13 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from .boxes import box_cxcywh_to_xyxy, paired_generalized_box_iou
-from .config import LossConfig
+from ..boxes import box_cxcywh_to_xyxy, paired_generalized_box_iou
+from ..config import LossConfig
+from ..targets import Target
 from .matcher import HungarianMatcher, MatchIndices
-from .targets import Target
 
 if TYPE_CHECKING:  # type-only: keeps the criterion importable independently of the model package
-    from .models.outputs import DenoisingMeta, DINOOutput
+    from .outputs import DenoisingMeta, DINOOutput
 
 # Names of the per-prediction-set entries, in the official order ('labels', 'boxes', 'cardinality').
 LOSS_NAMES = ("loss_ce", "class_error", "loss_bbox", "loss_giou", "loss_xy", "loss_hw", "cardinality_error")

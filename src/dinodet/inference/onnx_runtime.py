@@ -1,9 +1,9 @@
 """Run an exported dinodet ONNX model with onnxruntime: ``OnnxDetector(path).predict(images)``.
 
-Same preprocessing, post-processing and ``Prediction`` objects as ``dinodet.inference.Detector``, so
+Same preprocessing, post-processing and ``Prediction`` objects as ``dinodet.inference.detector.Detector``, so
 ``dinodet predict --backend onnxruntime --model model.onnx`` writes the same predictions.json as the
 PyTorch backend.  The label map, the top-k size and the expected resize come from the file's
-metadata (written by ``dinodet.export.to_onnx``); PyTorch is used only for the preprocessing.
+metadata (written by ``dinodet.deploy.export.to_onnx``); PyTorch is used only for the preprocessing.
 """
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .errors import first_line
-from .export import METADATA_FORMAT
-from .inference import ImageInput, Prediction, predict_in_batches
+from ..checkpoint import CheckpointError
+from ..config import ConfigError
+from ..deploy.export import METADATA_FORMAT
+from ..errors import first_line
+from ..models.postprocess import Detections, postprocess
+from .detector import ImageInput, Prediction, predict_in_batches
 from .modes import pad_to_size, repeat_to_batch
-from .postprocess import Detections, postprocess
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 

@@ -7,8 +7,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from .boxes import box_cxcywh_to_xyxy, generalized_box_iou
-from .targets import Target
+from ..boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from ..targets import Target
 
 MatchIndices = list[tuple[Tensor, Tensor]]  # per image: (query indices, target indices), int64 CPU
 

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ConfigError
-from .models.attention import set_msda_backend
-from .models.outputs import DINOOutput
+from ..config import ConfigError
+from ..models.attention import set_msda_backend
+from ..models.outputs import DINOOutput
 
 COMPILE_BUCKET = 64  # pixels; padded sizes per side under ``compile`` (800x1199 -> 832x1216: +5.5% pixels)
 

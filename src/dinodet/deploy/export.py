@@ -8,7 +8,7 @@ Input contract (the same for every export; recorded in the file's metadata)
 * ``orig_sizes`` int64 [B, 2] (only with ``with_postprocess``): each image's ORIGINAL (height,
   width), the frame of the output boxes.
 
-That is exactly what ``dinodet.inference.preprocess_batch`` (``eval_transform`` + ``pad_batch``) gives:
+That is exactly what ``dinodet.inference.detector.preprocess_batch`` (``eval_transform`` + ``pad_batch``) gives:
 resize so the short side is ``size`` (800) and the long side at most ``max_size`` (1333), with PIL's
 antialiased bilinear filter.  Resizing stays outside the graph on purpose: an ONNX ``Resize`` cannot
 reproduce PIL's antialiasing, and a raw-uint8 graph would then give different detections than the
@@ -58,12 +58,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import __version__
-from .config import ConfigError, DINOConfig
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .errors import first_line
-from .files import write_atomic
-from .postprocess import postprocess
+from .. import __version__
+from ..config import ConfigError, DINOConfig
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import ExportError, first_line
+from ..files import write_atomic
+from ..models.postprocess import postprocess
 
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 25, 18
 DYNAMIC_MIN_SIDE = 65  # the 64-stride feature level must have >= 2 rows and columns
@@ -72,9 +72,6 @@ DEFAULT_MSDA = "grid_sample"
 METADATA_FORMAT = "dinodet-onnx-v1"
 _TWO_GB = 2**31 - 2**26  # protobuf limit (with some margin): larger models use external data
 
-
-class ExportError(ValueError):
-    """An export that cannot be done as asked (one-line message)."""
 
 
 @dataclass
@@ -136,7 +133,7 @@ def to_onnx(
 
     Args:
         checkpoint: a dinodet or official DINO checkpoint file (as ``dinodet predict``), or an
-            already built ``dinodet.inference.Detector``.
+            already built ``dinodet.inference.detector.Detector``.
         out: the .onnx file to write (its folder is created).
         preset: architecture of an official checkpoint without stored args (checked against a
             dinodet checkpoint).
@@ -260,7 +257,7 @@ def _require_onnx() -> None:
 
 def _load_model(checkpoint: Any, preset: str | None) -> tuple[nn.Module, DINOConfig, Any, Any, tuple[int, int]]:
     """(model, config, class names, category ids, (size, max_size) it expects)."""
-    from .inference import Detector
+    from ..inference.detector import Detector
 
     if isinstance(checkpoint, Detector):
         if preset is not None and preset != checkpoint.config.name:
@@ -270,7 +267,7 @@ def _load_model(checkpoint: Any, preset: str | None) -> tuple[nn.Module, DINOCon
                 (checkpoint.size, checkpoint.max_size))
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise ExportError(f"expected a checkpoint path or a Detector, got {type(checkpoint).__name__}")
-    from .checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint, preset=preset, ema=True)  # a run's checkpoint.pt: the weights predict uses
     data = ckpt.config.data
@@ -278,7 +275,7 @@ def _load_model(checkpoint: Any, preset: str | None) -> tuple[nn.Module, DINOCon
 
 
 def _label_map(config: DINOConfig, class_names: Any, category_ids: Any) -> tuple[list[str], list[int]]:
-    from .inference import default_label_map
+    from ..inference.detector import default_label_map
 
     return default_label_map(config.model.num_classes, class_names, category_ids)
 
@@ -287,8 +284,8 @@ def _label_map(config: DINOConfig, class_names: Any, category_ids: Any) -> tuple
 def _msda_variant(model: nn.Module, backend: str) -> Iterator[None]:
     """Use MSDA ``backend`` in every deformable attention while exporting, then restore; ignores
     $DINODET_MSDA meanwhile (it would override the choice)."""
-    from .models.attention import MultiScaleDeformableAttention, set_msda_backend
-    from .models.ops.msda import ENV_VAR
+    from ..models.attention import MultiScaleDeformableAttention, set_msda_backend
+    from ..models.ops.msda import ENV_VAR
 
     before = {m: m.backend for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)}
     env = os.environ.pop(ENV_VAR, None)

@@ -19,14 +19,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from .config import DINOConfig
-from .criterion import build_criterion
-from .models.attention import set_msda_backend
-from .models.dino import DINO
-from .models.ops.msda import resolve_backend
-from .modes import ModeRunner, autocast, supported_modes
-from .presets import get_preset
-from .targets import Target
+from ..config import DINOConfig
+from ..inference.modes import ModeRunner, autocast, supported_modes
+from ..models.attention import set_msda_backend
+from ..models.build import build_model
+from ..models.criterion import build_criterion
+from ..models.dino import DINO
+from ..models.ops.msda import resolve_backend
+from ..presets import get_preset
+from ..targets import Target
 
 #: Training-step recipes: (MSDA backend, amp, channels_last, fused AdamW).
 TRAIN_MODES: dict[str, tuple[str, str, bool, bool]] = {
@@ -167,7 +168,7 @@ def make_train_step(cfg: DINOConfig, name: str, device: torch.device, images: Te
     backend, amp, channels_last, fused = TRAIN_MODES[name]
     criterion = build_criterion(cfg.model.num_classes, cfg.loss, cfg.model.dec_layers)
     torch.manual_seed(0)
-    model = DINO(cfg.model).to(device).train()
+    model = build_model(cfg).to(device).train()
     set_msda_backend(model, backend)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -216,7 +217,7 @@ def run_bench(preset: str = "dino_r50_4scale", device: str = "cpu", size: tuple[
     if task in ("infer", "both"):
         names = _ordered(modes or supported_modes(dev), supported_modes(dev))
         torch.manual_seed(0)
-        records += bench_inference(DINO(cfg.model), dev, size, batch, names, warmup, iters)
+        records += bench_inference(build_model(cfg), dev, size, batch, names, warmup, iters)
     if task in ("train", "both"):
         names = _ordered(modes or list(TRAIN_MODES), list(TRAIN_MODES))
         records += bench_training(cfg, dev, size, train_batch or max(batch, 2), names, warmup, iters)

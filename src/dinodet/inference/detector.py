@@ -15,15 +15,15 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint
-from .config import ConfigError, DINOConfig
-from .data.coco_classes import COCO_CLASSES
-from .data.images import load_image, to_rgb
-from .data.transforms import eval_transform, image_hw, pad_batch, size_groups
-from .models.dino import DINO
+from ..checkpoint import load_checkpoint
+from ..config import ConfigError, DINOConfig
+from ..data.coco_classes import COCO_CLASSES
+from ..data.images import load_image, to_rgb
+from ..data.transforms import eval_transform, image_hw, pad_batch, size_groups
+from ..models.build import build_model
+from ..models.postprocess import Detections, postprocess
+from ..presets import get_preset
 from .modes import COMPILE_BUCKET, ModeRunner
-from .postprocess import Detections, postprocess
-from .presets import get_preset
 
 #: One input image: a file path, a PIL image, or a [3, H, W] tensor (uint8 0..255 or float 0..1).
 ImageInput = str | Path | Image.Image | Tensor | np.ndarray
@@ -95,7 +95,7 @@ class Detector:
 
     ``size`` / ``max_size`` (the resize, short side and cap on the long side) default to the
     config's evaluation resize (``data.eval_size`` / ``data.max_size``); ``mode`` is an inference
-    mode of ``dinodet.modes`` (``exact``: float32; ``bf16``, ``compile`` ... trade precision for
+    mode of ``dinodet.inference.modes`` (``exact``: float32; ``bf16``, ``compile`` ... trade precision for
     speed).  The detector owns ``model`` and adapts it to the mode.
     """
 
@@ -168,7 +168,7 @@ class Detector:
         config = get_preset(preset, num_classes=num_classes)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = DINO(config.model, config.name)
+            model = build_model(config)
         return cls(model, config, device=device, size=size, max_size=max_size, mode=mode)
 
     def predict(

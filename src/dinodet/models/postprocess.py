@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .boxes import box_cxcywh_to_xyxy
+from ..boxes import box_cxcywh_to_xyxy
 
 
 class Detections(NamedTuple):
