@@ -4,7 +4,8 @@
         [--split val] [--device cpu] [--modes exact,channels_last,bf16] [--emulate] [--json OUT]
 
 Prints AP / AP50 per mode and the difference to ``exact`` (the bar: |AP difference| <= 0.005) and the
-wall time of each evaluation.  EMA weights are used when the checkpoint holds them, as ``dinodet eval``.
+wall time of each evaluation (``dinodet.engine.eval_checkpoint.evaluate_checkpoint``, what ``dinodet eval``
+runs: EMA weights when the checkpoint holds them, the checkpoint's resize).
 ``--emulate`` also runs the CUDA-only modes (fp16, compile_bf16) on a CPU: their half-precision numerics
 without the GPU kernels, a stand-in until a GPU measures them.
 """
@@ -18,11 +19,8 @@ from pathlib import Path
 
 import torch
 
-from dinodet.checkpoint import load_checkpoint, use_ema_weights
-from dinodet.data.coco import build_dataset
-from dinodet.engine.evaluate import category_mapping, evaluate
-from dinodet.inference.detector import default_label_map
-from dinodet.inference.modes import ModeRunner, supported_modes
+from dinodet.engine.eval_checkpoint import evaluate_checkpoint
+from dinodet.inference.modes import supported_modes
 
 BAR = 0.005
 
@@ -39,21 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    use_ema_weights(ckpt)
-    model = ckpt.model
-    dataset = build_dataset(args.data, args.split, train=False, data_cfg=ckpt.config.data)
-    names, ids = default_label_map(ckpt.config.model.num_classes, ckpt.class_names, ckpt.category_ids)
-    mapping, _ = category_mapping(names, ids, dataset.label_map.class_names, dataset.label_map.category_ids)
     modes = (args.modes.split(",") if args.modes
              else [m for m in supported_modes(device) if not m.startswith("compile") and m != "reference"])
     if "exact" not in modes:
         modes = ["exact", *modes]
     rows = []
-    for name in modes:
-        runner = ModeRunner(model, name, device, emulate=args.emulate)
+    for name in modes:  # each evaluation as `dinodet eval --mode NAME` runs it (the checkpoint loaded afresh)
         start = time.perf_counter()
-        result = evaluate(runner, dataset, mapping, device=device, num_select=ckpt.config.model.num_select)
+        result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, device=args.device, mode=name,
+                                     emulate=args.emulate, progress=False).result
         rows.append({"mode": name, "AP": result.metrics["AP"], "AP50": result.metrics["AP50"],
                      "seconds": round(time.perf_counter() - start, 1), "device": device.type,
                      "emulated": name not in supported_modes(device)})

@@ -28,8 +28,7 @@ import torch
 
 from dinodet.deploy.export import to_onnx
 from dinodet.inference.detector import Detector
-from dinodet.models.attention import MultiScaleDeformableAttention, set_msda_backend
-from dinodet.models.ops.msda import resolve_backend
+from dinodet.models.attention import MultiScaleDeformableAttention, configure_msda
 from dinodet.models.postprocess import postprocess
 
 
@@ -85,7 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
 
     default_backend = next(m.backend for m in model.modules() if isinstance(m, MultiScaleDeformableAttention))
-    default_backend = resolve_backend(default_backend, "cpu")
     torch_modes = {f"pytorch ({default_backend} msda)": default_backend}
     if default_backend != "pytorch":
         torch_modes["pytorch (grid_sample msda)"] = "pytorch"
@@ -107,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def run(name: str) -> tuple[np.ndarray, np.ndarray]:
             if name in torch_modes:
-                set_msda_backend(model, torch_modes[name])
+                configure_msda(model, "cpu", override=torch_modes[name])
                 with torch.inference_mode():
                     out = model(images, mask)
                 return out.pred_logits.numpy(), out.pred_boxes.numpy()

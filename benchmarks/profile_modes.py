@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.mode not in TRAIN_MODES:
             ap.error(f"training modes: {', '.join(TRAIN_MODES)}")
-        fn = make_train_step(cfg, args.mode, device, images, mask, targets)
+        fn, _ = make_train_step(cfg, args.mode, device, images, mask, targets)
 
     def sync():
         if device.type == "cuda":

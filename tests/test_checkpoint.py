@@ -253,3 +253,28 @@ def test_a_custom_config_loads_under_its_own_name(tmp_path):
     assert load_checkpoint(path, preset="custom").config.name == "custom"
     with pytest.raises(CheckpointError, match="made with preset 'custom', not 'tiny'"):
         load_checkpoint(path, preset="tiny")
+
+
+def test_weights_for_an_architecture_keep_the_files_class_count(tiny_model, tmp_path):
+    """What fine-tuning starts from: an official file read into the asked architecture with its own
+    91 classes; a dinodet file with its classes; a file without class head is one error."""
+    from dinodet.checkpoint import load_weights_for_architecture
+    from dinodet.engine.train import resolve_config
+
+    cfg, model = tiny_model
+    torch.save({"model": _official(cfg, model)}, tmp_path / "official.pth")
+    target = resolve_config(cfg, 3).model  # the fine-tuning run's architecture, another class count
+    got = load_weights_for_architecture(target, "tiny", tmp_path / "official.pth")
+    assert (got.num_classes, got.class_names, got.category_ids) == (91, None, None)
+    for k, v in model.state_dict().items():
+        assert torch.equal(got.state[k], v), k
+
+    small = build_model(resolve_config(cfg, 2))
+    save_checkpoint(tmp_path / "own.safetensors", small, resolve_config(cfg, 2), ["a", "b"], [4, 5])
+    own = load_weights_for_architecture(target, "tiny", tmp_path / "own.safetensors")
+    assert (own.num_classes, own.class_names, own.category_ids) == (2, ["a", "b"], [4, 5])
+
+    headless = {k: v for k, v in _official(cfg, model).items() if "class_embed" not in k}
+    torch.save({"model": headless}, tmp_path / "headless.pth")
+    with pytest.raises(CheckpointError, match=r"headless.pth: official checkpoint without .*class_embed"):
+        load_weights_for_architecture(target, "tiny", tmp_path / "headless.pth")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dinodet.cli import _note_compile, main
+from dinodet.cli import main, printed_logs
+from dinodet.inference.predict import note_compile
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -85,7 +86,8 @@ def test_predict_random_weights_in_process(tmp_path: Path, sample_images: list[P
 
 @pytest.mark.parametrize("mode", ["compile", "compile_bf16"])
 def test_compiled_modes_say_why_the_first_batches_are_slow(mode: str, capsys):
-    _note_compile(mode)
+    with printed_logs():  # the CLI prints the library's note
+        note_compile(mode)
     err = capsys.readouterr().err
     assert err.startswith(f"dinodet: mode '{mode}' compiles the model") and "TORCHINDUCTOR_CACHE_DIR" in err
     assert err.count("\n") == 1
@@ -175,24 +177,6 @@ def test_one_bad_item_among_many_is_skipped(tmp_path: Path, sample_images: list[
     assert "typo.jpg" in err and f"cannot write '{out / sample_images[1].stem}.jpg'" in err
     records = json.loads((out / "predictions.json").read_text())
     assert {r["file_name"] for r in records} == {sample_images[0].name}
-
-
-def test_a_failing_batch_is_retried_image_by_image(tmp_path: Path, capsys):
-    from dinodet.cli import _predict_chunk
-
-    class Fussy:  # fails on any batch holding the 7-pixel-wide image
-        def predict(self, images, threshold, batch_size):
-            if any(im.width == 7 for im in images):
-                raise RuntimeError("CUDA out of memory (simulated)\nmore detail")
-            return [im.width for im in images]
-
-    chunk = [(tmp_path / f"{w}.jpg", Image.new("RGB", (w, 5))) for w in (5, 7, 9)]
-    got = _predict_chunk(Fussy(), chunk, 0.3, skip_failures=True)
-    assert [(path.name, pred) for (path, _), pred in got] == [("5.jpg", 5), ("9.jpg", 9)]
-    err = capsys.readouterr().err
-    assert err.count("cannot predict") == 1 and "7.jpg': CUDA out of memory (simulated); skipped" in err
-    with pytest.raises(RuntimeError):  # a lone image: the error is the run's
-        _predict_chunk(Fussy(), chunk[1:2], 0.3, skip_failures=False)
 
 
 def test_refuses_to_overwrite_inputs(image_dir: Path, size_args, capsys):

@@ -219,9 +219,9 @@ def test_an_absurd_annotated_size_skips_the_image_instead_of_allocating_it(tmp_p
 
 def test_the_cli_shows_every_line_of_a_data_report(broken_coco: Path, capsys):
     """train/eval index the data while the CLI runs: the counts and first files reach stderr."""
-    from dinodet.cli import _warning_lines
+    from dinodet.cli import printed_logs
 
-    with _warning_lines():
+    with printed_logs():
         build_dataset(str(broken_coco), "train", data_cfg=CFG)
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("dinodet: warning: ") and err[0].endswith("data problems:")

@@ -13,7 +13,6 @@ from dinodet.engine.evaluate import (
     COCO_STATS,
     category_mapping,
     coco_metrics,
-    coco_records,
     coco_scores,
     evaluate,
     format_metrics,
@@ -22,6 +21,7 @@ from dinodet.engine.evaluate import (
 )
 from dinodet.engine.pictures import PER_CLASS_AP, PR_CURVE, write_eval_pictures
 from dinodet.inference.detector import Detector
+from dinodet.inference.records import coco_records
 
 COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
 NUM_IMAGES = 8
@@ -80,6 +80,15 @@ def test_coco_records_convert_boxes_and_map_categories():
         {"image_id": 7, "category_id": 3, "bbox": [10.0, 20.0, 20.0, 40.0], "score": pytest.approx(0.9)},
         {"image_id": 7, "category_id": 9, "bbox": [1.0, 1.0, 1.0, 1.0], "score": pytest.approx(0.1)},
     ]
+
+
+def test_coco_records_for_files_are_rounded_and_keep_category_ids():
+    scores, cats = torch.tensor([0.123456789]), torch.tensor([18])
+    boxes = torch.tensor([[1.23456, 2.0, 11.0, 4.5]])
+    assert coco_records(scores, cats, boxes, file_name="a.jpg", rounded=True) == [
+        {"file_name": "a.jpg", "category_id": 18, "bbox": [1.23, 2.0, 9.77, 2.5], "score": 0.12346}]
+    with pytest.raises(ValueError, match="exactly one"):
+        coco_records(scores, cats, boxes)
 
 
 def test_same_size_groups_keep_order():

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +81,16 @@ def test_run_logger_writes_jsonl_and_tensorboard_and_truncates_on_resume(tmp_pat
     silent = RunLogger(tmp_path / "other", enabled=False)  # ranks > 0
     silent.log_record({"epoch": 1, "step": 1})
     assert not (tmp_path / "other").exists()
+
+
+def test_without_tensorboard_the_jsonl_log_is_written_with_one_warning(tmp_path: Path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # an import of it fails
+    log = RunLogger(tmp_path)
+    log.log_record({"epoch": 1, "step": 1, "train_loss": 1.0})
+    log.close()
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert caplog.messages[0].startswith("TensorBoard logging disabled (")
+    assert [r["step"] for r in read_metrics_log(tmp_path / METRICS_LOG)] == [1]
 
 
 def test_plot_curves_writes_a_png(tmp_path: Path):

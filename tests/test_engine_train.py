@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -240,7 +241,8 @@ def test_resume_gives_the_same_end_state(shapes_root: Path, tmp_path: Path):
 
 
 def test_new_run_refuses_to_overwrite_and_resume_without_checkpoint_starts_fresh(shapes_root: Path, tmp_path: Path,
-                                                                                 capsys):
+                                                                                 caplog):
+    caplog.set_level(logging.INFO, logger="dinodet")
     cfg = small_config("train.amp=bf16")  # bf16 autocast works on CPU too
     tr, va = datasets(shapes_root, cfg)
     metrics = run(cfg, tr, va, tmp_path / "r", max_steps=1, resume=True)  # nothing to resume: a new run (warning)
@@ -250,14 +252,15 @@ def test_new_run_refuses_to_overwrite_and_resume_without_checkpoint_starts_fresh
     # resuming where it stopped: nothing to train, said so; the final weights are evaluated again
     again = run(cfg, tr, va, tmp_path / "r", max_steps=1, resume=True)
     assert again["step"] == 1 and again["AP"] == metrics["AP"]
-    err = capsys.readouterr().err
-    assert "nothing left to train (epoch 0/1, step 1)" in err
-    assert re.search(r"epoch 0\.\d\d/1: loss", err)  # the fraction of the epoch done, rounded
+    assert f"--resume: no {tmp_path / 'r' / CHECKPOINT} yet; starting a new run" in caplog.messages
+    assert "nothing left to train (epoch 0/1, step 1); evaluating the final weights" in caplog.messages
+    assert any(re.match(r"epoch 0\.\d\d/1: loss", m) for m in caplog.messages)  # the fraction done, rounded
 
 
-def test_resume_applies_changed_schedule_settings(shapes_root: Path, tmp_path: Path):
+def test_resume_applies_changed_schedule_settings(shapes_root: Path, tmp_path: Path, caplog):
     """--set on resume wins over the stored optimizer / scheduler / EMA settings (config.json said
-    so before, while the stored values were used)."""
+    so before, while the stored values were used), and says so."""
+    caplog.set_level(logging.INFO, logger="dinodet")
     cfg = small_config("train.epochs=1", "train.ema=true", "train.ema_decay=0.9")
     tr, va = datasets(shapes_root, cfg)
     run(cfg, tr, va, tmp_path / "r")
@@ -270,9 +273,11 @@ def test_resume_applies_changed_schedule_settings(shapes_root: Path, tmp_path: P
     assert main_group["lr"] == pytest.approx(1e-8) and main_group["initial_lr"] == 1e-6
     assert all(g["weight_decay"] == 0.5 for g in state["optimizer"]["param_groups"])
     assert state["scheduler"]["step_size"] == 1 and state["ema"]["decay"] == 0.5
+    said = next(m for m in caplog.messages if m.startswith("resume with changed settings: "))
+    assert said.count("weight_decay") == 1 and "lr_drop" in said and "ema_decay 0.9 -> 0.5" in said, said
 
 
-def test_resume_inside_an_epoch_with_another_batch_size(shapes_root: Path, tmp_path: Path, capsys):
+def test_resume_inside_an_epoch_with_another_batch_size(shapes_root: Path, tmp_path: Path, caplog):
     """Stopped after 2 of 4 samples with batch 1: resumed with batch 2, one step finishes the epoch."""
     tr, va = datasets(shapes_root, small_config())
     run(small_config("train.batch_size=1"), tr, va, tmp_path / "r", max_steps=2)
@@ -280,7 +285,8 @@ def test_resume_inside_an_epoch_with_another_batch_size(shapes_root: Path, tmp_p
     run(small_config("train.batch_size=2"), tr, va, tmp_path / "r", resume=True)
     state = read_torch_file(tmp_path / "r" / CHECKPOINT)
     assert (state["epoch"], state["batches_done"], state["step"]) == (1, 0, 3)
-    assert "continuing after 2 of its samples" in capsys.readouterr().err
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("continuing after 2 of its samples" in m for m in warnings), warnings
 
 
 def test_resume_refuses_data_with_classes_the_run_lacks(shapes_root: Path, tmp_path: Path):
@@ -318,7 +324,7 @@ def test_earlier_results_are_never_overwritten_and_damaged_state_is_one_error(sh
 def test_best_checkpoint_and_log_come_before_checkpoint(shapes_root: Path, tmp_path: Path, monkeypatch):
     """checkpoint.pt records best_AP and the epoch: an interrupt before it is written must not
     leave a best_AP without its file, nor lose the epoch's log record."""
-    import dinodet.engine.train as engine
+    import dinodet.engine.run_dir as run_dir
 
     order = []
 
@@ -327,7 +333,7 @@ def test_best_checkpoint_and_log_come_before_checkpoint(shapes_root: Path, tmp_p
         order.append((path.name, log.is_file() and len(log.read_text().splitlines())))
         return save_checkpoint(path, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "save_checkpoint", recording_save)
+    monkeypatch.setattr(run_dir, "save_checkpoint", recording_save)
     cfg = small_config()
     tr, va = datasets(shapes_root, cfg)
     run(cfg, tr, va, tmp_path / "r")
@@ -512,3 +518,17 @@ def test_ema_defaults_eval_mode_and_decay_bounds():
     assert torch.equal(frozen.module[0].weight, ema.module[0].weight)
     with pytest.raises(ValueError):
         ModelEMA(model, decay=1.5)
+
+
+def test_trainer_runs_the_configured_msda_backend(shapes_root: Path, tmp_path: Path):
+    """The trainer resolves the MSDA backend once, where it puts the model on its device: the
+    config's choice is what runs (and, with autograd, what the gradient flows through)."""
+    from dinodet.models.attention import MultiScaleDeformableAttention
+
+    for wanted in ("gather", "auto"):
+        cfg = small_config(f'model.msda_backend="{wanted}"')
+        tr, va = datasets(shapes_root, cfg, augment=False)
+        trainer = Trainer(cfg, tr, va, TrainOptions(run_dir=tmp_path / wanted, progress=False, tensorboard=False))
+        ran = {m.backend for m in trainer.model.modules() if isinstance(m, MultiScaleDeformableAttention)}
+        assert ran == {"gather" if wanted == "gather" else "pytorch"}  # auto on CPU with a backward: the reference
+        trainer.logger.close()

@@ -247,6 +247,23 @@ def test_cli_export_unknown_opset_is_one_line_error(tiny_checkpoint: Path, tmp_p
     assert not out.exists()
 
 
+def test_export_takes_the_ops_backend_names_and_overrides_config_and_variable(tiny_detector: Detector,
+                                                                           monkeypatch: pytest.MonkeyPatch):
+    from dinodet.deploy.export import _msda_backend, export_backend
+    from dinodet.models.attention import MultiScaleDeformableAttention
+
+    assert [export_backend(n) for n in ("pytorch", "grid_sample", "gather")] == ["pytorch", "pytorch", "gather"]
+    with pytest.raises(ExportError, match=r"'triton' does not export to ONNX \(choose from: gather, pytorch, grid_sample\)"):
+        export_backend("triton")
+    model = tiny_detector.model
+    modules = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    before = [m.backend for m in modules]
+    monkeypatch.setenv("DINODET_MSDA", "embedding_bag")
+    with _msda_backend(model, "gather"):
+        assert {m.backend for m in modules} == {"gather"}
+    assert [m.backend for m in modules] == before  # the detector runs as it did
+
+
 def test_cli_export_missing_checkpoint_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "m.onnx")]) == 2
     one_line_error(capsys, "checkpoint not found", "nope.pt")
@@ -257,6 +274,8 @@ def test_api_rejects_bad_options(tiny_detector: Detector, tmp_path: Path):
         to_onnx(tiny_detector, tmp_path / "m.onnx", opset=16)
     with pytest.raises(ExportError, match="unknown MSDA variant"):
         to_onnx(tiny_detector, tmp_path / "m.onnx", msda="cuda")
+    with pytest.raises(ExportError, match="MSDA backend 'embedding_bag' does not export to ONNX"):
+        to_onnx(tiny_detector, tmp_path / "m.onnx", msda="embedding_bag")
     with pytest.raises(ExportError, match="not allowed with dynamic"):
         to_onnx(tiny_detector, tmp_path / "m.onnx", dynamic=True, batch_size=2)
     with pytest.raises(ExportError, match=r"\.onnx"):

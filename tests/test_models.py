@@ -4,6 +4,7 @@ import torch
 from conftest import HOST_SYNC_OPS, dispatched_ops
 
 from dinodet.data.transforms import pad_batch
+from dinodet.models.attention import MultiScaleDeformableAttention, configure_msda
 from dinodet.models.denoising import denoising_attn_mask, num_denoising_groups
 from dinodet.models.dino import DINO
 from dinodet.models.position import SinePositionEncoding
@@ -15,7 +16,9 @@ from dinodet.presets import get_preset
 def tiny():
     torch.manual_seed(0)
     cfg = get_preset("tiny")
-    return cfg, DINO(cfg.model).eval()
+    model = DINO(cfg.model).eval()
+    configure_msda(model, "cpu")  # as an inference mode does: embedding_bag
+    return cfg, model
 
 
 def _batch(sizes):
@@ -201,6 +204,7 @@ def test_cuda_forward_and_loss_synchronize_only_for_the_matching(tiny):
     cfg, model = tiny
     dev = torch.device("cuda")
     model = copy.deepcopy(model).to(dev)
+    configure_msda(model, dev, needs_grad=True)  # the Triton kernel
     criterion = build_criterion(cfg.model.num_classes, cfg.loss, cfg.model.dec_layers).to(dev)
     images, mask = (t.to(dev) for t in _batch([(96, 128), (80, 64)]))
     orig_sizes = torch.tensor([[96, 128], [80, 64]], device=dev)
@@ -230,6 +234,26 @@ def test_cuda_forward_and_loss_synchronize_only_for_the_matching(tiny):
     loss = [str(w.message) for w in caught if "synchroniz" in str(w.message)][len(forward):]
     assert not forward, forward
     assert len(loss) == 1, loss
+
+
+def test_a_bare_model_requests_the_configs_msda_backend_and_runs_the_reference(tiny, caplog, monkeypatch):
+    """Construction only records ``model.msda_backend`` (no warning for a CUDA-only request on a CPU
+    machine); the reference runs on any device until ``configure_msda`` resolves the request."""
+    from dinodet.config import apply_overrides
+
+    cfg, configured = tiny
+    monkeypatch.delenv("DINODET_MSDA", raising=False)
+    assert {m.backend for m in configured.modules() if isinstance(m, MultiScaleDeformableAttention)} == {
+        "embedding_bag"}
+    with caplog.at_level("WARNING", logger="dinodet"):
+        model = DINO(apply_overrides(cfg, ['model.msda_backend="triton"']).model).eval()
+    assert not caplog.records
+    attentions = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    assert {(m.msda_backend, m.backend) for m in attentions} == {("triton", "pytorch")}
+    with torch.no_grad():
+        model(*_batch([(64, 80)]))
+    assert configure_msda(model, "cpu", override="gather") == "gather"
+    assert configure_msda(model, "cpu") == "pytorch"  # the request, not the last override: triton cannot run here
 
 
 def test_enc_topk_override_is_used(tiny):

@@ -161,3 +161,49 @@ def test_compile_mode_new_sizes_share_one_dynamic_graph(model_and_batch, one_thr
         ((torch.randn(3, 3, 200, 200), torch.zeros(3, 200, 200, dtype=torch.bool)), 3),  # larger: dynamic batch
         ((torch.randn(2, 3, 130, 300), torch.zeros(2, 130, 300, dtype=torch.bool)), 3),  # padded to 3: reused
     ], monkeypatch, backend=backend)
+
+
+def _backends(model):
+    return {m.backend for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)}
+
+
+def test_modes_run_the_configs_msda_backend_and_reference_forces_pytorch(monkeypatch, one_thread):
+    """The config's ``model.msda_backend`` is what the modes run (it used to be replaced by the mode's
+    ``auto``); only ``reference`` overrides it, also over $DINODET_MSDA, for parity."""
+    from dinodet.config import apply_overrides
+    from dinodet.models.ops import msda
+
+    monkeypatch.delenv("DINODET_MSDA", raising=False)
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].dtype)
+        return msda.ms_deform_attn_gather(*args)
+
+    monkeypatch.setitem(msda._LOADED, "gather", spy)
+    torch.manual_seed(0)
+    model = DINO(apply_overrides(get_preset("tiny"), ['model.msda_backend="gather"']).model)
+    images, mask = torch.randn(1, 3, 64, 80), torch.zeros(1, 64, 80, dtype=torch.bool)
+    for mode in ("exact", "channels_last", "bf16"):
+        runner = ModeRunner(model, mode, "cpu")
+        assert runner.msda_backend == "gather" and _backends(runner.model) == {"gather"}
+    exact = ModeRunner(model, "exact", "cpu")
+    exact(images, mask)
+    assert calls and set(calls) == {torch.float32}
+    monkeypatch.setenv("DINODET_MSDA", "embedding_bag")
+    reference = ModeRunner(model, "reference", "cpu")
+    assert reference.msda_backend == "pytorch" and _backends(reference.model) == {"pytorch"}
+    assert ModeRunner(model, "exact", "cpu").msda_backend == "embedding_bag"  # the variable replaces the config
+    assert _backends(exact.model) == {"gather"}  # configured once: a later variable does not change a runner
+
+
+def test_detector_honours_the_checkpoint_config(monkeypatch):
+    from dinodet.config import apply_overrides
+    from dinodet.inference.detector import Detector
+    from dinodet.models import build_model
+
+    monkeypatch.delenv("DINODET_MSDA", raising=False)
+    cfg = apply_overrides(get_preset("tiny"), ['model.msda_backend="gather"'])
+    assert _backends(Detector(build_model(cfg), cfg).model) == {"gather"}
+    assert _backends(Detector(build_model(cfg), cfg, mode="reference").model) == {"pytorch"}
+    assert _backends(Detector(build_model(get_preset("tiny")), get_preset("tiny")).model) == {"embedding_bag"}

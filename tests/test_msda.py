@@ -71,3 +71,91 @@ def test_device_constant_is_cached_and_usable_with_autograd():
     x = torch.ones(2, 2, requires_grad=True)
     (x * a).sum().backward()
     assert torch.equal(x.grad, a)
+
+
+# ------------------------------------------------------------------------ declarations and resolution
+
+
+@pytest.fixture
+def cuda_only_backend(monkeypatch):
+    """A backend declared CUDA-only that ``auto`` would otherwise prefer everywhere."""
+    from dinodet.models.ops import msda
+
+    calls = []
+
+    def fake(*args):
+        calls.append(args)
+        return ms_deform_attn_pytorch(*args)
+
+    backend = msda.MSDABackend("fake_cuda", fake, devices=("cuda",), auto_devices=("cuda", "cpu"))
+    monkeypatch.setattr(msda, "_REGISTRY", {"fake_cuda": backend, **msda._REGISTRY})  # registered first
+    return calls
+
+
+def _attention(backend="auto"):
+    from dinodet.models.attention import MultiScaleDeformableAttention
+
+    torch.manual_seed(0)
+    return MultiScaleDeformableAttention(d_model=8, n_levels=2, n_heads=2, n_points=2, backend=backend)
+
+
+def _attend(module):
+    g = torch.Generator().manual_seed(1)
+    shapes = [(4, 5), (2, 3)]
+    value = torch.randn(1, sum(h * w for h, w in shapes), 8, generator=g)
+    return module(torch.randn(1, 3, 8, generator=g), torch.rand(1, 3, 2, 2, generator=g), value, shapes)
+
+
+def test_a_cuda_only_backend_is_never_picked_for_the_cpu(cuda_only_backend, caplog, monkeypatch):
+    from dinodet.models.attention import configure_msda
+    from dinodet.models.ops.msda import select_backend
+
+    monkeypatch.delenv("DINODET_MSDA", raising=False)
+    assert select_backend("auto", "cpu") == "embedding_bag"
+    assert select_backend("auto", "cuda") == "fake_cuda"
+    module = _attention("fake_cuda")
+    with caplog.at_level("WARNING", logger="dinodet"):
+        assert configure_msda(module, "cpu") == "pytorch"
+    assert "MSDA backend 'fake_cuda' does not run on cpu float32 (it supports devices cuda" in caplog.text
+    _attend(module)
+    assert not cuda_only_backend
+    # a module set to it by hand and run on the CPU says what to do instead of failing inside the kernel
+    module.use_backend("fake_cuda")
+    with pytest.raises(RuntimeError, match=r"runs on cuda, not on cpu: call configure_msda\(model, device\)"):
+        _attend(module)
+
+
+def test_declared_dtypes_and_gradients_are_honoured(monkeypatch):
+    from dinodet.models.ops import msda
+
+    monkeypatch.setitem(msda._REGISTRY, "f64_only", msda.MSDABackend(
+        "f64_only", ms_deform_attn_pytorch, dtypes=(torch.float64,), grad=False))
+    assert msda.select_backend("f64_only", "cpu", torch.float64) == "f64_only"
+    assert msda.select_backend("f64_only", "cpu", torch.float32) == "pytorch"
+    assert msda.select_backend("f64_only", "cpu", torch.float64, needs_grad=True) == "pytorch"
+    assert {n: msda.get_backend(n).exportable for n in ("pytorch", "gather", "embedding_bag", "triton")} == {
+        "pytorch": True, "gather": True, "embedding_bag": False, "triton": False}
+
+
+def test_backend_is_resolved_at_configure_time_only(monkeypatch):
+    """The environment variable is read by ``configure_msda``; a forward resolves nothing."""
+    from dinodet.models.attention import configure_msda
+    from dinodet.models.ops import msda
+
+    module = _attention()
+    assert module.backend == "pytorch"  # before any configuration: the reference, which runs anywhere
+    monkeypatch.setenv("DINODET_MSDA", "gather")
+    assert configure_msda(module, "cpu") == "gather"
+    monkeypatch.setenv("DINODET_MSDA", "embedding_bag")
+
+    def no_resolution(*args, **kwargs):
+        raise AssertionError("resolved during a forward")
+
+    monkeypatch.setattr(msda, "select_backend", no_resolution)
+    monkeypatch.setattr("dinodet.models.attention.select_backend", no_resolution)
+    out = _attend(module)
+    assert module.backend == "gather"
+    monkeypatch.undo()
+    monkeypatch.delenv("DINODET_MSDA", raising=False)
+    assert configure_msda(module, "cpu") == "embedding_bag"  # the module's own request: auto
+    torch.testing.assert_close(_attend(module), out, rtol=0, atol=1e-6)

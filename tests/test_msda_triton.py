@@ -19,7 +19,8 @@ import sys
 import pytest
 import torch
 
-from dinodet.models.ops.msda import ms_deform_attn, ms_deform_attn_pytorch, resolve_backend
+from dinodet.models.attention import MultiScaleDeformableAttention, configure_msda
+from dinodet.models.ops.msda import get_backend, ms_deform_attn, ms_deform_attn_pytorch, select_backend
 
 try:
     import triton  # noqa: F401
@@ -84,30 +85,35 @@ def max_errors(ref, got):
 # ----------------------------------------------------------------------------------- backend resolution
 
 
-def test_triton_on_cpu_falls_back_to_reference(monkeypatch):
-    monkeypatch.delenv("DINODET_MSDA", raising=False)
-    assert resolve_backend("triton", "cpu") == "pytorch"
-    assert resolve_backend("auto", "cpu") == "embedding_bag"  # the fastest CPU backend
-    assert resolve_backend("auto", torch.device("cpu")) == "embedding_bag"
-    assert resolve_backend("auto", "cpu", needs_grad=True) == "pytorch"  # faster backward
+def test_triton_is_declared_cuda_only_and_falls_back_to_reference_on_cpu(caplog):
+    assert get_backend("triton").devices == ("cuda",)
+    with caplog.at_level("WARNING", logger="dinodet"):
+        assert select_backend("triton", "cpu") == "pytorch"
+    assert "MSDA backend 'triton' does not run on cpu float32" in caplog.text
+    assert select_backend("auto", "cpu") == "embedding_bag"  # the fastest CPU backend
+    assert select_backend("auto", torch.device("cpu")) == "embedding_bag"
+    assert select_backend("auto", "cpu", needs_grad=True) == "pytorch"  # faster backward
 
 
-def test_env_override_picks_gather(monkeypatch):
+def test_env_var_replaces_the_config_choice_but_not_an_override(monkeypatch):
+    module = MultiScaleDeformableAttention(d_model=6, n_levels=2, n_heads=2, n_points=2, backend="pytorch")
     monkeypatch.setenv("DINODET_MSDA", "gather")
-    assert resolve_backend("pytorch", "cpu") == "gather"
-    assert resolve_backend("triton", "cpu") == "gather"
+    assert configure_msda(module, "cpu") == "gather" and module.backend == "gather"
+    assert configure_msda(module, "cpu", override="pytorch") == "pytorch"
+    monkeypatch.setenv("DINODET_MSDA", "triton")
+    assert configure_msda(module, "cpu") == "pytorch"  # cannot run on the CPU: the reference
     value, shapes, loc, w = make_inputs()
-    torch.testing.assert_close(ms_deform_attn(value, shapes, loc, w, backend="pytorch"),
+    torch.testing.assert_close(ms_deform_attn(value, shapes, loc, w, backend="gather"),
                                ms_deform_attn_pytorch(value, shapes, loc, w), rtol=1e-12, atol=1e-12)
 
 
 def test_unknown_backend_names_raise(monkeypatch):
     monkeypatch.delenv("DINODET_MSDA", raising=False)
     with pytest.raises(ValueError, match="unknown MSDA backend 'tritonn'"):
-        resolve_backend("tritonn", "cpu")
+        select_backend("tritonn", "cpu")
     monkeypatch.setenv("DINODET_MSDA", "nope")
     with pytest.raises(ValueError, match="unknown MSDA backend 'nope'"):
-        resolve_backend("pytorch", "cpu")
+        configure_msda(MultiScaleDeformableAttention(d_model=6, n_heads=2), "cpu")
 
 
 @needs_triton
@@ -322,8 +328,10 @@ def test_cuda_forward_is_bitwise_deterministic():
 @needs_cuda
 def test_cuda_dispatch_and_compile(monkeypatch):
     monkeypatch.delenv("DINODET_MSDA", raising=False)
-    assert resolve_backend("auto", "cuda") == "triton"
-    assert resolve_backend("triton", "cuda") == "triton"
+    assert select_backend("auto", "cuda") == "triton"
+    assert select_backend("triton", "cuda", needs_grad=True) == "triton"
+    module = MultiScaleDeformableAttention(d_model=6, n_heads=2).cuda()
+    assert configure_msda(module, "cuda") == "triton"
     value, shapes, loc, w = make_inputs(seed=7, dtype=torch.float32, device="cuda")
     eager = ms_deform_attn(value, shapes, loc, w, backend="triton")
     torch.testing.assert_close(eager, ms_deform_attn_pytorch(value, shapes, loc, w), rtol=1e-5, atol=1e-5)

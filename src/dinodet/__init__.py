@@ -16,17 +16,21 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "Detector": ".inference",
-    "Prediction": ".inference",
+    "Detector": ".inference.detector",
+    "Prediction": ".inference.detector",
     "DINOConfig": ".config",
-    "ConfigError": ".config",
+    "DinodetError": ".errors",
+    "ConfigError": ".errors",
+    "DatasetError": ".errors",
+    "TrainingError": ".errors",
+    "ExportError": ".errors",
     "get_preset": ".presets",
     "list_presets": ".presets",
     "load_checkpoint": ".checkpoint",
     "save_checkpoint": ".checkpoint",
-    "CheckpointError": ".checkpoint",
+    "CheckpointError": ".errors",
     "load_image": ".data.images",
-    "ImageLoadError": ".data.images",
+    "ImageLoadError": ".errors",
     "draw_detections": ".visualize",
     "COCO_CLASSES": ".data.coco_classes",
 }

@@ -12,7 +12,7 @@ import os
 import pickle
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from .compat.official_args import config_from_official_args
-from .compat.official_keys import is_official_state, official_key_map, official_state, original_backbone_name
-from .config import DINOConfig
+from .compat.official_keys import (
+    is_official_state,
+    official_key_map,
+    official_names,
+    official_state,
+    original_backbone_name,
+)
+from .config import DINOConfig, ModelConfig
 from .errors import CheckpointError, first_line
 from .files import write_atomic
 from .models.backbones import backbone_family
@@ -30,7 +36,6 @@ from .models.dino import DINO
 from .presets import get_preset
 
 FORMAT_TAG = "dinodet-checkpoint-v1"
-
 
 
 @dataclass
@@ -304,10 +309,16 @@ def load_checkpoint(path: str | os.PathLike, preset: str | None = None, device: 
     (checkpoint_best.pt of an EMA run stores them as its weights).
     """
     path = Path(path)
+    return _load_checkpoint(path, None if path.suffix.lower() == ".safetensors" else read_torch_file(path), preset,
+                            device, ema)
+
+
+def _load_checkpoint(path: Path, obj: Any, preset: str | None, device: str | torch.device,
+                     ema: bool) -> LoadedCheckpoint:
+    """``load_checkpoint`` of a torch file's content ``obj`` (unused for a safetensors file)."""
     if path.suffix.lower() == ".safetensors":
         loaded = _load_safetensors(path)
     else:
-        obj = read_torch_file(path)
         if isinstance(obj, dict) and obj.get("format") == FORMAT_TAG:
             loaded = _load_dinodet(obj, path)
         elif (state := official_state(obj)) is not None:
@@ -322,6 +333,48 @@ def load_checkpoint(path: str | os.PathLike, preset: str | None = None, device: 
         loaded.ema_weights = use_ema_weights(loaded) or bool((loaded.extra or {}).get("ema_weights"))
     loaded.model.to(device).eval()
     return loaded
+
+
+@dataclass
+class ArchitectureWeights:
+    """A checkpoint's weights (dinodet parameter names) for one architecture, with the file's own
+    class layout: what fine-tuning starts from."""
+
+    state: dict[str, Tensor]
+    num_classes: int
+    class_names: list[str] | None = None  # None: the file does not name its classes (official files)
+    category_ids: list[int] | None = None
+
+
+def load_weights_for_architecture(model_cfg: ModelConfig, preset_name: str,
+                                  path: str | os.PathLike) -> ArchitectureWeights:
+    """The weights of any checkpoint, official or dinodet, keeping the file's class count.
+
+    dinodet files carry their own architecture and give the weights they were evaluated with (a
+    run's checkpoint.pt: its EMA weights, as predict and eval).  Official files are read into the
+    architecture ``model_cfg`` describes (named ``preset_name``), whatever args they carry, with the
+    file's class count and label book: e.g. an official DINO-4scale COCO model fine-tunes any
+    dataset with ``--preset dino_r50_4scale``.  Every official key must be accounted for
+    (``load_official_state``); the caller checks that the weights fit its own model.
+    """
+    path = Path(path)
+    obj = None if path.suffix.lower() == ".safetensors" else read_torch_file(path)
+    state = official_state(obj)
+    if state is None:
+        ckpt = _load_checkpoint(path, obj, None, "cpu", ema=True)
+        return ArchitectureWeights(ckpt.model.state_dict(), ckpt.config.model.num_classes, ckpt.class_names,
+                                   ckpt.category_ids)
+    levels = len(model_cfg.backbone.return_layers)
+    head, book = (official_names(k, model_cfg.dec_layers, levels)[-1]
+                  for k in ("class_head.bias", "denoising.label_embed.weight"))
+    try:
+        mcfg = replace(model_cfg, num_classes=int(state[head].shape[0]),
+                                   dn_labelbook_size=int(state[book].shape[0]) - 1)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: official checkpoint without {e}; not a DINO model?") from None
+    source = build_model(DINOConfig(name=preset_name, model=mcfg))
+    load_official_state(source, state, path)
+    return ArchitectureWeights(source.state_dict(), mcfg.num_classes)
 
 
 def _load_official(obj: dict[str, Any], path: Path, preset: str | None) -> LoadedCheckpoint:

@@ -74,9 +74,11 @@ class ModelConfig:
     # post-processing
     num_select: int = 300
     # multi-scale deformable attention kernel (models/ops/msda.py): auto | pytorch (grid_sample reference) | gather
-    # (ONNX-exportable) | embedding_bag (one fused embedding_bag) | triton (CUDA only).  auto = Triton on CUDA,
-    # elsewhere embedding_bag without gradients and pytorch with them; a backend that cannot run on the device falls
-    # back to pytorch.  $DINODET_MSDA overrides it
+    # (ONNX-exportable) | embedding_bag (one fused embedding_bag) | triton (CUDA only).  Resolved once where the
+    # model is put on a device (models.attention.configure_msda: inference modes, training, export, bench); auto =
+    # Triton on CUDA, on CPU embedding_bag for inference and pytorch for training.  A backend that cannot run there
+    # falls back to pytorch with a warning.  $DINODET_MSDA, read at that point, replaces it; the `reference` mode
+    # and export (its --msda) override both
     msda_backend: str = "auto"
 
     @property

@@ -7,6 +7,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
+
+def check_out_folder(out_dir: Path, name: str = "--out") -> None:
+    """Before the slow work: ``out_dir`` must be (or become, with its parents) a folder we can write
+    in, so that a long run does not end on an unwritable output.  ``name`` is the option the
+    message names.
+
+    Raises:
+        ConfigError: a file is in the way, or no permission to write.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{name} '{out_dir}' is a file; it must be a folder (created if needed)")
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{name} '{out_dir}': '{existing}' is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} '{out_dir}': no permission to write in '{existing}'")
+
 
 def json_text(data: Any) -> str:
     """A list as one element per line (valid JSON that is still easy to grep and diff, e.g. COCO

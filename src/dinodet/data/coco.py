@@ -594,7 +594,7 @@ def build_dataset(root: str | Path, split: str = "train", format: str = "coco", 
 def _log_report(report: DataReport, shown: int = 5) -> None:
     """Log the counts and the first ``shown`` per-file messages (``dinodet check-data`` lists all)."""
     if report.ok:
-        logger.info("%s: %d images, %d boxes", report.source, report.images, report.boxes)
+        logger.debug("%s: %d images, %d boxes", report.source, report.images, report.boxes)
         return
     first = "".join(f"\n  {m}" for m in report.messages[:shown])
     more = len(report.messages) + report.messages_suppressed - shown

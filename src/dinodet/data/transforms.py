@@ -8,8 +8,28 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ..errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_resize(size: int | None, max_size: int | None, names: tuple[str, str] = ("size", "max_size")) -> None:
+    """The one rule for an explicitly given resize: each side >= 1 and ``size <= max_size`` when both
+    are given (a larger short side would be capped by the long side anyway: almost surely a mix-up).
+    A checkpoint's own ``data.eval_size`` may exceed its ``max_size`` (the cap then wins, as in the
+    official resize), so callers check only what a user gave.  ``names`` are the option names the
+    message uses (e.g. ``("--size", "--max-size")``).
+
+    Raises:
+        ConfigError: the rule is broken.
+    """
+    for name, value in zip(names, (size, max_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if size is not None and max_size is not None and size > max_size:
+        a, b = names
+        raise ConfigError(f"need {a} <= {b}, got {a} {size} and {b} {max_size}")
 
 
 def size_groups(sizes: Sequence[tuple[int, int]], multiple: int = 1) -> list[list[int]]:

@@ -10,32 +10,36 @@ keeps no allocator statistics), ``speedup`` (reference ms / this ms).
 """
 from __future__ import annotations
 
+import logging
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..config import DINOConfig
-from ..inference.modes import ModeRunner, autocast, supported_modes
-from ..models.attention import set_msda_backend
+from ..errors import ConfigError
+from ..files import write_json_atomic
+from ..inference.modes import MODES, ModeRunner, autocast, compute_dtype, supported_modes
+from ..models.attention import configure_msda
 from ..models.build import build_model
 from ..models.criterion import build_criterion
 from ..models.dino import DINO
-from ..models.ops.msda import resolve_backend
 from ..presets import get_preset
 from ..targets import Target
 
-#: Training-step recipes: (MSDA backend, amp, channels_last, fused AdamW).
-TRAIN_MODES: dict[str, tuple[str, str, bool, bool]] = {
+#: Training-step recipes: (forced MSDA backend or None for the config's, amp, channels_last, fused AdamW).
+TRAIN_MODES: dict[str, tuple[str | None, str, bool, bool]] = {
     "reference": ("pytorch", "off", False, False),
-    "exact": ("auto", "off", False, True),
-    "bf16": ("auto", "bf16", True, True),
+    "exact": (None, "off", False, True),
+    "bf16": (None, "bf16", True, True),
 }
 
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class BenchRecord:
@@ -119,8 +123,7 @@ def _infer_one(model: DINO, name: str, device: torch.device, images: Tensor, mas
     # one function per mode: its model copy is freed on return, before the next mode's peak is measured
     runner = ModeRunner(model, name, device)
     sec, peak = _time(lambda: runner(images, mask), device, warmup, iters)
-    return _record(name, "infer", sec, images.shape[0], peak,
-                   resolve_backend(runner.mode.msda_backend, device))
+    return _record(name, "infer", sec, images.shape[0], peak, runner.msda_backend)
 
 
 def bench_training(cfg: DINOConfig, device: torch.device, size: tuple[int, int], batch: int, modes: Sequence[str],
@@ -144,8 +147,7 @@ def _each(modes: Sequence[str], task: str, run: Callable[[str], BenchRecord]) ->
             if i == 0:
                 raise
             first = (str(e).strip().splitlines() or [""])[0][:300]
-            print(f"dinodet bench: {task} mode '{name}' failed and is left out: {type(e).__name__}: {first}",
-                  file=sys.stderr)
+            log.warning(f"{task} mode '{name}' failed and is left out: {type(e).__name__}: {first}")
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -154,22 +156,20 @@ def _each(modes: Sequence[str], task: str, run: Callable[[str], BenchRecord]) ->
 
 def _train_one(cfg: DINOConfig, name: str, device: torch.device, images: Tensor, mask: Tensor,
                targets: list[Target], warmup: int, iters: int) -> BenchRecord:
-    step = make_train_step(cfg, name, device, images, mask, targets)
+    step, msda = make_train_step(cfg, name, device, images, mask, targets)
     sec, peak = _time(step, device, warmup, iters)
-    backend = TRAIN_MODES[name][0]
-    return _record(name, "train", sec, images.shape[0], peak,
-                   resolve_backend(backend, device, needs_grad=True), per_image=False)
+    return _record(name, "train", sec, images.shape[0], peak, msda, per_image=False)
 
 
 def make_train_step(cfg: DINOConfig, name: str, device: torch.device, images: Tensor, mask: Tensor,
-                    targets: list[Target]) -> Callable[[], None]:
+                    targets: list[Target]) -> tuple[Callable[[], None], str]:
     """One training step (forward, losses, backward, clipping, AdamW) of a fresh model in training mode
-    ``name`` (a key of ``TRAIN_MODES``) on this fixed batch, as a closure."""
+    ``name`` (a key of ``TRAIN_MODES``) on this fixed batch, as a closure, and the MSDA backend it runs."""
     backend, amp, channels_last, fused = TRAIN_MODES[name]
     criterion = build_criterion(cfg.model.num_classes, cfg.loss, cfg.model.dec_layers)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
-    set_msda_backend(model, backend)
+    msda = configure_msda(model, device, compute_dtype(amp), override=backend, needs_grad=True)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -186,7 +186,7 @@ def make_train_step(cfg: DINOConfig, name: str, device: torch.device, images: Te
         torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_max_norm)
         opt.step()
 
-    return step
+    return step, msda
 
 
 def _record(mode: str, task: str, sec: float, batch: int, peak: float | None, msda: str,
@@ -243,3 +243,54 @@ def format_table(records: Sequence[BenchRecord]) -> str:
 
 def records_json(records: Sequence[BenchRecord]) -> list[dict]:
     return [asdict(r) for r in records]
+
+
+def bench_modes(text: str | None, task: str, device: str | torch.device) -> list[str] | None:
+    """The modes ``run_bench`` should time, from a comma-separated list (None or empty: every mode
+    the device offers).  Checked before the slow model building: a mode that cannot run for any
+    of the tasks (``infer``, ``train`` or ``both``) on ``device`` is an error; one that runs for only
+    one of both tasks is a logged warning.
+
+    Raises:
+        ConfigError: an unknown mode, or one this task cannot time on this device.
+    """
+    modes = [m.strip() for m in (text or "").split(",") if m.strip()]
+    if not modes:
+        return None
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ConfigError(f"unknown mode(s) {', '.join(unknown)} (available: {', '.join(MODES)})")
+    offered = {"infer": supported_modes(device), "train": list(TRAIN_MODES)}
+    tasks = ["infer", "train"] if task == "both" else [task]
+    for m in modes:
+        fits = [t for t in tasks if m in offered[t]]
+        if not fits:
+            raise ConfigError(f"mode '{m}' cannot be benchmarked for {task} on {device} "
+                              f"(available: {', '.join(dict.fromkeys(x for t in tasks for x in offered[t]))})")
+        if len(fits) < len(tasks):
+            log.warning(f"mode '{m}' is benchmarked for {fits[0]} only")
+    return modes
+
+
+def check_output_paths(json_out: str | None, plot: str | None) -> None:
+    """Before the slow timing: ``--json`` / ``--plot`` name files whose folders can be made."""
+    for flag, out in (("--json", json_out), ("--plot", plot)):
+        if out and Path(out).is_dir():
+            raise ConfigError(f"{flag} '{out}' is a folder; give a file name")
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+
+
+def write_outputs(records: Sequence[BenchRecord], json_out: str | None, plot: str | None,
+                  title: str) -> dict[str, Path]:
+    """The records as JSON (``json_out``) and as a bar chart (``plot``); returns what was written,
+    ``{"records": path, "chart": path}`` (those asked for)."""
+    written = {}
+    if json_out:
+        write_json_atomic(Path(json_out), records_json(records))
+        written["records"] = Path(json_out)
+    if plot:
+        from ..engine.plots import plot_speed  # matplotlib: only when a chart is asked for
+
+        written["chart"] = plot_speed(records_json(records), Path(plot), title)
+    return written

@@ -36,10 +36,12 @@ Exporter choices
   torch.onnx writes 18 and up; for 17 we convert its opset-18 graph down with the ONNX version
   converter (after resolving the Reduce axes it needs as constants).  Nodes are re-sorted
   topologically after translation (at opset 23 torch.onnx places an input cast after its users).
-* Multi-scale deformable attention is plain ONNX in both variants (``msda``): ``grid_sample``
-  (ONNX ``GridSample``, the smaller graph) or ``gather`` (bilinear interpolation written as index
-  arithmetic + ``GatherElements``; TensorRT mis-builds ``GridSample`` for DETR-family models).
-  Both give the same results (tests/test_export.py checks them against each other in onnxruntime).
+* Multi-scale deformable attention is plain ONNX with either exportable backend of ``models.ops.msda``
+  (``msda``, overriding the config's ``model.msda_backend`` and ``$DINODET_MSDA``): ``pytorch`` (ONNX
+  ``GridSample``, the smaller graph; ``grid_sample`` is an alias, and the name the metadata records) or
+  ``gather`` (bilinear interpolation written as index arithmetic + ``GatherElements``; TensorRT
+  mis-builds ``GridSample`` for DETR-family models).  Both give the same results (tests/test_export.py
+  checks them against each other in onnxruntime).
 * ``fp16``: weights and arithmetic in float16 (onnxruntime's float16 converter), inputs and outputs
   stay float32.  Meant for GPU execution providers; expect ~1e-2 differences.
 """
@@ -60,16 +62,17 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..config import ConfigError, DINOConfig
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_resize
 from ..errors import ExportError, first_line
 from ..files import write_atomic
+from ..inference.onnx_runtime import METADATA_FORMAT
 from ..models.postprocess import postprocess
 
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 25, 18
 DYNAMIC_MIN_SIDE = 65  # the 64-stride feature level must have >= 2 rows and columns
-MSDA_VARIANTS = {"grid_sample": "pytorch", "gather": "gather"}  # variant -> ops.msda backend
-DEFAULT_MSDA = "grid_sample"
-METADATA_FORMAT = "dinodet-onnx-v1"
+# the ONNX op the reference becomes, accepted for it (existing command lines) and recorded in the metadata
+MSDA_ALIASES = {"grid_sample": "pytorch"}
+DEFAULT_MSDA = "pytorch"
 _TWO_GB = 2**31 - 2**26  # protobuf limit (with some margin): larger models use external data
 
 
@@ -107,6 +110,20 @@ class ExportWrapper(nn.Module):
         return det.scores, det.labels, det.boxes
 
 
+def export_backend(msda: str) -> str:
+    """The ``models.ops.msda`` backend that ``msda`` (a backend name or an alias) exports with; ExportError
+    for a name that is not an exportable backend."""
+    from ..models.ops.msda import available_backends, get_backend
+
+    backend = MSDA_ALIASES.get(msda, msda)
+    exportable = [n for n in available_backends() if n != "auto" and get_backend(n).exportable]
+    if backend not in exportable:
+        problem = (f"MSDA backend '{msda}' does not export to ONNX" if backend in available_backends()
+                   else f"unknown MSDA variant '{msda}'")
+        raise ExportError(f"{problem} (choose from: {', '.join([*exportable, *MSDA_ALIASES])})")
+    return backend
+
+
 def check_opset(opset: int) -> int:
     if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"unsupported ONNX opset {opset!r} (supported: {MIN_OPSET}..{MAX_OPSET})")
@@ -141,7 +158,8 @@ def to_onnx(
         dynamic: free batch, height and width; else fixed ``batch_size`` x 3 x ``input_size``.
         fp16: float16 weights and arithmetic (float32 inputs/outputs).
         with_postprocess: end the graph with the top-k post-processing (extra input ``orig_sizes``).
-        msda: ``grid_sample`` or ``gather`` (see the module docstring).
+        msda: an exportable ``models.ops.msda`` backend, ``pytorch`` (alias ``grid_sample``) or
+            ``gather`` (see the module docstring).
         batch_size, input_size: the fixed input shape when not ``dynamic`` (default 1 and
             (max_size, max_size)); not allowed with ``dynamic``.
         size, max_size: the resize the model expects (recorded in the metadata for the runtime);
@@ -154,11 +172,8 @@ def to_onnx(
         CheckpointError / ConfigError: the checkpoint cannot be loaded.
     """
     check_opset(opset)
-    if msda not in MSDA_VARIANTS:
-        raise ExportError(f"unknown MSDA variant '{msda}' (choose from: {', '.join(MSDA_VARIANTS)})")
+    backend = export_backend(msda)
     _check_resize(size, max_size)  # what is given, before the slow loading
-    if size is not None and max_size is not None and size > max_size:  # as predict refuses it
-        raise ExportError(f"need size <= max_size, got size {size} and max_size {max_size}")
     if dynamic and (batch_size is not None or input_size is not None):
         raise ExportError("a batch size / input size fixes the input shape: not allowed with dynamic")
     batch_size = 1 if batch_size is None else int(batch_size)
@@ -173,7 +188,7 @@ def to_onnx(
 
     model, config, class_names, category_ids, resize = _load_model(checkpoint, preset)
     size, max_size = resize[0] if size is None else size, resize[1] if max_size is None else max_size
-    _check_resize(size, max_size)
+    _check_resize(None, max_size)  # the checkpoint's own: its eval_size may exceed its max_size
     input_size = (max_size, max_size) if input_size is None else (int(input_size[0]), int(input_size[1]))
     names, ids = _label_map(config, class_names, category_ids)
     wrapper = ExportWrapper(model, with_postprocess, config.model.num_select).eval()
@@ -182,7 +197,7 @@ def to_onnx(
     example = _example_inputs(2 if dynamic else batch_size, (128, 160) if dynamic else input_size, with_postprocess)
 
     try:
-        with _msda_variant(model, MSDA_VARIANTS[msda]), torch.no_grad():
+        with _msda_backend(model, backend), torch.no_grad():
             program = _capture(wrapper, example, input_names, dynamic)
             # torch.onnx writes opset >= 18; older opsets are converted below
             onnx_program = _translate(program, example, max(opset, 18), input_names, output_names)
@@ -210,7 +225,7 @@ def to_onnx(
         "num_select": str(config.model.num_select),
         "with_postprocess": json.dumps(with_postprocess),
         "dynamic": json.dumps(dynamic),
-        "msda": msda,
+        "msda": {b: a for a, b in MSDA_ALIASES.items()}.get(backend, backend),  # dinodet-onnx-v1 names
         "fp16": json.dumps(fp16),
         "opset": str(opset),
         "size": str(size),
@@ -235,9 +250,12 @@ def to_onnx(
 
 
 def _check_resize(size: int | None, max_size: int | None) -> None:
-    """The resize an export records (checked as given, then as resolved with the checkpoint's)."""
-    if size is not None and size < 1:
-        raise ExportError(f"size must be >= 1, got {size}")
+    """The resize an export records: the common rule (``check_resize``) and a ``max_size`` that
+    leaves the coarsest feature level 2x2 cells."""
+    try:
+        check_resize(size, max_size)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
     if max_size is not None and max_size < DYNAMIC_MIN_SIDE:  # the default input size is max_size square
         raise ExportError(f"max_size must be >= {DYNAMIC_MIN_SIDE} (the coarsest feature level needs 2x2 cells), "
                           f"got {max_size}")
@@ -281,22 +299,19 @@ def _label_map(config: DINOConfig, class_names: Any, category_ids: Any) -> tuple
 
 
 @contextlib.contextmanager
-def _msda_variant(model: nn.Module, backend: str) -> Iterator[None]:
-    """Use MSDA ``backend`` in every deformable attention while exporting, then restore; ignores
-    $DINODET_MSDA meanwhile (it would override the choice)."""
-    from ..models.attention import MultiScaleDeformableAttention, set_msda_backend
-    from ..models.ops.msda import ENV_VAR
+def _msda_backend(model: nn.Module, backend: str) -> Iterator[None]:
+    """Run MSDA ``backend`` on the CPU while exporting, then give every deformable attention back the
+    backend it ran (a Detector's model goes back to its device)."""
+    from ..models.attention import MultiScaleDeformableAttention, configure_msda
 
-    before = {m: m.backend for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)}
-    env = os.environ.pop(ENV_VAR, None)
-    set_msda_backend(model, backend)
+    modules = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    before = [m.backend for m in modules]
+    configure_msda(model, "cpu", override=backend)
     try:
         yield
     finally:
-        for m, b in before.items():
-            m.backend = b
-        if env is not None:
-            os.environ[ENV_VAR] = env
+        for m, name in zip(modules, before):
+            m.use_backend(name)
 
 
 def _example_inputs(batch: int, hw: tuple[int, int], with_postprocess: bool) -> tuple[Tensor, ...]:

@@ -8,12 +8,17 @@ with ``demo.`` go to DemoSettings (e.g. ``demo.num_train=100``), all others to t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..config import ConfigError, DINOConfig, apply_overrides, parse_override, typed_value
 from ..presets import get_preset
+
+log = logging.getLogger(__name__)
 
 DEMO_PRESET = "tiny"
 DATA_DIR = "data"
@@ -108,3 +113,37 @@ def make_demo_data(run_dir: Path, s: DemoSettings, resuming: bool = False) -> Pa
     except ValueError as e:
         hint = "; resume with the run's demo.* settings, or choose another --out" if resuming else ""
         raise ConfigError(f"demo dataset: {e}{hint}") from None
+
+
+def run_demo(run_dir: str | Path, overrides: Sequence[str] = (), *, device: str = "cpu", resume: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """The whole demo into ``run_dir``: the synthetic dataset (RUN_DIR/data), training the tiny
+    preset on it, the final evaluation and its pictures; returns the final metrics.  ``overrides``
+    as for ``demo_config``.  One process only: its point is a quick look, not a distributed run.
+
+    Raises:
+        ConfigError: under torchrun, bad overrides, an unusable ``run_dir`` (or one holding a run, without ``resume``).
+    """
+    import os
+
+    from ..data.coco import build_dataset
+    from ..files import check_out_folder
+    from ..inference.detector import resolve_device
+    from .run_dir import check_run_dir
+    from .train import Trainer, TrainOptions
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("the demo runs in one process; under torchrun use `dinodet train` on its data")
+    settings, cfg = demo_config(list(overrides))
+    run_dir = Path(run_dir)
+    check_out_folder(run_dir)
+    resuming = check_run_dir(run_dir, resume)
+    dev = str(resolve_device(device))
+    log.info("synthetic dataset of %d + %d images in %s (generated unless already there)", settings.num_train,
+             settings.num_val, run_dir / DATA_DIR)
+    data = make_demo_data(run_dir, settings, resuming)
+    train_set = build_dataset(data, "train", train=True, data_cfg=cfg.data)
+    val_set = build_dataset(data, "val", train=False, data_cfg=cfg.data, label_map=train_set.label_map)
+    opts = TrainOptions(run_dir=run_dir, device=dev, resume=resume, progress=progress,
+                        pictures=settings.max_pictures, picture_threshold=settings.picture_threshold)
+    return Trainer(cfg, train_set, val_set, opts).fit()

@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..boxes import box_xyxy_to_xywh
 from ..data.transforms import image_hw, size_groups
 from ..inference.modes import autocast as amp_autocast
+from ..inference.records import coco_records
 from ..models.postprocess import postprocess
 from ..targets import Target
 from .distributed import DistInfo, all_gather_objects, broadcast_object
@@ -79,19 +79,6 @@ def _as_list(batch: list[Any]) -> list[Any]:
 def same_size_groups(items: Sequence[tuple[Tensor, Target]]) -> list[list[int]]:
     """Indices of ``items`` grouped by image size (first-appearance order, input order within)."""
     return size_groups([image_hw(image) for image, _ in items])
-
-
-def coco_records(det_scores: Tensor, det_labels: Tensor, det_boxes: Tensor, image_id: int,
-                 category_ids: Sequence[int | None]) -> list[dict[str, Any]]:
-    """COCO result records of one image: boxes xyxy (original pixels) -> xywh; class index ->
-    dataset category id (classes mapped to None are dropped)."""
-    xywh = box_xyxy_to_xywh(det_boxes.float()).tolist()
-    records = []
-    for score, label, box in zip(det_scores.tolist(), det_labels.tolist(), xywh):
-        cat = category_ids[label]
-        if cat is not None:
-            records.append({"image_id": image_id, "category_id": int(cat), "bbox": box, "score": float(score)})
-    return records
 
 
 @torch.inference_mode()
@@ -156,7 +143,7 @@ def _predict_group(items: list[tuple[Tensor, Target]], model: nn.Module,
     scores, labels, boxes = det.scores.cpu(), det.labels.cpu(), det.boxes.cpu()  # the batch's one wait
     records = []
     for i, (_, target) in enumerate(items):
-        records.extend(coco_records(scores[i], labels[i], boxes[i], int(target["image_id"]), category_ids))
+        records.extend(coco_records(scores[i], labels[i], boxes[i], category_ids, image_id=int(target["image_id"])))
     return records
 
 

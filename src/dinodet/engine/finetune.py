@@ -8,16 +8,13 @@ what it learned about them.  Rows of classes it does not know keep their fresh i
 """
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from torch import Tensor
 
-from ..checkpoint import CheckpointError, load_checkpoint, load_official_state, read_torch_file
-from ..compat.official_keys import official_key_map, official_state
+from ..checkpoint import CheckpointError, load_weights_for_architecture
 from ..models.dino import DINO
 
 # Parameters whose rows are classes: [C, ...] for the heads, [labelbook + 1, D] for the label book.
@@ -79,8 +76,9 @@ def load_finetune_weights(model: DINO, path: str | os.PathLike, class_names: lis
     """
     from ..inference.detector import default_label_map
 
-    src, num_classes, src_names, src_ids = _checkpoint_weights(model, path)
-    src_names, src_ids = default_label_map(num_classes, src_names, src_ids)
+    weights = load_weights_for_architecture(model.cfg, model.preset_name, path)
+    src = weights.state
+    src_names, src_ids = default_label_map(weights.num_classes, weights.class_names, weights.category_ids)
     same_classes = src_ids == list(category_ids) and src_names == list(class_names)
     rows = list(range(len(class_names))) if same_classes else class_rows(src_names, src_ids, class_names,
                                                                          category_ids)
@@ -120,29 +118,3 @@ def _gather_rows(src: Tensor, init: Tensor, rows: Sequence[int | None]) -> Tenso
         if r is not None and k < out.shape[0] and r < src.shape[0]:
             out[k] = src[r]
     return out
-
-
-def _checkpoint_weights(model: DINO, path: str | os.PathLike
-                        ) -> tuple[dict[str, Tensor], int, list[str] | None, list[int] | None]:
-    """(dinodet-named state dict, class count, class names, category ids) of a checkpoint.
-
-    dinodet files go through ``load_checkpoint``.  Official files are read into ``model``'s own
-    architecture (the --preset of the fine-tuning run, whatever args the file carries) with the
-    checkpoint's class count, so e.g. an official DINO-4scale COCO model fine-tunes any dataset with
-    ``--preset dino_r50_4scale``; all official keys must be accounted for (``load_official_state``).
-    """
-    state = official_state(read_torch_file(path)) if Path(path).suffix.lower() != ".safetensors" else None
-    if state is None:
-        ckpt = load_checkpoint(path, ema=True)  # a run's checkpoint.pt: the weights it evaluated, as predict/eval
-        return ckpt.model.state_dict(), ckpt.config.model.num_classes, ckpt.class_names, ckpt.category_ids
-    mcfg = copy.deepcopy(model.cfg)
-    ours = {v: k for k, v in official_key_map(list(model.state_dict()), mcfg.dec_layers,
-                                               len(mcfg.backbone.return_layers)).items()}
-    try:
-        mcfg.num_classes = int(state[ours["class_head.bias"]].shape[0])
-        mcfg.dn_labelbook_size = int(state[ours[LABEL_BOOK_PREFIX + "weight"]].shape[0]) - 1
-    except KeyError as e:
-        raise CheckpointError(f"{path}: official checkpoint without {e}; not a DINO model?") from None
-    source = DINO(mcfg, model.preset_name)
-    load_official_state(source, state, path)
-    return source.state_dict(), mcfg.num_classes, None, None

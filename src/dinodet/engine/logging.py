@@ -8,11 +8,13 @@ written.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 METRICS_LOG = "metrics.jsonl"
 TB_DIR = "tb"
@@ -105,7 +107,7 @@ def _make_summary_writer(log_dir: Path, purge_step: int | None):
             warnings.simplefilter("ignore")  # tensorboard's own deprecation chatter
             from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        print(f"dinodet: warning: TensorBoard logging disabled ({e})", file=sys.stderr)
+        log.warning(f"TensorBoard logging disabled ({e})")
         return None
     # purge_step drops events (step >= purge_step) a killed run logged after its last checkpoint
     return SummaryWriter(log_dir=str(log_dir), purge_step=None if purge_step is None else purge_step + 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..visualize import draw_detections, draw_ground_truth
 from .evaluate import EvalResult
 from .plots import plot_class_counts, plot_per_class_ap, plot_precision_recall
 
-logger = logging.getLogger("dinodet")
+logger = logging.getLogger(__name__)
 
 PREDICTIONS_DIR = "val_predictions"
 PR_CURVE = "pr_curve.png"
@@ -56,7 +57,7 @@ def write_eval_pictures(result: EvalResult, dataset: Any, out_dir: Path, *, pict
         try:
             written.append(plot(data, out_dir / name, title))
         except ValueError as e:
-            logger.info("no %s: %s", name, e)
+            logger.debug("no %s: %s", name, e)
     if write_prediction_pictures(dataset, result.records, out_dir / folder, threshold, pictures):
         written.append(out_dir / folder)
     return written
@@ -112,3 +113,34 @@ def write_class_counts(dataset: Any, path: Path, title: str = "") -> Path:
     names = dataset.label_map.class_names
     counts = np.bincount(np.asarray(dataset.index.labels, dtype=np.int64), minlength=len(names))
     return plot_class_counts({n: int(c) for n, c in zip(names, counts)}, path, title)
+
+
+@dataclass(frozen=True)
+class DataPictures:
+    """What ``write_data_pictures`` wrote: ``count`` images with their boxes in ``folder``, and the
+    boxes-per-class ``chart``."""
+
+    folder: Path
+    count: int
+    chart: Path
+
+
+def write_data_pictures(data: str | Path, split: str, out_dir: str | Path, *, format: str = "coco",
+                        pictures: int = 16) -> DataPictures:
+    """``dinodet check-data --out``: the labels of ``split`` of ``data`` drawn on its first
+    ``pictures`` images (``out_dir/SPLIT_labels/``) and its boxes per class
+    (``out_dir/SPLIT_classes.png``), to check by eye what training will learn from.  The dataset's
+    problems are not logged again here: ``data.checks.check_dataset`` reports them."""
+    from ..data.coco import build_dataset
+
+    out = Path(out_dir)
+    package_log = logging.getLogger("dinodet")
+    level = package_log.level
+    package_log.setLevel(logging.ERROR)
+    try:
+        dataset = build_dataset(str(data), split, format, train=False)
+        count = write_label_pictures(dataset, out / f"{split}_labels", pictures)
+    finally:
+        package_log.setLevel(level)
+    chart = write_class_counts(dataset, out / f"{split}_classes.png", f"{split}: boxes per class")
+    return DataPictures(out / f"{split}_labels", count, chart)

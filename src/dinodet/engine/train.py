@@ -23,17 +23,14 @@ every rank's RNG states, taken before the evaluation (which runs with the RNG st
 a resumed run continues exactly like an uninterrupted one (with ``data.num_workers=0``; worker
 processes keep private RNG streams that cannot be captured).
 
-Files in RUN_DIR (rank 0 only): checkpoint.pt (everything needed to resume), checkpoint_best.pt
-(the evaluated weights with the best AP: the EMA weights when EMA is on), metrics.jsonl,
-tb/ (TensorBoard), curves.png, config.json (the resolved config) and, at the end, metrics.json
-(the final evaluation, with AP per class), pr_curve.png, per_class_ap.png and val_predictions/
-(the first val images with the final detections drawn; see ``engine.pictures``).
+The files the run writes in RUN_DIR (rank 0 only), the saved train state and resuming from it are
+``engine.run_dir``'s.
 """
 from __future__ import annotations
 
 import copy
 import itertools
-import json
+import logging
 import math
 import sys
 import time
@@ -48,30 +45,22 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from ..checkpoint import (
-    CheckpointError,
-    init_from_config,
-    key_problems,
-    read_train_state,
-    save_checkpoint,
-)
+from ..checkpoint import init_from_config
 from ..config import ConfigError, DINOConfig, TrainConfig, check_config
-from ..errors import TrainingError, first_line
+from ..errors import TrainingError
 from ..files import write_json_atomic
 from ..inference.modes import autocast as amp_autocast
+from ..inference.modes import compute_dtype
+from ..models.attention import configure_msda
 from ..models.criterion import SetCriterion, build_criterion
 from ..models.matcher import NonFiniteCostError
 from .distributed import (
-    DistInfo,
-    all_gather_objects,
     all_gather_tensor,
     all_reduce_sum,
     cleanup_distributed,
-    get_rng_state,
     init_distributed,
     preserved_rng,
     seed_everything,
-    set_rng_state,
 )
 from .ema import ModelEMA
 from .evaluate import HEADLINE, EvalResult, evaluate
@@ -79,16 +68,27 @@ from .finetune import load_finetune_weights
 from .logging import RunLogger
 from .pictures import write_eval_pictures
 from .plots import plot_curves
-from .run_dir import BEST_CHECKPOINT, CHECKPOINT, CURVES, FINAL_METRICS, RESOLVED_CONFIG, check_run_dir
+from .run_dir import (
+    CHECKPOINT,
+    CURVES,
+    FINAL_METRICS,
+    RESOLVED_CONFIG,
+    Counters,
+    TrainState,
+    capture_train_state,
+    open_run_dir,
+    resume_run,
+    save_run_checkpoints,
+)
+
+log = logging.getLogger(__name__)
 
 AMP_MODES = ("off", "bf16", "fp16")
-TRAIN_STATE_VERSION = 1
 
 # Loss terms logged besides the weighted total: final layer, final-layer denoising, encoder proposals.
 LOGGED_LOSSES = ("loss_ce", "loss_bbox", "loss_giou", "class_error",
                  "loss_ce_dn", "loss_bbox_dn", "loss_giou_dn",
                  "loss_ce_interm", "loss_bbox_interm", "loss_giou_interm")
-
 
 
 @dataclass
@@ -190,29 +190,7 @@ def window_weights(box_counts: Tensor, world_size: int) -> tuple[Tensor, Tensor]
     return valid, weights
 
 
-def _warn(message: str, info: DistInfo) -> None:
-    if info.is_main:
-        from tqdm import tqdm
-
-        tqdm.write(f"dinodet: warning: {message}", file=sys.stderr)
-
-
-def _say(message: str, info: DistInfo) -> None:
-    if info.is_main:
-        from tqdm import tqdm
-
-        tqdm.write(f"dinodet: {message}", file=sys.stderr)
-
-
 # ------------------------------------------------------------------------------------- the run
-
-
-@dataclass
-class _Counters:
-    epoch: int = 0  # index of the epoch to run next (or in progress)
-    batches_done: int = 0  # micro-batches of that epoch already consumed (per rank)
-    step: int = 0  # optimizer steps so far
-    best_ap: float = -math.inf
 
 
 class Trainer:
@@ -227,29 +205,24 @@ class Trainer:
         self.run_dir = Path(opts.run_dir)
         t = self.cfg.train
 
-        ckpt_path = self.run_dir / CHECKPOINT
-        state = None
-        if self.info.is_main:
-            for stale in self.run_dir.glob(".checkpoint*.tmp*"):  # left by a process killed while saving
-                stale.unlink(missing_ok=True)
-        if check_run_dir(self.run_dir, opts.resume):
-            state = read_train_state(ckpt_path)
-        elif opts.resume:
-            _warn(f"--resume: no {ckpt_path} yet; starting a new run", self.info)
+        saved = open_run_dir(self.run_dir, opts.resume, self.info)  # checkpoint.pt to resume, if any
 
         seed_everything(t.seed)  # the same initial weights on every rank
         self.model = init_from_config(self.cfg).to(self.device)
-        if opts.finetune_from and state is None:
+        # the MSDA backend is chosen here, once, for this device, precision and backward
+        configure_msda(self.model, self.device, compute_dtype(t.amp), needs_grad=True)
+        if opts.finetune_from and saved is None:
             loaded = load_finetune_weights(self.model, opts.finetune_from, self.label_map.class_names,
                                            self.label_map.category_ids)
-            _say(f"fine-tuning from {opts.finetune_from}{loaded.summary()}", self.info)
+            if self.info.is_main:
+                log.info(f"fine-tuning from {opts.finetune_from}{loaded.summary()}")
         self.criterion: SetCriterion = build_criterion(self.cfg.model.num_classes, self.cfg.loss,
                                                        self.cfg.model.dec_layers).to(self.device)
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.scaler = build_grad_scaler(self.device, t.amp)
         self.ema = ModelEMA(self.model, t.ema_decay) if t.ema else None
-        self.counters = _Counters()
+        self.counters = Counters()
         # loss sums of the epoch a max_steps stop interrupted (all ranks'), continued after --resume
         # so that epoch's logged means cover every batch of it, not only those after the resume
         self._carried_sums: list[float] | None = None
@@ -262,11 +235,17 @@ class Trainer:
         self.loader = build_loader(train_set, t.batch_size, train=True, num_workers=self.cfg.data.num_workers,
                                    sampler=self.sampler, seed=t.seed + self.info.rank,
                                    pin_memory=self.device.type == "cuda")
-        if self.device.type == "cpu" and t.amp == "fp16":
-            _warn("train.amp=fp16 on the CPU is much slower than float32 (no fast half kernels there); "
-                  "bf16 is the CPU's mixed precision", self.info)
-        if state is not None:
-            self._restore(state)
+        if self.device.type == "cpu" and t.amp == "fp16" and self.info.is_main:
+            log.warning("train.amp=fp16 on the CPU is much slower than float32 (no fast half kernels there); "
+                        "bf16 is the CPU's mixed precision")
+        if saved is not None:
+            lm = self.label_map
+            point = resume_run(saved, self.run_dir / CHECKPOINT, self.cfg, lm.class_names, lm.category_ids,
+                               getattr(train_set, "data_categories", {}), self.model, self.optimizer,
+                               self.scheduler, self.scaler, self.ema, self.loader.generator, self.info,
+                               self._epoch_batches())
+            self.counters, sums = point.counters, point.carried_loss_sums
+            self._carried_sums = sums if sums is not None and len(sums) == len(LOGGED_LOSSES) + 2 else None
         else:
             seed_everything(t.seed + self.info.rank)  # training randomness differs between ranks
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -274,7 +253,7 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, enabled=self.info.is_main,
                                 # a run restarted by --resume (stopped before its first checkpoint): its
                                 # log and TensorBoard events are dropped, as those after a checkpoint are
-                                resume_step=self.counters.step if state is not None else (0 if opts.resume else None),
+                                resume_step=self.counters.step if saved is not None else (0 if opts.resume else None),
                                 tensorboard=opts.tensorboard)
         if self.info.is_main:
             write_json_atomic(self.run_dir / RESOLVED_CONFIG, self.cfg.to_dict())
@@ -285,151 +264,18 @@ class Trainer:
         # completed epochs, fractional after a max_steps stop mid-epoch
         self.epochs_done = self.counters.epoch + self.counters.batches_done / max(self._epoch_batches(), 1)
 
-    # ---------------------------------------------------------------- checkpoint state
+    # ---------------------------------------------------------------- checkpoints
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        path = self.run_dir / CHECKPOINT
-        stored = (state.get("class_names"), state.get("category_ids"))
-        if stored != (self.label_map.class_names, self.label_map.category_ids):
-            raise CheckpointError(f"{path}: the run was trained on other classes than this dataset's "
-                                  f"({len(stored[1] or [])} vs {self.label_map.num_classes}); use --finetune-from")
-        # the data was indexed with the run's classes: check it declares no class the run lacks
-        trained = dict(zip(self.label_map.category_ids, self.label_map.class_names))
-        new = [f"{cid} '{name}'" for cid, name in getattr(self.train_set, "data_categories", {}).items()
-               if trained.get(cid) != name]
-        if new:
-            raise CheckpointError(f"{path}: the run was not trained on this dataset's classes "
-                                  f"{', '.join(new[:5])}{' ...' if len(new) > 5 else ''}; "
-                                  "use --finetune-from to train on them")
-        hint = "; a --set that changes the architecture cannot resume (use --finetune-from)"
-        try:
-            result = self.model.load_state_dict(state["model"], strict=False)
-        except (RuntimeError, TypeError, AttributeError) as e:  # e.g. "size mismatch for class_head.bias: ..."
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            first = next((ln for ln in lines if ln.startswith("size mismatch")), lines[0] if lines else "")
-            raise CheckpointError(f"{path}: does not fit the configured model ({first}){hint}") from None
-        if result.missing_keys or result.unexpected_keys:
-            problems = key_problems(result.missing_keys, result.unexpected_keys)
-            raise CheckpointError(f"{path}: does not fit the configured model ({problems}){hint}")
-        try:  # the file is untrusted input: any malformed part is one CheckpointError line
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if self.scaler is not None and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-            if self.ema is not None and state.get("ema"):
-                self.ema.load_state_dict(state["ema"])
-            self.counters = _Counters(int(state["epoch"]), int(state["batches_done"]), int(state["step"]),
-                                      float(state.get("best_ap", -math.inf)))
-            carried = state.get("epoch_loss_sums")
-            if carried is not None and self.counters.batches_done > 0 and len(carried) == len(LOGGED_LOSSES) + 2:
-                self._carried_sums = [float(v) for v in carried]
-            rng, gens = list(state.get("rng") or []), list(state.get("loader_generator") or [])
-            same_world = len(rng) == self.info.world_size and len(gens) == self.info.world_size
-            if same_world:
-                set_rng_state(rng[self.info.rank])
-                if self.loader.generator is not None:
-                    self.loader.generator.set_state(gens[self.info.rank])
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-            raise CheckpointError(f"{path}: damaged training state ({type(e).__name__}: {first_line(e)})") from None
-        if self.ema is not None and not state.get("ema"):
-            _warn("EMA enabled on resume but the checkpoint has none; starting it from the current weights",
-                  self.info)
-        self._apply_changed_settings()
-        self._rescale_epoch_position(state)
-        if not same_world:
-            _warn(f"checkpoint written by {len(rng)} process(es), resuming with {self.info.world_size}: "
-                  "the random streams restart (the run is not bit-identical to an uninterrupted one)", self.info)
-            seed_everything(self.cfg.train.seed + self.info.rank + 1000 * self.counters.epoch)
-        _say(f"resuming from {path} (epoch {self.counters.epoch}, step {self.counters.step})", self.info)
-
-    def _rescale_epoch_position(self, state: dict[str, Any]) -> None:
-        """A run stopped inside an epoch resumes after the samples it had seen.  Its position is
-        counted in micro-batches per process, so another batch size or process count converts it
-        (exact for another batch size; with another process count the samples are partitioned
-        differently, so which ones are left is approximate)."""
-        c = self.counters
-        try:
-            old_batch = int(json.loads(state["config"])["train"]["batch_size"])
-            old_world = int(state.get("world_size", 1))
-        except (KeyError, TypeError, ValueError):
-            return
-        new_batch, new_world = self.cfg.train.batch_size, self.info.world_size
-        if c.batches_done == 0 or (old_batch, old_world) == (new_batch, new_world):
-            return
-        seen = c.batches_done * old_batch * old_world  # samples of this epoch, all processes
-        c.batches_done = min(seen // (new_batch * new_world), self._epoch_batches())
-        skipped = c.batches_done * new_batch * new_world
-        if skipped != seen:  # a few samples run again: the loss sums so far would count them twice
-            self._carried_sums = None
-        _warn(f"resuming inside epoch {c.epoch + 1} with batch size {new_batch} x {new_world} process(es) "
-              f"(stopped with {old_batch} x {old_world}): continuing after {skipped} of its samples"
-              + (f" ({seen} were seen; the epoch's logged losses cover only what follows)" if skipped != seen else "")
-              + (", approximately (another process count)" if old_world != new_world else ""), self.info)
-
-    def _apply_changed_settings(self) -> None:
-        """On resume the config (with this run's --set) wins over the stored optimizer, scheduler and
-        EMA settings: lr / lr_backbone (the current lr rescaled by new/old, keeping past drops),
-        weight_decay, lr_drop and ema_decay.  Unchanged settings are left untouched, so a plain
-        resume stays bit-identical."""
-        t, sched, changed = self.cfg.train, self.scheduler, []
-        base = {"main": t.lr, "backbone": t.lr_backbone}
-        for i, group in enumerate(self.optimizer.param_groups):
-            name = group.get("name", "main")
-            old = float(group.get("initial_lr", sched.base_lrs[i]))
-            if old != base[name]:
-                group["lr"] = group["lr"] * base[name] / old if old > 0 else base[name]
-                group["initial_lr"] = sched.base_lrs[i] = base[name]
-                changed.append(f"{'lr' if name == 'main' else 'lr_' + name} {old:g} -> {base[name]:g}")
-            if group["weight_decay"] != t.weight_decay:
-                changed.append(f"weight_decay {group['weight_decay']:g} -> {t.weight_decay:g}")
-                group["weight_decay"] = t.weight_decay
-        if sched.step_size != t.lr_drop:
-            changed.append(f"lr_drop {sched.step_size} -> {t.lr_drop}")
-            drops = sched.last_epoch // t.lr_drop  # the lr the new schedule gives at this epoch
-            for i, group in enumerate(self.optimizer.param_groups):
-                group["lr"] = sched.base_lrs[i] * sched.gamma**drops
-            sched.step_size = t.lr_drop
-        if self.ema is not None and self.ema.decay != t.ema_decay:
-            changed.append(f"ema_decay {self.ema.decay:g} -> {t.ema_decay:g}")
-            self.ema.decay = t.ema_decay
-        if changed:
-            _say("resume with changed settings: " + ", ".join(dict.fromkeys(changed)), self.info)
-
-    def _training_state(self) -> dict[str, Any]:
-        """Everything besides the weights needed to continue; collective (every rank must call)."""
-        rng = all_gather_objects(get_rng_state(), self.info)
-        gen = self.loader.generator.get_state() if self.loader.generator is not None else None
-        gens = all_gather_objects(gen, self.info)
-        c = self.counters
-        return {
-            "train_state_version": TRAIN_STATE_VERSION,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "epoch": c.epoch, "batches_done": c.batches_done, "step": c.step, "best_ap": c.best_ap,
-            "epoch_loss_sums": self._stopped_sums if c.batches_done else None,
-            "world_size": self.info.world_size,
-            "rng": rng, "loader_generator": gens,
-            "label_map": self.label_map.to_dict(),
-        }
-
-    def _save(self, train_state: dict[str, Any], result: EvalResult | None) -> None:
+    def _save(self, state: TrainState, result: EvalResult | None) -> None:
         """checkpoint.pt always; checkpoint_best.pt (the evaluated weights) when AP improved."""
         improved = result is not None and result.metrics["AP"] > self.counters.best_ap
-        if improved:
-            assert result is not None
-            self.counters.best_ap = train_state["best_ap"] = result.metrics["AP"]
-        if not self.info.is_main:
-            return
-        lm = self.label_map
-        if improved:  # first: checkpoint.pt records best_ap, which must never name a file not written
-            assert result is not None
-            save_checkpoint(self.run_dir / BEST_CHECKPOINT, self.eval_model, self.cfg, lm.class_names,
-                            lm.category_ids, {"epoch": self.counters.epoch, "step": self.counters.step,
-                                              "metrics": result.metrics, "ema_weights": self.ema is not None})
-        extra = {**train_state, "metrics": result.metrics if result else None}
-        save_checkpoint(self.run_dir / CHECKPOINT, self.model, self.cfg, lm.class_names, lm.category_ids, extra)
+        if result is not None and improved:
+            self.counters.best_ap = state.counters.best_ap = result.metrics["AP"]
+        if self.info.is_main:
+            lm = self.label_map
+            save_run_checkpoints(self.run_dir, self.model, self.cfg, lm.class_names, lm.category_ids, state,
+                                 result.metrics if result else None, best=self.eval_model if improved else None,
+                                 ema_weights=self.ema is not None)
 
     # ---------------------------------------------------------------- training
 
@@ -575,9 +421,8 @@ class Trainer:
         returns the final evaluation (also written to RUN_DIR/metrics.json)."""
         t, c = self.cfg.train, self.counters
         start = time.time()
-        if c.epoch >= t.epochs or self._max_steps_reached():
-            _say(f"nothing left to train (epoch {c.epoch}/{t.epochs}, step {c.step}); evaluating the final weights",
-                 self.info)
+        if (c.epoch >= t.epochs or self._max_steps_reached()) and self.info.is_main:
+            log.info(f"nothing left to train (epoch {c.epoch}/{t.epochs}, step {c.step}); evaluating the final weights")
         try:
             while c.epoch < t.epochs and not self._max_steps_reached():
                 epoch_start = time.time()
@@ -588,7 +433,9 @@ class Trainer:
                 if not stopped:
                     self.scheduler.step()  # per epoch, as officially
                     c.epoch, c.batches_done = epoch + 1, 0
-                train_state = self._training_state()  # RNG captured before evaluating
+                # RNG captured before evaluating
+                train_state = capture_train_state(self.optimizer, self.scheduler, self.scaler, self.ema, c,
+                                                  self._stopped_sums, self.loader.generator, self.info)
                 last = c.epoch >= t.epochs or self._max_steps_reached()
                 result = self.evaluate() if (last or c.epoch % t.eval_every == 0) else None
                 # logged first: an interrupt while saving then still leaves the epoch in metrics.jsonl
@@ -621,7 +468,7 @@ class Trainer:
         line = f"epoch {shown}/{self.cfg.train.epochs}: loss {losses['train_loss']:.4f}"
         if result is not None:
             line += f", AP {result.metrics['AP']:.4f}, AP50 {result.metrics['AP50']:.4f}"
-        _say(line + f" ({seconds:.1f} s)", self.info)
+        log.info(line + f" ({seconds:.1f} s)")
 
     def _finish(self) -> dict[str, float]:
         assert self.last_eval is not None

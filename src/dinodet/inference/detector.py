@@ -19,7 +19,7 @@ from ..checkpoint import load_checkpoint
 from ..config import ConfigError, DINOConfig
 from ..data.coco_classes import COCO_CLASSES
 from ..data.images import load_image, to_rgb
-from ..data.transforms import eval_transform, image_hw, pad_batch, size_groups
+from ..data.transforms import check_resize, eval_transform, image_hw, pad_batch, size_groups
 from ..models.build import build_model
 from ..models.postprocess import Detections, postprocess
 from ..presets import get_preset
@@ -119,11 +119,9 @@ class Detector:
         )
         self.category_ids: list[int] = list(category_id_list)  # class index -> the dataset's category id
         self._category_ids = torch.tensor(category_id_list, dtype=torch.int64)  # the same, for indexing labels
+        check_resize(size, max_size)  # only what is given: a config's eval_size may exceed its max_size
         self.size = config.data.eval_size if size is None else size
         self.max_size = config.data.max_size if max_size is None else max_size
-        if self.size < 1 or self.max_size < 1:
-            # a size above max_size is valid (the long-side cap then wins, as in the official resize)
-            raise ConfigError(f"size and max_size must be >= 1, got size {self.size} and max_size {self.max_size}")
 
     @property
     def mode(self) -> str:
@@ -146,6 +144,7 @@ class Detector:
             CheckpointError: missing/unreadable file, or weights that do not fit ``preset``.
             ConfigError: unknown preset, mode or unavailable device.
         """
+        check_resize(size, max_size)  # before the slow loading
         dev = resolve_device(device)
         ckpt = load_checkpoint(path, preset=preset, device=str(dev), ema=True)
         return cls(ckpt.model, ckpt.config, ckpt.class_names, ckpt.category_ids, dev, size, max_size, mode)

@@ -1,11 +1,13 @@
 """Inference modes: the exact float32 path and the fast ones, and what each of them changes.
 
-A mode is a small recipe applied to a built model: which MSDA backend its deformable attentions
-use, whether it runs under bf16/fp16 autocast, whether weights and activations are channels_last
-(oneDNN / cuDNN pick faster convolution kernels for that layout) and whether it goes through
-``torch.compile``.  ``reference`` is the official numerics (float32, PyTorch grid_sample MSDA);
-``exact`` is float32 with the fastest MSDA kernel for the device (within the parity tolerances);
-the others trade precision for speed and are checked by their detections agreeing with ``exact``.
+A mode is a small recipe applied to a built model: whether its deformable attentions must use one
+MSDA backend (only ``reference`` forces one; the others run the model config's ``model.msda_backend``,
+resolved for the device by ``configure_msda``), whether it runs under bf16/fp16 autocast, whether
+weights and activations are channels_last (oneDNN / cuDNN pick faster convolution kernels for that
+layout) and whether it goes through ``torch.compile``.  ``reference`` is the official numerics
+(float32, PyTorch grid_sample MSDA); ``exact`` is float32 with the configured MSDA backend (``auto``:
+the fastest for the device, within the parity tolerances); the others trade precision for speed and
+are checked by their detections agreeing with ``exact``.
 
 Compiled models see a few padded sizes only: ``compile`` pads every batch up to a multiple of
 ``COMPILE_BUCKET`` pixels (the padding mask keeps the detections those of the unpadded image up to
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from ..models.attention import set_msda_backend
+from ..models.attention import configure_msda
 from ..models.outputs import DINOOutput
 
 COMPILE_BUCKET = 64  # pixels; padded sizes per side under ``compile`` (800x1199 -> 832x1216: +5.5% pixels)
@@ -45,7 +47,7 @@ class InferenceMode:
 
     name: str
     amp: str = "off"  # off | bf16 | fp16
-    msda_backend: str = "auto"
+    msda_backend: str | None = None  # forced MSDA backend; None: the model config's
     channels_last: bool = False
     compile: bool = False
     description: str = ""
@@ -55,7 +57,7 @@ MODES: dict[str, InferenceMode] = {
     m.name: m
     for m in (
         InferenceMode("reference", msda_backend="pytorch", description="float32, PyTorch grid_sample MSDA (parity path)"),
-        InferenceMode("exact", description="float32, fastest MSDA kernel for the device"),
+        InferenceMode("exact", description="float32, the configured MSDA kernel (auto: fastest for the device)"),
         InferenceMode("channels_last", channels_last=True, description="float32, channels_last convolutions"),
         InferenceMode("bf16", amp="bf16", channels_last=True, description="bf16 autocast, channels_last"),
         InferenceMode("fp16", amp="fp16", channels_last=True, description="fp16 autocast, channels_last (CUDA)"),
@@ -97,14 +99,22 @@ def check_mode(mode: InferenceMode | str, device: torch.device | str, emulate: b
     return found
 
 
+_AMP_DTYPES = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(amp: str) -> torch.dtype:
+    """The dtype ``amp`` in {"off", "bf16", "fp16"} computes in."""
+    if amp not in _AMP_DTYPES:
+        raise ValueError(f"amp must be one of off, bf16, fp16; got '{amp}'")
+    return _AMP_DTYPES[amp]
+
+
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
     """torch.autocast for ``amp`` in {"off", "bf16", "fp16"} (a null context for "off")."""
+    dtype = compute_dtype(amp)
     if amp == "off":
         return contextlib.nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in dtypes:
-        raise ValueError(f"amp must be one of off, bf16, fp16; got '{amp}'")
-    return torch.autocast(device_type=device.type, dtype=dtypes[amp])
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def repeat_to_batch(size: int, *tensors: Tensor) -> tuple[Tensor, ...]:
@@ -142,7 +152,8 @@ class ModeRunner(nn.Module):
     is ``torch.compile``'s: None (static first, dynamic sides after a new size; see above), False
     (one static graph per bucket shape, up to torch's recompile limit of 8) or True.  Compiled modes
     pad a batch smaller than the largest seen (see above); use a new runner for a smaller batch size
-    that will persist (a stream of single images after a batched pass).
+    that will persist (a stream of single images after a batched pass).  ``msda_backend``: the MSDA
+    backend that runs (the mode's forced one, else the model config's, resolved for the device).
     """
 
     def __init__(self, model: nn.Module, mode: InferenceMode | str, device: torch.device | str,
@@ -151,7 +162,8 @@ class ModeRunner(nn.Module):
         self.mode = check_mode(mode, device, emulate=emulate)
         self.device = torch.device(device)
         model = (copy.deepcopy(model) if copy_model else model).to(self.device).eval()
-        set_msda_backend(model, self.mode.msda_backend)
+        self.msda_backend = configure_msda(model, self.device, compute_dtype(self.mode.amp),
+                                           override=self.mode.msda_backend)
         if self.mode.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model

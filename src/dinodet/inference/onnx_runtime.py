@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointError
-from ..config import ConfigError
-from ..deploy.export import METADATA_FORMAT
-from ..errors import first_line
+from ..data.transforms import check_resize
+from ..errors import CheckpointError, ConfigError, first_line
 from ..models.postprocess import Detections, postprocess
 from .detector import ImageInput, Prediction, predict_in_batches
 from .modes import pad_to_size, repeat_to_batch
 
+# the metadata tag of dinodet's ONNX files: written by ``deploy.export``, required here
+METADATA_FORMAT = "dinodet-onnx-v1"
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -44,6 +44,7 @@ class OnnxDetector:
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", size: int | None = None,
                  max_size: int | None = None, num_threads: int | None = None):
+        check_resize(size, max_size)  # what is given; the file's own resize is what it was exported with
         try:
             import onnxruntime as ort
         except ImportError:

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops.constants import device_constant
-from .ops.msda import ms_deform_attn
+from .ops.msda import ENV_VAR, REFERENCE, backend_function, get_backend, select_backend
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -16,6 +17,10 @@ class MultiScaleDeformableAttention(nn.Module):
 
     Reference points are either points (x, y) or boxes (cx, cy, w, h); for boxes the offsets are
     scaled by half the box size divided by ``n_points`` (Deformable-DETR / DINO convention).
+
+    ``msda_backend`` is the requested MSDA backend (the config's, may be ``auto``); ``backend`` the one
+    that runs, set by ``configure_msda`` where the model is put on a device.  Until then it is the
+    reference, which runs on every device.
     """
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
@@ -24,7 +29,8 @@ class MultiScaleDeformableAttention(nn.Module):
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
-        self.backend = backend
+        self.msda_backend = backend
+        self.use_backend(REFERENCE)
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -47,6 +53,13 @@ class MultiScaleDeformableAttention(nn.Module):
         nn.init.zeros_(self.value_proj.bias)
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
+
+    def use_backend(self, name: str) -> None:
+        """Run the already-resolved backend ``name`` (``configure_msda`` decides which)."""
+        fn = backend_function(name)
+        if fn is None:
+            raise ValueError(f"MSDA backend '{name}' is not available here")
+        self.backend, self._devices, self._msda = name, get_backend(name).devices, fn
 
     def forward(self, query: Tensor, reference_points: Tensor, value: Tensor,
                 spatial_shapes: list[tuple[int, int]], value_padding_mask: Tensor | None = None) -> Tensor:
@@ -78,12 +91,32 @@ class MultiScaleDeformableAttention(nn.Module):
                          + offsets / n_p * reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
             raise ValueError(f"reference_points must end in 2 or 4, got {reference_points.shape[-1]}")
-        out = ms_deform_attn(v, spatial_shapes, locations, weights, backend=self.backend)
-        return self.output_proj(out)
+        if self._devices is not None and v.device.type not in self._devices:
+            raise RuntimeError(f"MSDA backend '{self.backend}' runs on {'/'.join(self._devices)}, not on "
+                               f"{v.device.type}: call configure_msda(model, device) after moving the model")
+        return self.output_proj(self._msda(v, spatial_shapes, locations, weights))
 
 
-def set_msda_backend(model: nn.Module, backend: str) -> None:
-    """Use MSDA ``backend`` (see ``ops.msda.resolve_backend``) in every deformable attention of ``model``."""
+def configure_msda(model: nn.Module, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                   override: str | None = None, needs_grad: bool = False) -> str:
+    """Resolve the MSDA backend of every deformable attention of ``model`` for running on ``device`` with
+    ``dtype`` compute (the autocast dtype under autocast), with gradients or not, and return its name.
+
+    Called once where a model is put on a device (inference modes, training, export, bench).  The
+    request, strongest first: ``override`` (a mode or an export that needs one backend), ``$DINODET_MSDA``
+    (read here, not per call), each module's ``msda_backend`` (the config's ``model.msda_backend``).
+    ``ops.msda.select_backend`` turns it into a backend that runs there.  Names are joined by ``,`` if
+    modules were requested differently; "" for a model without deformable attention.
+
+    Raises:
+        ValueError: an unknown backend name.
+    """
+    env = os.environ.get(ENV_VAR, "").strip()
+    resolved: dict[str, str] = {}
     for module in model.modules():
         if isinstance(module, MultiScaleDeformableAttention):
-            module.backend = backend
+            requested = override or env or module.msda_backend
+            if requested not in resolved:
+                resolved[requested] = select_backend(requested, device, dtype, needs_grad)
+            module.use_backend(resolved[requested])
+    return ",".join(sorted(set(resolved.values())))

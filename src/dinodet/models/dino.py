@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from ..boxes import inverse_sigmoid
 from ..config import ModelConfig
 from ..targets import Target
-from .attention import MultiScaleDeformableAttention, set_msda_backend
+from .attention import MultiScaleDeformableAttention
 from .backbones import build_backbone
 from .decoder import DeformableDecoder
 from .denoising import ContrastiveDenoising
@@ -27,7 +27,9 @@ class DINO(nn.Module):
     backbone -> projection to ``num_feature_levels`` maps -> deformable encoder -> mixed query selection
     (+ contrastive denoising queries in training) -> deformable decoder with box refinement -> one class
     head and one box head shared by all decoder layers.  Construction rejects an unknown
-    ``cfg.msda_backend`` and applies the official initialisation.
+    ``cfg.msda_backend`` and applies the official initialisation.  The MSDA backend is only requested
+    here: ``models.attention.configure_msda`` resolves it where the model is put on a device (until then
+    the reference runs, on any device).
     """
 
     def __init__(self, cfg: ModelConfig, name: str = "custom"):
@@ -52,7 +54,9 @@ class DINO(nn.Module):
         if cfg.msda_backend not in available_backends():
             raise ValueError(f"unknown model.msda_backend '{cfg.msda_backend}' "
                              f"(available: {', '.join(available_backends())})")
-        set_msda_backend(self, cfg.msda_backend)
+        for m in self.modules():
+            if isinstance(m, MultiScaleDeformableAttention):
+                m.msda_backend = cfg.msda_backend
         self._reset_transformer_parameters()
 
     def _reset_transformer_parameters(self) -> None:

@@ -2,15 +2,17 @@
 
 ``ms_deform_attn`` is the backend-independent entry point; the pure PyTorch implementation here
 (bilinear ``grid_sample`` per level) is the reference and runs on every device; ``gather`` computes the
-same with index arithmetic (it exports to plain ONNX ops).  Faster backends (the Triton kernel in
-``msda_triton``) register behind the same signature; ``resolve_backend`` picks one by device, dtype,
-the model config (``model.msda_backend``) and ``$DINODET_MSDA``.
+same with index arithmetic (it exports to plain ONNX ops).  Every backend is registered as an
+``MSDABackend`` that declares the devices, dtypes and gradients it supports (the Triton kernel of
+``msda_triton``: CUDA only); ``select_backend`` picks one from those declarations, once, when a model is
+put on a device (``models.attention.configure_msda``), not on every call.
 """
 from __future__ import annotations
 
 import importlib
-import os
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -142,61 +144,109 @@ def ms_deform_attn_embedding_bag(
     return out.view(b, lq, m * d)
 
 
-_BACKENDS: dict[str, MSDAFunction] = {"pytorch": ms_deform_attn_pytorch, "gather": ms_deform_attn_gather,
-                                      "embedding_bag": ms_deform_attn_embedding_bag}
-# Backends living in their own modules, imported on first use (they may need optional packages / CUDA).
-_LAZY_BACKENDS: dict[str, str] = {"triton": "dinodet.models.ops.msda_triton"}
+REFERENCE = "pytorch"  # runs on every device and dtype: the fallback when a request cannot run
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ENV_VAR = "DINODET_MSDA"
 
 
-def register_backend(name: str, fn: MSDAFunction) -> None:
-    _BACKENDS[name] = fn
+@dataclass(frozen=True)
+class MSDABackend:
+    """One MSDA implementation and what it supports, declared with it so that ``select_backend``
+    decides from these fields instead of knowing backends by name."""
+
+    name: str
+    # the function, or "module:function" imported on first use (optional packages such as triton, which
+    # take seconds to import: the declaration must be readable without it)
+    fn: MSDAFunction | str
+    devices: tuple[str, ...] | None = None  # device types it runs on; None: every device
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+    grad: bool = True  # has a backward (usable for training)
+    exportable: bool = False  # traces to plain ONNX ops (``deploy.export``)
+    auto_devices: tuple[str, ...] = ()  # device types where ``auto`` picks it (first registered wins)
+    auto_grad: bool = True  # ``auto`` picks it also when gradients are needed
+
+    def supports(self, device: torch.device, dtype: torch.dtype, needs_grad: bool) -> bool:
+        return ((self.devices is None or device.type in self.devices) and dtype in self.dtypes
+                and (self.grad or not needs_grad))
+
+
+_REGISTRY: dict[str, MSDABackend] = {}
+_LOADED: dict[str, MSDAFunction] = {}
+_UNLOADABLE: dict[str, str] = {}  # name -> why its import failed (not retried)
+log = logging.getLogger(__name__)
+
+
+def register_backend(backend: MSDABackend) -> None:
+    """Add (or replace) a backend; ``auto`` considers backends in registration order."""
+    _REGISTRY[backend.name] = backend
+    _LOADED.pop(backend.name, None)
+    _UNLOADABLE.pop(backend.name, None)
 
 
 def available_backends() -> list[str]:
-    """Every backend name ``ms_deform_attn`` accepts (``auto`` picks one by device and dtype)."""
-    return sorted(set(_BACKENDS) | set(_LAZY_BACKENDS) | {"auto"})
+    """Every backend name that can be requested (``auto`` picks one by device, dtype and gradients)."""
+    return sorted([*_REGISTRY, "auto"])
 
 
-_UNLOADABLE: set[str] = set()  # lazy backends whose import failed: not retried on every call
+def get_backend(name: str) -> MSDABackend:
+    """The declaration of backend ``name``; ValueError for an unknown name."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown MSDA backend '{name}' (available: {', '.join(available_backends())})")
+    return _REGISTRY[name]
 
 
-def _load(name: str) -> MSDAFunction | None:
-    if name not in _BACKENDS and name in _LAZY_BACKENDS and name not in _UNLOADABLE:
+def backend_function(name: str) -> MSDAFunction | None:
+    """The function of backend ``name``, importing it on first use; None when its import fails."""
+    if name in _LOADED:
+        return _LOADED[name]
+    fn = get_backend(name).fn
+    if isinstance(fn, str):
+        if name in _UNLOADABLE:
+            return None
+        module, _, attr = fn.partition(":")
         try:
-            importlib.import_module(_LAZY_BACKENDS[name])  # registers itself
-        except Exception:  # noqa: BLE001 - a missing optional dependency just makes the backend unusable
-            _UNLOADABLE.add(name)
-    return _BACKENDS.get(name)
+            fn = getattr(importlib.import_module(module), attr)
+        except Exception as e:  # noqa: BLE001 - a missing optional dependency just makes the backend unusable
+            _UNLOADABLE[name] = f"{type(e).__name__}: {e}"
+            return None
+    _LOADED[name] = fn
+    return fn
 
 
-def _usable(name: str, device: torch.device) -> bool:
-    # the Triton kernel is CUDA-only; everything else runs anywhere
-    return not (name == "triton" and device.type != "cuda")
+def select_backend(requested: str, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                   needs_grad: bool = False) -> str:
+    """The backend that will run for ``requested`` on ``device`` with inputs of ``dtype``.
 
-
-def resolve_backend(requested: str, device: torch.device | str, needs_grad: bool = False) -> str:
-    """The backend that will actually run for ``requested`` on ``device``.
-
-    ``$DINODET_MSDA`` (when set) overrides ``requested``.  ``auto`` means the Triton kernel on CUDA
-    (when it imports); elsewhere ``embedding_bag`` for inference (2.5x the reference's forward on CPU)
-    and the reference when gradients are needed (embedding_bag's backward is the slower one there:
-    0.61 vs 0.50 s per demo training step on 2 cores).  A named backend that cannot run here (Triton on
-    CPU, or without the ``triton`` package) falls back to the reference, so one config runs on every
-    machine; ``resolve_backend`` is how callers find out what ran.
+    ``auto`` is the first registered backend whose ``auto_devices`` name the device type and which
+    supports it (Triton on CUDA; ``embedding_bag`` on CPU for inference, 2.5x the reference's forward
+    there, while training keeps the reference, whose backward is the faster one on CPU: 0.61 vs 0.50 s
+    per demo training step on 2 cores), else the reference.  A named backend that cannot run here (its
+    declaration excludes the device, dtype or gradients, or its import fails) logs a warning and falls
+    back to the reference, so one config runs on every machine.  Reads no environment variable (see
+    ``models.attention.configure_msda``).
 
     Raises:
         ValueError: an unknown backend name.
     """
-    name = os.environ.get(ENV_VAR, "").strip() or requested
-    if name not in available_backends():
-        raise ValueError(f"unknown MSDA backend '{name}' (available: {', '.join(available_backends())})")
     device = torch.device(device)
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else ("pytorch" if needs_grad else "embedding_bag")
-    if not _usable(name, device) or _load(name) is None:
-        return "pytorch"
-    return name
+    if requested == "auto":
+        for backend in _REGISTRY.values():
+            if (device.type in backend.auto_devices and (backend.auto_grad or not needs_grad)
+                    and backend.supports(device, dtype, needs_grad) and backend_function(backend.name) is not None):
+                return backend.name
+        return REFERENCE
+    backend = get_backend(requested)
+    if not backend.supports(device, dtype, needs_grad):
+        what = f"{device.type} {dtype}".replace("torch.", "") + (" with gradients" if needs_grad else "")
+        log.warning("MSDA backend '%s' does not run on %s (it supports devices %s, dtypes %s, gradients %s); "
+                    "using '%s'", requested, what, "any" if backend.devices is None else "/".join(backend.devices),
+                    "/".join(str(t).replace("torch.", "") for t in backend.dtypes), backend.grad, REFERENCE)
+        return REFERENCE
+    if backend_function(requested) is None:
+        log.warning("MSDA backend '%s' is not available (%s); using '%s'", requested, _UNLOADABLE[requested],
+                    REFERENCE)
+        return REFERENCE
+    return requested
 
 
 def ms_deform_attn(
@@ -204,11 +254,21 @@ def ms_deform_attn(
     spatial_shapes: list[tuple[int, int]],
     sampling_locations: Tensor,
     attention_weights: Tensor,
-    backend: str = "pytorch",
+    backend: str = REFERENCE,
 ) -> Tensor:
-    """Dispatch to an MSDA backend (see ``ms_deform_attn_pytorch`` for shapes and ``resolve_backend``
-    for how ``backend`` is chosen)."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (value, sampling_locations, attention_weights))
-    fn = _BACKENDS[resolve_backend(backend, value.device, needs_grad)]
+    """Run MSDA backend ``backend`` by name (see ``ms_deform_attn_pytorch`` for shapes); for the
+    functional API and tests.  Models resolve their backend once instead (``configure_msda``)."""
+    fn = backend_function(backend)
+    if fn is None:
+        raise RuntimeError(f"MSDA backend '{backend}' is not available: {_UNLOADABLE[backend]}")
     return fn(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+for _backend in (
+    MSDABackend(REFERENCE, ms_deform_attn_pytorch, exportable=True),
+    MSDABackend("gather", ms_deform_attn_gather, exportable=True),
+    MSDABackend("embedding_bag", ms_deform_attn_embedding_bag, auto_devices=("cpu",), auto_grad=False),
+    MSDABackend("triton", "dinodet.models.ops.msda_triton:ms_deform_attn_triton", devices=("cuda",),
+                auto_devices=("cuda",)),
+):
+    register_backend(_backend)

@@ -1,4 +1,5 @@
-"""Triton kernel for multi-scale deformable attention (the ``triton`` backend of ``ops.msda``).
+"""Triton kernel for multi-scale deformable attention (the ``triton`` backend of ``ops.msda``, declared
+there as CUDA-only and imported on first use: importing triton takes seconds).
 
 Same signature and numerics as ``ms_deform_attn_pytorch`` (bilinear, zero padding,
 ``align_corners=False``: pixel ``x = loc_x * W_l - 0.5``), forward and backward, for float32, bfloat16,
@@ -39,7 +40,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .constants import device_constant
-from .msda import register_backend
 
 __all__ = ["MSDATritonFunction", "kernel_config", "level_tensors", "ms_deform_attn_triton", "set_kernel_config"]
 
@@ -325,5 +325,3 @@ def ms_deform_attn_triton(
     return MSDATritonFunction.apply(value.contiguous(), shapes, starts, sampling_locations.contiguous(),
                                     attention_weights.contiguous())
 
-
-register_backend("triton", ms_deform_attn_triton)

@@ -1,0 +1,264 @@
+"""Prediction over image files and folders into an output folder (what ``dinodet predict`` runs).
+
+For every input image, an annotated picture ``OUT/<stem>.jpg`` and its detections as COCO result
+records in ``OUT/predictions.json``.  Made for unattended runs over many files: the inputs and the
+output folder are checked before the (slow) model loading, a batch that fails (e.g. out of memory
+on one huge image) is retried image by image, and in a set of images an unreadable or failing one
+is reported (a logged warning) and skipped instead of ending the run.  A lone image that fails is
+the run's error.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..data.images import ImageLoadError, iter_image_paths, load_image
+from ..errors import ConfigError, first_line
+from ..files import check_out_folder, save_image_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .detector import Detector
+    from .onnx_runtime import OnnxDetector
+
+    AnyDetector = Detector | OnnxDetector
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_JSON = "predictions.json"
+PROGRESS_MIN_IMAGES = 5  # below this a progress bar is more noise than help
+
+
+@dataclass(frozen=True)
+class DetectorOptions:
+    """How to make the detector of a prediction run: a torch ``checkpoint``, ``random_weights`` of
+    ``preset`` (smoke tests), or an exported ONNX ``model`` (onnxruntime).  Given to
+    ``predict_to_folder`` instead of a detector, it is built only after the inputs and the output
+    folder passed their checks, so a typo costs no model loading."""
+
+    checkpoint: str | Path | None = None
+    model: str | Path | None = None
+    random_weights: bool = False
+    preset: str | None = None
+    device: str = "cpu"
+    size: int | None = None
+    max_size: int | None = None
+    mode: str = "exact"
+
+    def build(self) -> AnyDetector:
+        """The detector (logs a warning for random weights, a note for compiled modes).
+
+        Raises:
+            CheckpointError, ConfigError: see ``Detector.from_checkpoint`` / ``OnnxDetector``.
+        """
+        # deferred: torch + torchvision take seconds; checking the inputs needs neither
+        from .detector import Detector
+
+        if self.model is not None:
+            from .onnx_runtime import OnnxDetector
+
+            return OnnxDetector(self.model, device=self.device, size=self.size, max_size=self.max_size)
+        if self.random_weights:
+            if not self.preset:
+                raise ConfigError("random weights need a preset")
+            detector = Detector.from_random(self.preset, device=self.device, size=self.size,
+                                            max_size=self.max_size, mode=self.mode)
+            log.warning("using RANDOM weights for preset '%s': the detections are meaningless", self.preset)
+        elif self.checkpoint is not None:
+            detector = Detector.from_checkpoint(self.checkpoint, preset=self.preset, device=self.device,
+                                                size=self.size, max_size=self.max_size, mode=self.mode)
+        else:
+            raise ConfigError("a checkpoint, random weights or an ONNX model is required")
+        note_compile(self.mode)
+        return detector
+
+
+def note_compile(mode: str) -> None:
+    """Say (a logged note) why a compiled mode's first batches are slow, before a progress bar
+    seems to stall."""
+    from .modes import get_mode
+
+    if get_mode(mode).compile:
+        log.info("mode '%s' compiles the model on the first batch of a new image size (at most 3 times; minutes "
+                 "on a CPU); the compiled code is cached for later runs (TORCHINDUCTOR_CACHE_DIR)", mode)
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where one input image's results go: its annotated picture (a file name in the output
+    folder) and the ``file_name`` of its records in predictions.json."""
+
+    picture: str
+    file_name: str
+
+
+@dataclass(frozen=True)
+class PredictSummary:
+    """What a prediction run did: ``images`` inputs found, ``done`` of them predicted and drawn (the
+    others were reported and skipped), their COCO ``records`` and where they were written."""
+
+    images: int
+    done: int
+    predictions: Path
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return self.images - self.done
+
+
+def gather_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """The image files of ``inputs`` (files, and folders expanded to the images directly inside),
+    each once: a file named twice (also as "a.jpg" and "dir/../a.jpg") runs once.
+
+    Raises:
+        ImageLoadError: a missing input, or no image at all.
+    """
+    unique: dict[Path, Path] = {}
+    for path in iter_image_paths([str(p) for p in inputs]):
+        unique.setdefault(path.resolve(), path)
+    if not unique:
+        raise ImageLoadError(f"no images found in {', '.join(repr(str(p)) for p in inputs)}")
+    return list(unique.values())
+
+
+def output_names(paths: Sequence[Path], out_dir: Path) -> dict[Path, Output]:
+    """Picture ``<stem>.jpg`` and file_name ``<name>`` per input, as long as those are unique.  Inputs
+    whose stem is shared (``cam1/0001.jpg`` and ``cam2/0001.jpg``, or ``a.jpg`` and ``a.png``) get
+    ``<folder>_<stem>[_<ext>].jpg`` (a number added if still not unique) and their path as given as
+    file_name, so that no result overwrites another.
+
+    Raises:
+        ConfigError: a picture would overwrite an input image (e.g. the output folder is the image folder).
+    """
+    stems = Counter(p.stem for p in paths)
+    names = Counter(p.name for p in paths)
+    outputs: dict[Path, Output] = {}
+    taken: set[str] = {f"{p.stem}.jpg" for p in paths if stems[p.stem] == 1}
+    for p in paths:
+        picture = f"{p.stem}.jpg"
+        if stems[p.stem] > 1:
+            ext = p.suffix.lower().lstrip(".")
+            base = "_".join(x for x in (p.parent.name, p.stem, ext if ext != "jpg" else "") if x)
+            picture, n = f"{base}.jpg", 2
+            while picture in taken:
+                picture, n = f"{base}_{n}.jpg", n + 1
+            taken.add(picture)
+        if (out_dir / picture).resolve() == p.resolve():
+            raise ConfigError(f"--out '{out_dir}' would overwrite the input image '{p}'; choose another folder")
+        outputs[p] = Output(picture, p.name if names[p.name] == 1 else str(p))
+    return outputs
+
+
+def predict_to_folder(
+    detector: AnyDetector | DetectorOptions,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    threshold: float = 0.3,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> PredictSummary:
+    """Detect objects in ``inputs`` (image files and/or folders) and write ``out_dir/<stem>.jpg``
+    (detections drawn) and ``out_dir/predictions.json`` (COCO records, bbox xywh in original pixels,
+    rounded).  ``out_dir`` is created if needed, and removed again if nothing came of the run.
+
+    Raises:
+        ImageLoadError: no input image, a lone input that cannot be read, or none that could be processed.
+        ConfigError: ``out_dir`` is not writable or would overwrite an input.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    paths = gather_images(inputs)
+    out_dir = Path(out_dir)
+    outputs = output_names(paths, out_dir)
+    check_out_folder(out_dir)
+    if isinstance(detector, DetectorOptions):
+        detector = detector.build()
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # A lone unreadable image is an error; in a set of images it is reported and skipped.
+    try:
+        records, done = _predict_files(detector, outputs, out_dir, threshold, batch_size, len(paths) > 1,
+                                       progress and len(paths) >= PROGRESS_MIN_IMAGES)
+    finally:
+        if created and not any(out_dir.iterdir()):  # nothing came of it: leave no empty folder behind
+            out_dir.rmdir()
+    if done == 0:
+        raise ImageLoadError(f"none of the {len(paths)} images could be processed (see the warnings above); "
+                             "nothing written")
+    json_path = out_dir / PREDICTIONS_JSON
+    write_json_atomic(json_path, records)
+    return PredictSummary(images=len(paths), done=done, predictions=json_path, records=records)
+
+
+def _predict_files(detector: AnyDetector, outputs: dict[Path, Output], out_dir: Path, threshold: float,
+                   batch_size: int, skip_failures: bool, progress: bool) -> tuple[list[dict[str, Any]], int]:
+    """Run the detector over the inputs of ``outputs`` (in order); write annotated images.  Returns
+    (records, images done)."""
+    from tqdm import tqdm
+
+    from ..visualize import draw_detections
+    from .records import coco_records
+
+    paths = list(outputs)
+    records: list[dict[str, Any]] = []
+    done = 0
+    with tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = load_images(paths[start : start + batch_size], skip_failures)
+            for (path, image), pred in predict_chunk(detector, chunk, threshold, skip_failures):
+                picture = out_dir / outputs[path].picture
+                try:
+                    save_image_atomic(draw_detections(image, pred.boxes, pred.class_names, pred.scores), picture,
+                                      quality=90)
+                except OSError as e:
+                    if not skip_failures:
+                        raise
+                    log.warning("cannot write '%s': %s; skipped", picture, e.strerror or e)
+                    continue
+                records.extend(coco_records(pred.scores, pred.category_ids, pred.boxes,
+                                            file_name=outputs[path].file_name, rounded=True))
+                done += 1
+            bar.update(min(batch_size, len(paths) - start))
+    return records, done
+
+
+def predict_chunk(detector: AnyDetector, chunk: list[tuple[Path, Image.Image]], threshold: float,
+                  skip_failures: bool) -> list[tuple[tuple[Path, Image.Image], Any]]:
+    """((path, image), prediction) for a batch of loaded images.  When the batch fails (e.g. out of
+    memory on one huge image) each image is retried alone, and one that still fails is reported and
+    skipped (with ``skip_failures``; else the error propagates)."""
+    if not chunk:
+        return []
+    try:
+        return list(zip(chunk, detector.predict([im for _, im in chunk], threshold=threshold, batch_size=len(chunk))))
+    except Exception as e:
+        if not skip_failures:
+            raise
+        if len(chunk) > 1:
+            return [r for item in chunk for r in predict_chunk(detector, [item], threshold, skip_failures)]
+        log.warning("cannot predict '%s': %s; skipped", chunk[0][0], first_line(e))
+        return []
+
+
+def load_images(paths: Sequence[Path], skip_unreadable: bool) -> list[tuple[Path, Image.Image]]:
+    """Load ``paths``; with ``skip_unreadable`` report unreadable ones (one logged warning each)
+    and leave them out, otherwise let ImageLoadError propagate."""
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append((path, load_image(path)))
+        except ImageLoadError as e:
+            if not skip_unreadable:
+                raise
+            log.warning("%s; skipped", e)
+    return loaded
