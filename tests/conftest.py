@@ -1,4 +1,10 @@
-"""Shared fixtures: the coco128 sample images and a tiny randomly initialised detector/checkpoint.
+"""Shared fixtures: the vendored test data, the sample images and a tiny randomly initialised detector.
+
+The small data the suite reads is vendored in ``tests/data`` (see its README): 12 coco128 photos with
+their COCO and YOLO labels (``coco128_mini``) and the official key listings / configs (``official``).
+Only the large official parity fixtures stay outside the repository, in ``../shared/reference``: the
+tests that need them skip with ``NO_SHARED_REFERENCE`` as their reason where it is absent, and fail
+instead of skipping when ``CI`` or ``DINODET_REQUIRE_SHARED=1`` is set (CI has ``../shared``).
 
 Inference tests run the ``tiny`` preset at a reduced resolution (short side 160) so the whole suite
 stays fast on a 2-core CPU (at the official 800/1333 one tiny-model forward takes seconds there);
@@ -7,6 +13,7 @@ the resize rule itself is tested at 800/1333 in test_transforms.py.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
@@ -15,9 +22,15 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# shared/ sits next to the repository (../shared), in development and in CI alike.
-COCO128 = REPO_ROOT.parent / "shared" / "data" / "coco128"
+TEST_DATA = REPO_ROOT / "tests" / "data"
+# 12 of coco128's images (the first 8, the greyscale 86, 149 and 357 with crowd boxes, 250 without boxes)
+COCO128 = TEST_DATA / "coco128_mini"
 COCO128_IMAGES = COCO128 / "images" / "train2017"
+# DINO_*.keys.tsv (the official state-dict keys) and DINO_*.args.json (the official configs)
+OFFICIAL = TEST_DATA / "official"
+# the official parity fixtures (tens of MB, not vendored): ../shared/reference next to the repository
+SHARED_REFERENCE = Path(os.environ.get("DINODET_REFERENCE_DIR") or REPO_ROOT.parent / "shared" / "reference")
+NO_SHARED_REFERENCE = f"official parity fixtures not found in {SHARED_REFERENCE} (../shared is not part of this repository)"
 SAMPLE_NAMES = ("000000000009.jpg", "000000000086.jpg", "000000000030.jpg")  # (w x h) 640x480, 512x640 grey, 640x428
 TEST_SIZE, TEST_MAX_SIZE = 160, 256
 
@@ -28,8 +41,25 @@ def sample_images() -> list[Path]:
     paths = [COCO128_IMAGES / n for n in SAMPLE_NAMES]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        pytest.fail(f"coco128 sample images not found (expected ../shared next to the repo): {missing}")
+        pytest.fail(f"vendored sample images not found (tests/data): {missing}")
     return paths
+
+
+def shared_reference_required() -> bool:
+    """True in CI (``CI`` set, as CI services do) or with ``DINODET_REQUIRE_SHARED=1``: there the parity
+    fixtures must be present, and a test skipped for their absence fails instead."""
+    ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    return ci or os.environ.get("DINODET_REQUIRE_SHARED", "").strip() == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and NO_SHARED_REFERENCE in str(report.longrepr) and shared_reference_required():
+        report.outcome = "failed"
+        report.longrepr = (f"{NO_SHARED_REFERENCE}; this run requires them (CI or DINODET_REQUIRE_SHARED=1 is set), "
+                           "so the test fails instead of skipping")
 
 
 @pytest.fixture

@@ -5,11 +5,11 @@ Unit tests use a micro ConvNeXt registered for this module only.
 import argparse
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import OFFICIAL
 
 from dinodet.checkpoint import CheckpointError, init_from_config, load_checkpoint
 from dinodet.compat.official_args import config_from_official_args
@@ -23,7 +23,6 @@ from dinodet.models.dino import DINO
 from dinodet.models.masks import resample_mask
 from dinodet.presets import get_preset
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
 MICRO = "convnext_micro"
 
 
@@ -187,9 +186,7 @@ def test_presets(size, name):
 
 
 def test_official_args_give_the_preset():
-    path = REF / "DINO_4scale.args.json"
-    if not path.exists():
-        pytest.skip("shared reference files not available")
+    path = OFFICIAL / "DINO_4scale.args.json"
     args = dict(json.loads(path.read_text()), backbone="convnext_xlarge_22k")
     cfg = config_from_official_args(args)
     want = get_preset("dino_convnext_xl_4scale")

@@ -7,10 +7,10 @@ numerics are covered by the parity test).
 import argparse
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import OFFICIAL
 
 from dinodet.checkpoint import CheckpointError, init_from_config, load_checkpoint
 from dinodet.compat.official_args import config_from_official_args
@@ -25,7 +25,6 @@ from dinodet.models.dino import DINO
 from dinodet.models.masks import resample_mask
 from dinodet.presets import get_preset
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
 MICRO = "swin_micro"
 
 
@@ -216,9 +215,7 @@ def test_config_knobs_reach_the_backbone():
 
 @pytest.mark.parametrize("name,preset", [("DINO_4scale_swin", "dino_swinl_4scale"), ("DINO_5scale_swin", "dino_swinl_5scale")])
 def test_official_key_names_match_reference_listing(name, preset):
-    listing = REF / f"{name}.keys.tsv"
-    if not listing.exists():
-        pytest.skip("shared reference files not available")
+    listing = OFFICIAL / f"{name}.keys.tsv"
     rows = [line.split("\t") for line in listing.read_text().splitlines()[1:]]
     cfg = get_preset(preset)
     with torch.device("meta"):
@@ -234,9 +231,7 @@ def test_official_key_names_match_reference_listing(name, preset):
 
 @pytest.mark.parametrize("name,preset", [("DINO_4scale_swin", "dino_swinl_4scale"), ("DINO_5scale_swin", "dino_swinl_5scale")])
 def test_official_args_give_the_preset(name, preset):
-    path = REF / f"{name}.args.json"
-    if not path.exists():
-        pytest.skip("shared reference files not available")
+    path = OFFICIAL / f"{name}.args.json"
     cfg = config_from_official_args(json.loads(path.read_text()))
     want = get_preset(preset)
     assert cfg.model == want.model and cfg.loss == want.loss

@@ -61,6 +61,7 @@ def test_training_batch_is_at_least_two(one_thread):
 
 @pytest.mark.parametrize("argv, message", [
     (["--size", "800"], "size must look like 800x1199"),
+    (["--size", "100000x100000"], "size must be at most 8192x8192"),  # refused before allocating anything
     (["--modes", "warp"], "unknown mode(s) warp"),
     (["--preset", "dino_r9000"], "unknown preset"),
     (["--modes", "fp16", "--device", "cpu"], "mode 'fp16' cannot be benchmarked for infer on cpu"),

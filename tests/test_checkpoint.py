@@ -2,18 +2,16 @@
 import argparse
 import json
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import OFFICIAL
 
 from dinodet.checkpoint import CheckpointError, init_from_config, load_checkpoint, save_checkpoint
 from dinodet.compat.official_args import config_from_official_args
 from dinodet.compat.official_keys import official_key_map, to_official
 from dinodet.models import build_model
 from dinodet.presets import get_preset
-
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +34,7 @@ def _assert_same_weights(a, b):
 
 @pytest.mark.parametrize("name", ["DINO_4scale", "DINO_5scale"])
 def test_official_key_names_match_reference_listing(name):
-    listing = REF / f"{name}.keys.tsv"
-    if not listing.exists():
-        pytest.skip("shared reference files not available")
+    listing = OFFICIAL / f"{name}.keys.tsv"
     rows = [line.split("\t") for line in listing.read_text().splitlines()[1:]]
     preset = {"DINO_4scale": "dino_r50_4scale", "DINO_5scale": "dino_r50_5scale"}[name]
     cfg = get_preset(preset)
@@ -52,9 +48,7 @@ def test_official_key_names_match_reference_listing(name):
 
 @pytest.mark.parametrize("name", ["DINO_4scale", "DINO_5scale"])
 def test_official_args_give_the_preset(name):
-    path = REF / f"{name}.args.json"
-    if not path.exists():
-        pytest.skip("shared reference files not available")
+    path = OFFICIAL / f"{name}.args.json"
     cfg = config_from_official_args(json.loads(path.read_text()))
     preset = get_preset({"DINO_4scale": "dino_r50_4scale", "DINO_5scale": "dino_r50_5scale"}[name])
     assert cfg.model == preset.model
@@ -65,9 +59,7 @@ def test_official_args_give_the_preset(name):
                                           ("DINO_4scale_swin", "dino_swinl_4scale"),
                                           ("DINO_5scale_swin", "dino_swinl_5scale")])
 def test_preset_schedules_follow_the_official_configs(name, preset):
-    path = REF / f"{name}.args.json"
-    if not path.exists():
-        pytest.skip("shared reference files not available")
+    path = OFFICIAL / f"{name}.args.json"
     args, t = json.loads(path.read_text()), get_preset(preset).train
     assert (t.batch_size, t.lr, t.lr_backbone, t.weight_decay, t.epochs, t.lr_drop, t.clip_max_norm) == (
         args["batch_size"], args["lr"], args["lr_backbone"], args["weight_decay"], args["epochs"], args["lr_drop"],
@@ -229,7 +221,7 @@ def test_official_checkpoint_without_preset_uses_its_args(tmp_path):
     from dinodet.inference.detector import Detector
     from dinodet.presets import get_preset
 
-    args = json.loads((REF / "DINO_4scale.args.json").read_text())
+    args = json.loads((OFFICIAL / "DINO_4scale.args.json").read_text())
     cfg = get_preset("dino_r50_4scale")
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -278,3 +270,17 @@ def test_weights_for_an_architecture_keep_the_files_class_count(tiny_model, tmp_
     torch.save({"model": headless}, tmp_path / "headless.pth")
     with pytest.raises(CheckpointError, match=r"headless.pth: official checkpoint without .*class_embed"):
         load_weights_for_architecture(target, "tiny", tmp_path / "headless.pth")
+
+
+def test_a_fifo_or_a_link_loop_is_not_called_missing(tmp_path):
+    import os
+
+    fifo, loop = tmp_path / "pipe.pt", tmp_path / "loop.pt"
+    os.mkfifo(fifo)
+    loop.symlink_to(loop)
+    with pytest.raises(CheckpointError, match=r"pipe\.pt: not a regular file \(a FIFO\)"):
+        load_checkpoint(fifo)  # refused without opening it (opening a FIFO would block)
+    with pytest.raises(CheckpointError, match=r"loop\.pt: a symbolic link loop"):
+        load_checkpoint(loop)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")

@@ -167,16 +167,18 @@ def test_no_image_readable_writes_nothing(tmp_path: Path, size_args, capsys):
 
 
 def test_one_bad_item_among_many_is_skipped(tmp_path: Path, sample_images: list[Path], size_args, capsys):
-    """A missing input and an output that cannot be written each cost one image and one warning."""
+    """A missing input costs one image and one warning; a picture that cannot be written one warning
+    (its detections are still in predictions.json)."""
     out = tmp_path / "out"
     (out / f"{sample_images[1].stem}.jpg").mkdir(parents=True)  # the annotated picture cannot be written
     rc = main(["predict", str(sample_images[0]), str(tmp_path / "typo.jpg"), str(sample_images[1]),
-               "--random-weights", "--preset", "tiny", "--threshold", "0", "--out", str(out), *size_args])
+               "--random-weights", "--preset", "tiny", "--threshold", "0", "--out", str(out), "--overwrite",
+               *size_args])
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "typo.jpg" in err and f"cannot write '{out / sample_images[1].stem}.jpg'" in err
     records = json.loads((out / "predictions.json").read_text())
-    assert {r["file_name"] for r in records} == {sample_images[0].name}
+    assert {r["file_name"] for r in records} == {sample_images[0].name, sample_images[1].name}
 
 
 def test_refuses_to_overwrite_inputs(image_dir: Path, size_args, capsys):

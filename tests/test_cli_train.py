@@ -1,6 +1,6 @@
 """``dinodet train / eval / check-data / demo`` through the command line.
 
-The end-to-end run is a real subprocess on coco128 (tiny preset, 96 px, 2 steps); argument errors
+The end-to-end run is a real subprocess on 12 coco128 images (tiny preset, 96 px, 2 steps); argument errors
 and the small demo run go through ``main()`` in-process to save the interpreter start-up.
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COCO128
 
 from dinodet.cli import main
 
-COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
 SMALL = ["--set", "data.train_scales=[96]", "--set", "data.max_size=128", "--set", "data.crop_resize_scales=[96]",
          "--set", "data.crop_size=[64,96]", "--set", "data.eval_size=96", "--set", "model.num_queries=20",
          "--set", "model.num_select=20"]
@@ -60,8 +60,8 @@ def test_train_then_eval_on_coco128(tmp_path: Path):
         assert (run_dir / name).exists(), name
     assert len(list((run_dir / "val_predictions").glob("*.jpg"))) == 8  # --pictures' default
     metrics = check_metrics(run_dir / "metrics.json")
-    assert metrics["step"] == 2 and metrics["num_images"] == 128
-    assert isinstance(metrics["num_images"], int)  # counts are written as counts, not 128.0
+    assert metrics["step"] == 2 and metrics["num_images"] == 12
+    assert isinstance(metrics["num_images"], int)  # counts are written as counts, not 12.0
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2 and "train_loss" in records[-1] and "eval_AP" in records[-1]
     config = json.loads((run_dir / "config.json").read_text())
@@ -114,7 +114,7 @@ def test_demo_small_run(tmp_path: Path, capsys):
 def test_check_data_prints_the_report(capsys):
     assert main(["check-data", "--data", str(COCO128)]) == 0
     out = capsys.readouterr().out
-    assert "[train]" in out and "128 images" in out and "result: OK" in out
+    assert "[train]" in out and "12 images" in out and "result: OK" in out
 
 
 def test_check_data_draws_the_labels(tmp_path: Path, capsys):
@@ -151,7 +151,7 @@ def test_check_data_draws_the_labels(tmp_path: Path, capsys):
      "train.lr must be a number"),
     (["eval", "--data", str(COCO128), "--checkpoint", "/nonexistent.pt"], "checkpoint not found"),
     (["eval", "--data", str(COCO128), "--checkpoint", "x.pt", "--mode", "fp16"], "'fp16' is not available on cpu"),
-    (["eval", "--data", str(COCO128), "--checkpoint", "x.pt", "--out", str(COCO128 / "README.md")],
+    (["eval", "--data", str(COCO128), "--checkpoint", "x.pt", "--out", str(COCO128 / "coco128.yaml")],
      "must be a folder"),  # found before the checkpoint is even read
     (["eval", "--data", "D", "--checkpoint", "x.pt", "--pictures", "-1"], "--pictures must be >= 0"),
     (["train", "--data", "D", "--preset", "tiny", "--out", "R", "--picture-threshold", "2"],

@@ -1,10 +1,8 @@
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import HOST_SYNC_OPS, dispatched_ops
+from conftest import HOST_SYNC_OPS, NO_SHARED_REFERENCE, SHARED_REFERENCE, dispatched_ops
 
 from dinodet.config import LossConfig
 from dinodet.models.criterion import SetCriterion, _dn_indices, build_criterion
@@ -274,11 +272,10 @@ def test_aux_layers_use_their_own_predictions():
 
 # ---------------------------------------------------------------- against official numbers (if available)
 
-FIXTURE_DIR = Path(os.environ.get("DINODET_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
-FIXTURES = sorted(FIXTURE_DIR.glob("fixture_*_seed*[0-9].pt")) if FIXTURE_DIR.is_dir() else []
+FIXTURES = sorted(SHARED_REFERENCE.glob("fixture_*_seed*[0-9].pt")) if SHARED_REFERENCE.is_dir() else []
 
 
-@pytest.mark.skipif(not FIXTURES, reason="official parity fixtures not found")
+@pytest.mark.skipif(not FIXTURES, reason=NO_SHARED_REFERENCE)
 @pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.name)
 def test_matching_losses_reproduce_official_train_losses(path):
     """With zero-noise denoising, the official train pass gives the matching queries exactly the eval-mode

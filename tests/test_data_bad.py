@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,7 @@ def test_check_data_on_clean_coco128():
     from conftest import COCO128
 
     r = check_dataset(COCO128, "coco", "train")
-    assert r.images == 128 and r.ok
+    assert r.images == 12 and r.ok
     assert r.non_rgb_images == 1  # 000000000086.jpg is greyscale (README)
     assert format_report(r).endswith("result: OK")
 
@@ -227,3 +228,35 @@ def test_the_cli_shows_every_line_of_a_data_report(broken_coco: Path, capsys):
     assert err[0].startswith("dinodet: warning: ") and err[0].endswith("data problems:")
     assert all(line.startswith("dinodet: warning: ") for line in err)
     assert any("missing image files" in line for line in err) and any("missing.jpg" in line for line in err)
+
+
+def test_a_dataset_without_any_box_is_said_to_be_one(tmp_path: Path, caplog):
+    """Labels in the wrong folder make every image a negative: each file looks fine, the whole is useless."""
+    img, lbl = tmp_path / "images" / "train", tmp_path / "labels" / "train"
+    img.mkdir(parents=True)
+    lbl.mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg"):
+        _rgb(64, 48).save(img / name)
+    (lbl / "a.txt").write_text("")
+    (tmp_path / "names.txt").write_text("thing\n")
+    text = format_report(check_dataset(tmp_path, "yolo", "train"))
+    assert text.splitlines()[-1] == "result: NO BOXES: every image is a negative, there is nothing to learn to detect"
+    with caplog.at_level("WARNING", logger="dinodet"):
+        build_dataset(str(tmp_path), "train", "yolo", data_cfg=CFG)
+    assert f"the training split has no boxes: '{lbl}' has 2 images, all negatives" in caplog.text
+
+
+def test_check_data_logs_pils_warnings(tmp_path: Path, monkeypatch, caplog):
+    d = tmp_path / "train2017"
+    d.mkdir()
+    _rgb(64, 48).save(d / "a.jpg")
+    images = [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10], "area": 100, "iscrowd": 0}]
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_train2017.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # over the limit (a warning), under twice it (an error)
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="dinodet"):
+        warnings.simplefilter("error")  # a warning reaching Python's own printing fails the test
+        assert check_dataset(tmp_path, workers=2).ok
+    assert "instances_train2017.json: Image size (3072 pixels) exceeds limit of 2000 pixels" in caplog.text

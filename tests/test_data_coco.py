@@ -1,4 +1,4 @@
-"""COCO-format loading of coco128, label maps, crowd handling and the evaluation ground truth."""
+"""COCO-format loading of coco128 (the 12 images vendored in tests/data/coco128_mini), label maps, crowd handling and the evaluation ground truth."""
 from __future__ import annotations
 
 import contextlib
@@ -55,9 +55,9 @@ def test_coco128_layout_is_found():
 
 def test_coco128_counts_and_label_map(coco128_train: DetectionDataset, coco128_json: dict):
     ds = coco128_train
-    assert len(ds) == 128
+    assert len(ds) == 12
     r = ds.report
-    assert (r.images, r.boxes, r.images_without_boxes) == (128, 929, 2)
+    assert (r.images, r.boxes, r.images_without_boxes) == (12, 72, 1)  # tests/data/README.md
     assert r.ok and r.num_classes == 80
     lm = ds.label_map
     assert lm.num_classes == 80
@@ -67,7 +67,7 @@ def test_coco128_counts_and_label_map(coco128_train: DetectionDataset, coco128_j
     # the evaluation GT has the dataset's own ids
     assert sorted(ds.coco.getImgIds()) == ds.image_ids
     assert sorted(ds.coco.getCatIds()) == lm.category_ids
-    assert len(ds.coco.dataset["annotations"]) == 929
+    assert len(ds.coco.dataset["annotations"]) == 72
 
 
 def test_coco128_targets(coco128_train: DetectionDataset, coco128_json: dict):
@@ -75,7 +75,7 @@ def test_coco128_targets(coco128_train: DetectionDataset, coco128_json: dict):
     sizes = {im["id"]: (im["height"], im["width"]) for im in coco128_json["images"]}
     per_image = Counter(a["image_id"] for a in coco128_json["annotations"])
     torch.manual_seed(0)
-    for i in range(0, 128, 9):
+    for i in range(len(ds)):
         image, target = ds[i]
         iid = int(target["image_id"])
         assert iid == ds.image_ids[i]
@@ -109,12 +109,12 @@ def test_eval_targets_keep_all_boxes_and_labels(coco128_json: dict):
 def test_crowd_excluded_from_targets_but_kept_for_eval():
     ds = build_dataset(str(COCO128), "train", "coco", train=False, data_cfg=SMALL,
                        ann_file="annotations/instances_train2017_coco_original.json")
-    assert ds.report.crowd_ignored == 10
-    assert ds.report.boxes == 929  # 939 annotations minus 10 crowd
+    assert ds.report.crowd_ignored == 2
+    assert ds.report.boxes == 72  # 74 annotations minus 2 crowd
     anns = ds.coco.dataset["annotations"]
-    assert len(anns) == 939 and sum(a["iscrowd"] for a in anns) == 10
+    assert len(anns) == 74 and sum(a["iscrowd"] for a in anns) == 2
     assert all("segmentation" not in a for a in anns)  # bbox-only GT
-    assert sum(int(ds.raw_target(i)["labels"].numel()) for i in range(len(ds))) == 929
+    assert sum(int(ds.raw_target(i)["labels"].numel()) for i in range(len(ds))) == 72
     assert self_eval_ap(ds.coco) == [1.0, 1.0, 1.0]
 
 
@@ -125,7 +125,7 @@ def test_given_label_map_reports_unknown_categories():
     ds = build_dataset(str(COCO128), "train", "coco", train=False, data_cfg=SMALL, label_map=lm)
     n_person = sum(1 for a in json.loads(ANN.read_text())["annotations"] if a["category_id"] == 1)
     assert ds.label_map is lm and ds.label_map.num_classes == 79
-    assert ds.report.unknown_category == n_person and ds.report.boxes == 929 - n_person
+    assert ds.report.unknown_category == n_person and ds.report.boxes == 72 - n_person
     assert any("category id 1 " in m for m in ds.report.messages)
     assert 1 not in ds.coco.getCatIds()
     assert all(a["category_id"] != 1 for a in ds.coco.dataset["annotations"])

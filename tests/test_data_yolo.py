@@ -26,7 +26,7 @@ def test_coco128_yolo_matches_coco_json(coco128_yolo):
     ds = coco128_yolo
     data = json.loads((COCO128 / "annotations" / "instances_train2017.json").read_text())
     # README: the json is derived from these labels, so counts must agree image by image
-    assert len(ds) == 128 and ds.report.boxes == 929 and ds.report.images_without_boxes == 2
+    assert len(ds) == 12 and ds.report.boxes == 72 and ds.report.images_without_boxes == 1
     assert ds.report.orphan_annotations == 0 and ds.report.ok
     assert ds.image_ids == sorted(im["id"] for im in data["images"])  # numeric file names = COCO ids
     yolo_counts = Counter(a["image_id"] for a in ds.coco.dataset["annotations"])
@@ -207,3 +207,37 @@ def test_a_folder_where_a_label_file_should_be_is_reported(tmp_path: Path):
     ds = build_dataset(str(tmp_path), "train", "yolo", train=False, data_cfg=SMALL)
     assert ds.report.invalid_annotations == 1 and len(ds) == 1
     assert any(m.startswith(f"{lbl / 'a.txt'}: a folder where the label file should be") for m in ds.report.messages)
+
+
+def test_lines_that_may_not_be_boxes_or_polygons_are_reported(tmp_path: Path):
+    """'cls cx cy w h a b' is read as a triangle (as Ultralytics does), a pose line as its box: both said."""
+    from dinodet.data.checks import check_dataset, format_report
+
+    img, lbl = tmp_path / "images" / "train", tmp_path / "labels" / "train"
+    img.mkdir(parents=True)
+    lbl.mkdir(parents=True)
+    Image.new("RGB", (100, 50)).save(img / "a.jpg")
+    (lbl / "a.txt").write_text(
+        "0 0.5 0.5 0.2 0.2\n"                        # a box: fine
+        "0 0.5 0.5 0.2 0.2 0.9 0.1\n"                # 7 values: a triangle, or a box with 2 extra columns
+        "0 0.5 0.5 0.4 0.4 0.4 0.4 2 0.6 0.6 1\n"    # pose: box + 2 keypoints (x y visibility)
+        "0 0.5 0.5 0.2 0.4 0.45 0.4 2\n"             # pose with one keypoint (an odd count of coordinates)
+        "0 0.1 0.1 0.2 0.2 0.3\n")                   # odd count, not a pose: skipped
+    (tmp_path / "names.txt").write_text("thing\n")
+    ds = build_dataset(str(tmp_path), "train", "yolo", train=False, data_cfg=SMALL)
+    r = ds.report
+    assert (r.boxes, r.ambiguous_label_lines, r.invalid_annotations) == (4, 3, 1)
+    label = lbl / "a.txt"
+    assert (f"{label}: line 2: 7 values read as a 3-point polygon (a triangle's bounding box); if it is "
+            "'class cx cy w h' with 2 extra values, remove them") in r.messages
+    assert (f"{label}: line 3: 11 values read as a pose label ('class cx cy w h' + 2 keypoints 'x y visibility'): "
+            "its box is used, the keypoints ignored") in r.messages
+    assert any(m.startswith(f"{label}: line 4: 8 values read as a pose label") for m in r.messages)
+    assert any(m.startswith(f"{label}: line 5: 6 values: neither") for m in r.messages)
+    boxes = sorted(a["bbox"] for a in ds.coco.dataset["annotations"])
+    # the triangle's bounding box, the pose lines' own boxes (not the hull of box and keypoints), the box
+    np.testing.assert_allclose(boxes, [[20, 5, 70, 20], [30, 15, 40, 20], [40, 15, 20, 20], [40, 20, 20, 10]],
+                               atol=1e-4)
+    text = format_report(check_dataset(tmp_path, "yolo", "train"))
+    assert "       3 label lines read as a triangle or a pose label (check them: a box with extra values?)" in text
+    assert "result: 4 problem(s)" in text

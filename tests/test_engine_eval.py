@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COCO128
 
 from dinodet.config import DataConfig
 from dinodet.data.coco import build_dataset
@@ -20,10 +21,10 @@ from dinodet.engine.evaluate import (
     same_size_groups,
 )
 from dinodet.engine.pictures import PER_CLASS_AP, PR_CURVE, write_eval_pictures
+from dinodet.files import record_outputs
 from dinodet.inference.detector import Detector
 from dinodet.inference.records import coco_records
 
-COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
 NUM_IMAGES = 8
 
 
@@ -171,7 +172,7 @@ def test_unreadable_images_are_reported_and_left_out(tmp_path: Path, mixed_sizes
 
     written = write_eval_pictures(result, dataset, tmp_path / "out", pictures=NUM_IMAGES, threshold=0.0)
     assert {p.name for p in written} == {PR_CURVE, PER_CLASS_AP, "val_predictions"}
-    pictures = sorted(p.name for p in (tmp_path / "out" / "val_predictions").iterdir())
+    pictures = sorted(p.name for p in (tmp_path / "out" / "val_predictions").glob("*.jpg"))
     assert len(pictures) == NUM_IMAGES - 1 and f"{Path(broken).stem}.jpg" not in pictures
 
 
@@ -188,8 +189,11 @@ def test_pictures_of_an_evaluation_without_detections(tmp_path: Path, mixed_size
     assert [p.name for p in written] == [PR_CURVE, PER_CLASS_AP, "val_predictions"]
     assert len(list((tmp_path / "val_predictions").glob("*.jpg"))) == 2
     (tmp_path / "val_predictions" / "from_an_earlier_run.jpg").write_bytes(b"old")
-    write_eval_pictures(result, mixed_sizes, tmp_path, pictures=1)  # the folder shows this run only
-    assert [p.name for p in (tmp_path / "val_predictions").iterdir()] == [f"{mixed_sizes.image_path(0).stem}.jpg"]
+    record_outputs(tmp_path / "val_predictions", ["from_an_earlier_run.jpg"], "eval")
+    (tmp_path / "val_predictions" / "users.jpg").write_bytes(b"not dinodet's")
+    write_eval_pictures(result, mixed_sizes, tmp_path, pictures=1)  # dinodet's pictures show this run only
+    assert sorted(p.name for p in (tmp_path / "val_predictions").glob("*.jpg")) == [
+        f"{mixed_sizes.image_path(0).stem}.jpg", "users.jpg"]
 
     # no image scored at all (every one unreadable): nothing to plot, no error
     nothing = coco_scores(coco, [], image_ids=[])
@@ -231,5 +235,5 @@ def test_pictures_of_images_sharing_a_stem_are_all_kept(tmp_path: Path):
             return {"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "labels": torch.tensor([0])}
 
     assert write_label_pictures(TwoFolders(), tmp_path / "out", limit=5) == 2
-    widths = {p.name: Image.open(p).width for p in (tmp_path / "out").iterdir()}
+    widths = {p.name: Image.open(p).width for p in (tmp_path / "out").glob("*.jpg")}
     assert widths == {"x.jpg": 20, "x_12.jpg": 21}

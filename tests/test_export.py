@@ -280,6 +280,8 @@ def test_api_rejects_bad_options(tiny_detector: Detector, tmp_path: Path):
         to_onnx(tiny_detector, tmp_path / "m.onnx", dynamic=True, batch_size=2)
     with pytest.raises(ExportError, match=r"\.onnx"):
         to_onnx(tiny_detector, tmp_path / "m.pt")
+    with pytest.raises(ExportError, match=r"input size must be two sides \(H W\) in 65..8192"):
+        to_onnx(tiny_detector, tmp_path / "huge.onnx", batch_size=1, input_size=(100000, 100000))
     with pytest.raises(ExportError, match="max_size must be >= 65"):  # a 1x1 model that finds nothing
         to_onnx(tiny_detector, tmp_path / "m.onnx", max_size=1)
     with pytest.raises(ExportError, match="need size <= max_size, got size 100 and max_size 80"):
@@ -304,6 +306,35 @@ def test_predict_onnxruntime_errors_are_one_line(image_dir: Path, tmp_path: Path
     onnx.save(model, str(plain))
     assert main(["predict", image, "--model", str(plain), "--out", str(tmp_path / "o")]) == 2
     one_line_error(capsys, "invalid dinodet metadata")
+
+
+
+@pytest.mark.parametrize("model_file, props, fragment", [
+    # the case: a label map shorter than the class count (was an IndexError, or every image skipped)
+    ("dynamic_onnx", {"class_names": json.dumps(["a", "b"])}, "2 class_names"),
+    ("dynamic_onnx", {"category_ids": "[1, 2, 3]", "num_classes": "3"}, "classes of the logits output"),
+    ("fixed_gather_onnx", {"class_names": json.dumps(["a"])}, "1 class_names"),  # labels: no class count in the shape
+    ("dynamic_onnx", {"num_select": "0"}, "num_select must be >= 1"),
+    ("dynamic_onnx", {"size": "100000"}, "size must be <= 8192"),
+    ("dynamic_onnx", {"max_size": "0"}, "max_size must be >= 1"),
+    ("dynamic_onnx", {"with_postprocess": "true"}, "needs the outputs scores, labels, boxes"),
+    ("fixed_gather_onnx", {"with_postprocess": "false"}, "needs the outputs logits, boxes"),
+    ("dynamic_onnx", {"with_postprocess": "1"}, "with_postprocess must be true or false, got 1"),
+])
+def test_onnx_metadata_that_does_not_fit_the_model_is_one_line(request: pytest.FixtureRequest, tmp_path: Path,
+                                                                image_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                                model_file: str, props: dict, fragment: str):
+    from dinodet.errors import CheckpointError
+
+    model = onnx.load(str(request.getfixturevalue(model_file)))
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **props})
+    path = tmp_path / "edited.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(CheckpointError, match="invalid dinodet metadata"):
+        OnnxDetector(path)
+    assert main(["predict", str(image_dir / "000000000009.jpg"), "--model", str(path), "--out",
+                 str(tmp_path / "o")]) == 2
+    one_line_error(capsys, str(path), fragment)
 
 
 # ----------------------------------------------------------------------------- dino_r50_4scale

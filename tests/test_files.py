@@ -52,3 +52,44 @@ def test_a_name_near_the_length_limit_is_written(tmp_path):
     target = tmp_path / ("x" * 240 + ".json")  # fits (255 bytes), but ".<name>.<pid>.tmp.json" would not
     write_json_atomic(target, [1])
     assert json.loads(target.read_text()) == [1] and os.listdir(tmp_path) == [target.name]
+
+
+def test_only_files_the_manifest_lists_are_dinodets(tmp_path):
+    from dinodet.errors import ConfigError
+    from dinodet.files import OUTPUTS_MANIFEST, check_not_foreign, dinodet_outputs, record_outputs, remove_outputs
+
+    (tmp_path / "mine.jpg").write_bytes(b"mine")
+    (tmp_path / "a.jpg").write_bytes(b"ours")
+    check_not_foreign(tmp_path, ["a.jpg", "new.jpg"], overwrite=True)
+    with pytest.raises(ConfigError, match=r"^--out '.*' holds 'a.jpg', which dinodet did not write; choose another "
+                                          r"folder or pass --overwrite$"):
+        check_not_foreign(tmp_path, ["new.jpg", "a.jpg", "mine.jpg"])
+    record_outputs(tmp_path, ["a.jpg", "b.jpg"], "predict")
+    assert dinodet_outputs(tmp_path) == {"a.jpg": "predict", "b.jpg": "predict"}
+    check_not_foreign(tmp_path, ["a.jpg", "b.jpg", "new.jpg"])  # dinodet's own and new files: fine
+    with pytest.raises(ConfigError, match="'mine.jpg'"):
+        check_not_foreign(tmp_path, ["a.jpg", "mine.jpg"])
+    remove_outputs(tmp_path, keep=["b.jpg"])  # a.jpg was an earlier run's; mine.jpg is not dinodet's
+    assert sorted(os.listdir(tmp_path)) == [OUTPUTS_MANIFEST, "mine.jpg"]
+    assert dinodet_outputs(tmp_path) == {"b.jpg": "predict"}
+    # a manifest that is broken, or names a file outside its folder, proves nothing
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / OUTPUTS_MANIFEST).write_text(json.dumps({"files": {"../mine.jpg": "eval", "x": 3}}))
+    assert dinodet_outputs(tmp_path / "sub") == {}
+    remove_outputs(tmp_path / "sub", keep=[])
+    assert (tmp_path / "mine.jpg").read_bytes() == b"mine"
+    (tmp_path / OUTPUTS_MANIFEST).write_text("{not json")
+    assert dinodet_outputs(tmp_path) == {}
+
+
+def test_an_output_file_is_checked_before_the_work(tmp_path):
+    from dinodet.errors import ConfigError
+    from dinodet.files import check_out_file
+
+    check_out_file(tmp_path / "new" / "model.onnx")
+    (tmp_path / "model.onnx").mkdir()
+    with pytest.raises(ConfigError, match="model.onnx' is a folder; it must be a file name"):
+        check_out_file(tmp_path / "model.onnx")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match="its folder '.*f' is a file"):
+        check_out_file(tmp_path / "f" / "model.onnx")

@@ -1,3 +1,6 @@
+import os
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +121,65 @@ def test_decompression_bomb_is_an_unreadable_image(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses > 2x this many pixels
     with pytest.raises(ImageLoadError, match="huge.png"):
         load_image(path)
+
+
+@pytest.mark.parametrize(("mode", "values"), [
+    ("I", [0, 100_000, 400_000, 2**20]),  # 32-bit: stretched from its minimum to its maximum
+    ("I", [-500, 0, 300, 900]),       # negative: stretched too
+    ("I", [0, 60, 120, 250]),         # only 8-bit values in a 32-bit image: kept
+    ("I", [0, 1000, 30_000, 60_000]),  # 16-bit values: as 16 bit
+    ("I;16B", [0, 1000, 30_000, 60_000]),
+    ("F", [0.0, 0.1, 0.5, 1.0]),       # fractions of white
+    ("F", [-5.0, 100.0, 1000.0, 5000.0]),
+])
+def test_high_depth_and_float_tiffs_keep_their_intensities(tmp_path: Path, mode: str, values: list[float]):
+    """PIL's own conversion clips at 255 or at 1: such images came out black or white."""
+    row = np.array(values, np.float32 if mode == "F" else np.int32)
+    if mode == "I;16B":
+        im = Image.frombytes(mode, (4, 2), np.tile(row, 2).astype(">u2").tobytes())
+    else:
+        im = Image.fromarray(np.tile(row, (2, 1)))
+    path = tmp_path / "deep.tif"
+    im.save(path)
+    assert Image.open(path).mode == mode
+    gray = np.asarray(load_image(path))[0, :, 0].astype(int)
+    assert (np.diff(gray) > 0).all(), gray  # not black, ordering kept
+    if mode == "I" and values[-1] <= 255:
+        assert gray.tolist() == values
+    if mode == "F" and values[-1] <= 1:
+        assert gray.tolist() == [0, 26, 128, 255]
+
+
+def test_pil_warnings_are_logged_naming_the_file(tmp_path: Path, monkeypatch, capsys):
+    from dinodet.cli import printed_logs
+
+    path = tmp_path / "large.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # over the limit (a warning), under twice it (an error)
+    with warnings.catch_warnings(), printed_logs():
+        warnings.simplefilter("error")  # a warning reaching Python's own printing fails the test
+        assert load_image(path).size == (64, 64)
+        load_image(path)  # said once, not once per epoch of a training run
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dinodet: warning: {path}: Image size (4096 pixels) exceeds limit")
+
+
+def test_a_fifo_and_a_symlink_loop_are_named_as_what_they_are(tmp_path: Path):
+    from dinodet.data.coco import index_coco
+    from dinodet.data.images import describe_unreadable
+
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening it would block
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop2.jpg")
+    (tmp_path / "loop2.jpg").symlink_to(tmp_path / "loop.jpg")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    expected = {"pipe.jpg": "not a regular file (a FIFO)", "loop.jpg": "a symbolic link loop",
+                "dangling.jpg": "a broken symbolic link", "nope.jpg": "no such file"}
+    for name, what in expected.items():
+        assert describe_unreadable(tmp_path / name) == what
+        with pytest.raises(ImageLoadError, match=re.escape(f"'{tmp_path / name}': {what}")):
+            load_image(tmp_path / name)
+    assert describe_unreadable(tmp_path) == "a directory"
+    data = {"images": [{"id": 1, "file_name": "pipe.jpg", "width": 8, "height": 8}], "annotations": [],
+            "categories": [{"id": 1, "name": "x"}]}
+    report = index_coco(data, tmp_path).report
+    assert report.messages == [f"{tmp_path / 'pipe.jpg'}: listed in annotations but not a regular file (a FIFO); skipped"]

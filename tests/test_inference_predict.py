@@ -14,7 +14,13 @@ from PIL import Image
 from dinodet.data.transforms import check_resize
 from dinodet.errors import ConfigError, ImageLoadError
 from dinodet.files import check_out_folder
-from dinodet.inference.predict import gather_images, output_names, predict_chunk, predict_to_folder
+from dinodet.inference.predict import (
+    DetectorOptions,
+    gather_images,
+    output_names,
+    predict_chunk,
+    predict_to_folder,
+)
 
 
 class OneBox:
@@ -96,3 +102,32 @@ def test_check_out_folder_and_resize_rule(tmp_path: Path):
         check_resize(900, 800, ("--size", "--max-size"))
     with pytest.raises(ConfigError, match="max_size must be >= 1, got 0"):
         check_resize(None, 0)
+
+
+def test_a_picture_that_cannot_be_written_keeps_its_detections(tmp_path: Path, caplog):
+    """JPEG stops at 65,500 pixels a side: the picture is a warning, its records go to predictions.json."""
+    wide = tmp_path / "in" / "wide.png"
+    wide.parent.mkdir()
+    Image.new("RGB", (65_600, 16)).save(wide)
+    with caplog.at_level(logging.WARNING, logger="dinodet"):
+        summary = predict_to_folder(OneBox(), [wide], tmp_path / "out")
+    assert "cannot write" in caplog.text and "wide.jpg" in caplog.text and "predictions.json" in caplog.text
+    assert (summary.done, len(summary.records)) == (1, 1) and summary.records[0]["file_name"] == "wide.png"
+    assert json.loads(summary.predictions.read_text()) == summary.records
+    assert not (tmp_path / "out" / "wide.jpg").exists()
+
+
+def test_a_users_file_is_refused_before_the_detector_is_built(tmp_path: Path):
+    (image,) = _images(tmp_path / "in", "a.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.jpg").write_bytes(b"the user's")
+
+    class NeverBuilt(DetectorOptions):
+        def build(self):
+            raise AssertionError("built before the outputs were checked")
+
+    with pytest.raises(ConfigError, match="holds 'a.jpg', which dinodet did not write"):
+        predict_to_folder(NeverBuilt(), [image], tmp_path / "out")
+    assert (tmp_path / "out" / "a.jpg").read_bytes() == b"the user's"
+    summary = predict_to_folder(OneBox(), [image], tmp_path / "out", overwrite=True)
+    assert summary.done == 1 and Image.open(tmp_path / "out" / "a.jpg").size == (8, 6)

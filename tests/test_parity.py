@@ -5,9 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import NO_SHARED_REFERENCE, SHARED_REFERENCE
 
 ROOT = Path(__file__).resolve().parents[1]
-REF = ROOT.parent / "shared" / "reference"
+REF = SHARED_REFERENCE  # ../shared/reference (or $DINODET_REFERENCE_DIR): too large to vendor
 FIXTURES = sorted(p.name for p in REF.glob("fixture_*.pt") if not p.name.endswith(".debug.pt")) if REF.exists() else []
 SUPPORTED = ("fixture_4scale", "fixture_5scale", "fixture_swinl_4scale", "fixture_swinl_5scale")
 
@@ -17,7 +18,7 @@ SUPPORTED = ("fixture_4scale", "fixture_5scale", "fixture_swinl_4scale", "fixtur
 @pytest.mark.parametrize("fixture", [f for f in FIXTURES if f.startswith(SUPPORTED)] or ["<none>"])
 def test_check_parity(fixture, tmp_path):
     if fixture == "<none>":
-        pytest.skip("no parity fixtures in ../shared/reference")
+        pytest.skip(NO_SHARED_REFERENCE)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [sys.executable, str(REF / "check_parity.py"), str(REF / fixture), "--keep", str(tmp_path)],

@@ -1,9 +1,8 @@
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import NO_SHARED_REFERENCE, SHARED_REFERENCE
 
 from dinodet.models.postprocess import Detections, postprocess
 
@@ -51,11 +50,10 @@ def test_num_select_larger_than_candidates():
     assert dets.scores.shape == (1, 6)
 
 
-FIXTURE_DIR = Path(os.environ.get("DINODET_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
-FIXTURES = sorted(FIXTURE_DIR.glob("fixture_*_seed*[0-9].pt")) if FIXTURE_DIR.is_dir() else []
+FIXTURES = sorted(SHARED_REFERENCE.glob("fixture_*_seed*[0-9].pt")) if SHARED_REFERENCE.is_dir() else []
 
 
-@pytest.mark.skipif(not FIXTURES, reason="official parity fixtures not found")
+@pytest.mark.skipif(not FIXTURES, reason=NO_SHARED_REFERENCE)
 @pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.name)
 def test_bitwise_equal_to_official_postprocess(path):
     fx = torch.load(path, weights_only=True)

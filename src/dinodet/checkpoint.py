@@ -3,15 +3,22 @@
 A checkpoint is untrusted input: torch files are read with ``weights_only=True`` (only
 ``argparse.Namespace`` is allow-listed, because official checkpoints carry their args in one), and
 dinodet writes safetensors or weights-only torch files with the config stored alongside as JSON.
+Before a model is built for a file, its weights must be finite (``check_finite``: a NaN model
+scores boxes that COCOeval counts as matches) and their names and shapes must be those of the
+model its config describes, checked on a model built without memory (``_skeleton``): what a file
+can make dinodet allocate is what the file holds, whatever sizes its config claims.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import pickle
 import re
+import shutil
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +34,8 @@ from .compat.official_keys import (
     official_state,
     original_backbone_name,
 )
-from .config import DINOConfig, ModelConfig
+from .config import ConfigError, DINOConfig, ModelConfig, check_config
+from .data.images import describe_unreadable
 from .errors import CheckpointError, first_line
 from .files import write_atomic
 from .models.backbones import backbone_family
@@ -82,11 +90,13 @@ def read_torch_file(path: str | os.PathLike) -> Any:
 
 
 def check_checkpoint_path(path: Path) -> None:
-    """CheckpointError unless ``path`` is an existing file."""
+    """CheckpointError unless ``path`` is an existing regular file (a FIFO or a symbolic-link loop
+    is named as such, not as missing)."""
     if path.is_dir():
         raise CheckpointError(f"{path}: a folder, not a checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    problem = describe_unreadable(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint not found: {path}" if problem == "no such file" else f"{path}: {problem}")
 
 
 # file signatures people mistake for checkpoints, with what to do instead
@@ -148,8 +158,9 @@ def key_problems(missing: list[str], unexpected: list[str]) -> str:
     return "; ".join(parts)
 
 
-def load_official_state(model: DINO, state: dict[str, Tensor], path: str | os.PathLike = "checkpoint") -> None:
-    """Load an official-format state dict into ``model``; every key must be accounted for."""
+def official_weights(model: DINO, state: dict[str, Tensor], path: str | os.PathLike) -> dict[str, Tensor]:
+    """An official-format state dict in ``model``'s parameter names, checked to fit it exactly (every
+    key accounted for, shapes equal); ``model`` may be a ``_skeleton``."""
     cfg = model.cfg
     key_map = official_key_map(list(model.state_dict()), cfg.dec_layers, len(cfg.backbone.return_layers))
     missing = [k for k in key_map if k not in state]
@@ -166,7 +177,8 @@ def load_official_state(model: DINO, state: dict[str, Tensor], path: str | os.Pa
                 raise CheckpointError(f"{path}: {off} differs from the other copies of the shared head {k}")
             continue
         ours[k] = v
-    _load_exact(model, ours, path, name_of=lambda k: next(o for o, d in key_map.items() if d == k))
+    _check_fits(model.state_dict(), ours, path, name_of=lambda k: next(o for o, d in key_map.items() if d == k))
+    return ours
 
 
 def _architecture(model: DINO) -> str:
@@ -174,18 +186,47 @@ def _architecture(model: DINO) -> str:
     return f"the architecture its stored args describe ({name})" if name.startswith("official") else f"preset '{name}'"
 
 
-def _load_exact(model: nn.Module, state: dict[str, Tensor], path, name_of=lambda k: k,
+def _check_fits(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], path,
+                name_of: Callable[[str], str] = lambda k: k,
                 hint: str = "wrong --preset or class count for this checkpoint?") -> None:
-    expected = model.state_dict()
+    """CheckpointError unless ``state`` has exactly the keys and shapes of ``expected`` (a model's
+    state dict, possibly of a ``_skeleton``); ``name_of`` gives a key's name in the file."""
     for k, v in state.items():
         if k in expected and tuple(expected[k].shape) != tuple(v.shape):
             raise CheckpointError(
                 f"{path}: {name_of(k)} has shape {tuple(v.shape)} but the model expects {tuple(expected[k].shape)} "
                 f"({hint})")
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        missing = [name_of(k) for k in result.missing_keys]
-        raise CheckpointError(f"{path}: " + key_problems(missing, list(result.unexpected_keys)))
+    missing = [name_of(k) for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: " + key_problems(missing, unexpected))
+
+
+def _load_exact(model: nn.Module, state: dict[str, Tensor], path, hint: str) -> None:
+    _check_fits(model.state_dict(), state, path, hint=hint)
+    model.load_state_dict(state)
+
+
+def _skeleton(cfg: DINOConfig, path: str | os.PathLike) -> DINO:
+    """``cfg``'s model on the meta device: its parameter names and shapes, without allocating them
+    (a fraction of a real build's time), to check the file ``path`` against before building the real
+    one.  Settings that do not fit together are the file's fault: CheckpointError."""
+    try:
+        with torch.device("meta"):
+            return build_model(cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def check_finite(state: Mapping[str, Any], path: str | os.PathLike, what: str = "") -> None:
+    """CheckpointError naming the first floating-point tensor of ``state`` that holds NaN or inf.
+
+    Such weights make every output NaN: predict would find nothing, and COCOeval counts NaN boxes
+    as matches (a broken model scores AP > 0).  ``what`` prefixes the key (e.g. "EMA weights ")."""
+    for k, v in state.items():
+        if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{path}: {what}{k} holds non-finite values (NaN or inf); the weights are "
+                                  "broken (a training run that diverged?)")
 
 
 def init_from_config(cfg: DINOConfig) -> DINO:
@@ -217,6 +258,7 @@ def load_backbone_weights(model: DINO, path: str | os.PathLike) -> None:
     state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not state:
         raise CheckpointError(f"{path}: no tensors found")
+    check_finite(state, path)
     if is_official_state(state):
         raise CheckpointError(f"{path}: this is a complete DINO checkpoint, not an ImageNet backbone checkpoint "
                               "(load it as the detector checkpoint instead)")
@@ -227,7 +269,7 @@ def load_backbone_weights(model: DINO, path: str | os.PathLike) -> None:
         if bcfg.norm == "gn" and any(k.endswith("running_mean") for k in state):
             raise CheckpointError(f"{path}: ImageNet ResNet weights carry BatchNorm statistics but the backbone uses "
                                   "GroupNorm; set model.backbone.norm=frozen_bn to load them")
-        _load_exact(model.backbone.body, state, path, hint="weights of another backbone than the preset's?")
+        _load_exact(model.backbone.body, state, path, "weights of another backbone than the preset's?")
         return
     _load_imagenet_trunk(model.backbone.body, state, path, family, bcfg)
 
@@ -278,6 +320,9 @@ def read_train_state(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_TAG or "optimizer" not in obj:
         raise CheckpointError(f"{path}: not a dinodet training checkpoint (no optimizer state); "
                               "use --finetune-from to start from plain weights")
+    for what, state in (("", obj.get("model")), ("EMA weights ", (obj.get("ema") or {}).get("module"))):
+        if isinstance(state, dict):
+            check_finite(state, path, what)
     return obj
 
 
@@ -288,6 +333,7 @@ def use_ema_weights(ckpt: LoadedCheckpoint) -> bool:
     if not ema:
         return False
     try:
+        check_finite(ema["module"], ckpt.path, "EMA weights ")
         result = ckpt.model.load_state_dict(ema["module"], strict=False)
     except (RuntimeError, TypeError, KeyError, AttributeError) as e:
         first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), type(e).__name__)
@@ -355,7 +401,7 @@ def load_weights_for_architecture(model_cfg: ModelConfig, preset_name: str,
     architecture ``model_cfg`` describes (named ``preset_name``), whatever args they carry, with the
     file's class count and label book: e.g. an official DINO-4scale COCO model fine-tunes any
     dataset with ``--preset dino_r50_4scale``.  Every official key must be accounted for
-    (``load_official_state``); the caller checks that the weights fit its own model.
+    (``official_weights``); the caller checks that the weights fit its own model.
     """
     path = Path(path)
     obj = None if path.suffix.lower() == ".safetensors" else read_torch_file(path)
@@ -372,9 +418,13 @@ def load_weights_for_architecture(model_cfg: ModelConfig, preset_name: str,
                                    dn_labelbook_size=int(state[book].shape[0]) - 1)
     except KeyError as e:
         raise CheckpointError(f"{path}: official checkpoint without {e}; not a DINO model?") from None
-    source = build_model(DINOConfig(name=preset_name, model=mcfg))
-    load_official_state(source, state, path)
-    return ArchitectureWeights(source.state_dict(), mcfg.num_classes)
+    check_finite(state, path)
+    cfg = DINOConfig(name=preset_name, model=mcfg)
+    try:
+        check_config(cfg)  # the class count and label book come from the file's tensors
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return ArchitectureWeights(official_weights(_skeleton(cfg, path), state, path), mcfg.num_classes)
 
 
 def _load_official(obj: dict[str, Any], path: Path, preset: str | None) -> LoadedCheckpoint:
@@ -386,18 +436,26 @@ def _load_official(obj: dict[str, Any], path: Path, preset: str | None) -> Loade
             raise CheckpointError(f"{path}: official checkpoint without stored args; pass --preset")
         try:
             cfg = config_from_official_args(args)
-        except (ValueError, TypeError) as e:  # ConfigError, or a stored value int()/float() cannot take
+        except (ValueError, TypeError, OverflowError) as e:  # ConfigError, or a value int()/float() cannot take
             raise CheckpointError(f"{path}: {e}") from None
+    check_finite(obj["model"], path)
+    state = official_weights(_skeleton(cfg, path), obj["model"], path)  # shapes first, allocation after
     model = build_model(cfg)
-    load_official_state(model, obj["model"], path)
+    model.load_state_dict(state)
     return LoadedCheckpoint(model=model, config=cfg, source="official")
 
 
-def _load_dinodet(obj: dict[str, Any], path: Path) -> LoadedCheckpoint:
+def stored_config(obj: dict[str, Any], path: str | os.PathLike) -> DINOConfig:
+    """The config a dinodet checkpoint was made with (``obj``: the file's content, e.g. a run's
+    checkpoint.pt as ``read_train_state`` gives it), checked like any config read from data."""
     try:
-        cfg = DINOConfig.from_json(obj["config"])
+        return DINOConfig.from_json(obj["config"])
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: invalid stored config ({e})") from None
+
+
+def _load_dinodet(obj: dict[str, Any], path: Path) -> LoadedCheckpoint:
+    cfg = stored_config(obj, path)
     state = obj.get("model")
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: dinodet checkpoint without a 'model' state dict of tensors")
@@ -405,8 +463,10 @@ def _load_dinodet(obj: dict[str, Any], path: Path) -> LoadedCheckpoint:
         value = obj.get(key)
         if value is not None and not isinstance(value, list):
             raise CheckpointError(f"{path}: '{key}' must be a list, not {type(value).__name__}")
+    check_finite(state, path)
+    _check_fits(_skeleton(cfg, path).state_dict(), state, path, hint="its stored config does not describe its weights")
     model = build_model(cfg)
-    _load_exact(model, state, path)
+    model.load_state_dict(state)
     extra = {k: v for k, v in obj.items() if k not in ("format", "config", "model", "class_names", "category_ids")}
     return LoadedCheckpoint(model, cfg, obj.get("class_names"), obj.get("category_ids"), "dinodet", extra)
 
@@ -454,5 +514,22 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: DINOConfi
     else:
         obj = {"format": FORMAT_TAG, "config": config.to_json(), "model": state,
                "class_names": class_names, "category_ids": category_ids, **(extra or {})}
-        write_atomic(path, lambda tmp: torch.save(obj, tmp))
+        write_atomic(path, lambda tmp: _torch_save(obj, tmp))
     return path
+
+
+_LOW_SPACE = 1 << 20  # bytes free after a failed write that mean the disk is full
+
+
+def _torch_save(obj: Any, tmp: Path) -> None:
+    """torch.save, with a failed write as the OSError every other writer gives (the CLI's one line
+    "No space left on device: 'PATH'"): torch reports it as a RuntimeError of its zip writer
+    ("PytorchStreamWriter failed writing file data/0: file write failed"), without the errno."""
+    try:
+        torch.save(obj, tmp)
+    except RuntimeError as e:
+        if "PytorchStreamWriter" not in str(e) and "inline_container" not in str(e):
+            raise
+        if shutil.disk_usage(tmp.parent).free < _LOW_SPACE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from None
+        raise OSError(errno.EIO, f"writing the checkpoint failed ({first_line(e)})", str(tmp)) from None

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import __version__
 from .errors import ConfigError, DinodetError, first_line
-from .files import check_out_folder
+from .files import check_out_file, check_out_folder
 from .presets import list_presets
 
 EXIT_USAGE = 2  # argparse's status for bad usage; we use it for every user-facing error
@@ -113,7 +113,7 @@ class _LogLines(logging.Handler):
         level = record.levelno
         prefix = "dinodet: " + ("error: " if level >= logging.ERROR else "warning: " if level >= logging.WARNING else "")
         lines = record.getMessage().rstrip().splitlines() or [""]
-        tqdm.write("\n".join(prefix + line for line in lines), file=sys.stderr)
+        tqdm.write(_printable("\n".join(prefix + line for line in lines), sys.stderr), file=sys.stderr)
 
 
 def _is_main_process() -> bool:
@@ -130,7 +130,25 @@ def _peer_failure(e: RuntimeError) -> bool:
 
 def _error(message: str) -> None:
     # First line only: the contract is one line per error, whatever an exception carries.
-    print(f"dinodet: error: {first_line(message)}", file=sys.stderr)
+    _say(f"dinodet: error: {first_line(message)}", sys.stderr)
+
+
+def _printable(text: str, stream: Any) -> str:
+    """``text`` as ``stream`` can encode it: a file name's undecodable bytes (kept by Python as
+    surrogate escapes, e.g. b'\\xff.jpg') shown as ``\\xff``, any other character the stream's
+    encoding lacks escaped, so that a strict UTF-8 (or ASCII) stdout never fails on a name."""
+    try:  # the bytes the name had on disk, shown escaped where they are not UTF-8
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte: escaped below
+        pass
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
+
+
+def _say(text: str, stream: Any = None) -> None:
+    """``print`` for every line the CLI writes that can hold a file name (see ``_printable``)."""
+    stream = sys.stdout if stream is None else stream
+    print(_printable(text, stream), file=stream)
 
 
 def _pictures(run_dir: str) -> str:
@@ -183,6 +201,7 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
         "against the weights (default: taken from the checkpoint)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
+    _add_overwrite_arg(p)
     p.add_argument("--threshold", type=float, default=0.3, help="minimum score to keep (default 0.3)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
@@ -203,8 +222,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     options = DetectorOptions(checkpoint=args.checkpoint, model=args.model, random_weights=args.random_weights,
                               preset=args.preset, device=args.device, size=args.size, max_size=args.max_size,
                               mode=args.mode)
-    summary = predict_to_folder(options, args.images, args.out, threshold=args.threshold, batch_size=args.batch_size)
-    print(
+    summary = predict_to_folder(options, args.images, args.out, threshold=args.threshold, batch_size=args.batch_size,
+                                overwrite=args.overwrite)
+    _say(
         f"dinodet: {len(summary.records)} detection(s) in {summary.done} image(s) -> {summary.predictions}"
         + (f" ({summary.skipped} image(s) skipped, see the warnings above)" if summary.skipped else "")
     )
@@ -297,6 +317,12 @@ def _check_picture_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--picture-threshold must be in [0, 1], got {args.picture_threshold}")
 
 
+def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files in --out that dinodet did not write (without it, a run that would is "
+                   "refused before it starts; files dinodet wrote there are always replaced)")
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="DIR", help="dataset folder (COCO or YOLO layout)")
     p.add_argument("--format", choices=("coco", "yolo"), default="coco", help="dataset layout (default coco)")
@@ -376,6 +402,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", help="split to evaluate (default: val, or train with a warning when there is no val)")
     p.add_argument("--batch-size", type=int, default=1, help="images per loader batch (AP does not depend on it)")
     p.add_argument("--out", metavar="DIR", help="write metrics.json, predictions.json and pictures here")
+    _add_overwrite_arg(p)
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--mode", default="exact",
                    help="inference mode: exact (default, float32), reference, channels_last, bf16, fp16 (CUDA), "
@@ -395,21 +422,22 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     _check_picture_args(args)
     if args.out:
-        check_eval_out(args.out)
+        check_eval_out(args.out, overwrite=args.overwrite)
     ev = evaluate_checkpoint(args.checkpoint, args.data, format=args.format, split=args.split, preset=args.preset,
                              overrides=args.overrides, device=args.device, mode=args.mode,
                              batch_size=args.batch_size, progress=not args.no_progress)
     if not ev.is_main:
         return 0
-    print(f"dinodet: {ev.images_scored} images of '{ev.split}', {len(ev.result.records)} detections"
-          + (" (EMA weights)" if ev.ema_weights else ""))
+    _say(f"dinodet: {ev.images_scored} images of '{ev.split}', {len(ev.result.records)} detections"
+         + (" (EMA weights)" if ev.ema_weights else ""))
     _print_metrics(ev.metrics)
     if ev.result.per_class:
-        print("AP per class:\n" + format_per_class(ev.result.per_class))
+        _say("AP per class:\n" + format_per_class(ev.result.per_class))
     if args.out:
         metrics, predictions, *pictures = write_eval_outputs(ev, args.out, pictures=args.pictures,
-                                                             picture_threshold=args.picture_threshold)
-        print(f"dinodet: metrics -> {metrics}, detections -> {predictions}" + "".join(f", {p.name}" for p in pictures))
+                                                             picture_threshold=args.picture_threshold,
+                                                             overwrite=args.overwrite)
+        _say(f"dinodet: metrics -> {metrics}, detections -> {predictions}" + "".join(f", {p.name}" for p in pictures))
     return 0
 
 
@@ -429,6 +457,7 @@ def _add_check_data(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", action="append", help="split(s) to check (default: train and val when present)")
     p.add_argument("--decode", action="store_true", help="also decode every image (slower; finds truncated files)")
     p.add_argument("--out", metavar="DIR", help="write pictures of the labels here")
+    _add_overwrite_arg(p)
     p.add_argument("--pictures", type=int, default=16, metavar="N",
                    help="images per split drawn with their boxes (with --out; default 16)")
     p.set_defaults(func=_run_check_data)
@@ -438,25 +467,26 @@ def _run_check_data(args: argparse.Namespace) -> int:
     from .data.checks import check_dataset, format_report
     from .data.coco import check_data_root
     from .data.splits import DataSpec, split_exists
-    from .engine.pictures import write_data_pictures
+    from .engine.pictures import check_data_out, write_data_pictures
 
     if args.pictures < 0:
         raise ConfigError(f"--pictures must be >= 0, got {args.pictures}")
-    if args.out:
-        check_out_folder(Path(args.out))
     check_data_root(args.data)
     spec = DataSpec(args.data, args.format)
     splits = args.split or [s for s in ("train", "val") if s == "train" or split_exists(spec, s)]
+    if args.out:
+        check_data_out(args.out, splits, overwrite=args.overwrite)
     status = 0
     for split in splits:
         report = check_dataset(args.data, args.format, split, decode=args.decode)
-        print(f"[{split}]")
-        print(format_report(report))
+        _say(f"[{split}]")
+        _say(format_report(report))
         if report.usable_images <= 0:
             status = 1
         elif args.out:
-            pics = write_data_pictures(args.data, split, args.out, format=args.format, pictures=args.pictures)
-            print(f"pictures: {pics.count} images with their boxes -> {pics.folder}; boxes per class -> {pics.chart}")
+            pics = write_data_pictures(args.data, split, args.out, format=args.format, pictures=args.pictures,
+                                       overwrite=args.overwrite)
+            _say(f"pictures: {pics.count} images with their boxes -> {pics.folder}; boxes per class -> {pics.chart}")
     return status
 
 
@@ -591,18 +621,18 @@ def _run_export(args: argparse.Namespace) -> int:
     opset = check_opset(DEFAULT_OPSET if args.opset is None else args.opset)  # before the slow loading
     from .checkpoint import check_checkpoint_path
 
+    check_out_file(Path(args.out))
     check_checkpoint_path(Path(args.checkpoint))
-    print(f"dinodet: exporting {args.checkpoint} to ONNX (opset {opset}, "
-          f"{'dynamic' if args.dynamic else 'fixed'} shapes, msda {args.msda}{', float16' if args.fp16 else ''}); "
-          "this takes a few minutes",
-          file=sys.stderr)
+    _say(f"dinodet: exporting {args.checkpoint} to ONNX (opset {opset}, "
+         f"{'dynamic' if args.dynamic else 'fixed'} shapes, msda {args.msda}{', float16' if args.fp16 else ''}); "
+         "this takes a few minutes", sys.stderr)
     result = to_onnx(args.checkpoint, args.out, preset=args.preset, opset=opset, dynamic=args.dynamic,
                      fp16=args.fp16, with_postprocess=args.with_postprocess, msda=args.msda,
                      batch_size=args.batch_size, input_size=args.input_size, size=args.size, max_size=args.max_size)
     contract = json.loads(result.metadata["input_contract"])
     shapes = ", ".join(f"{k} {v['shape']}" for k, v in contract["inputs"].items())
-    print(f"dinodet: wrote {result.path} (preset {result.metadata['preset']}; inputs {shapes}; "
-          f"outputs {', '.join(result.outputs)}); checked with onnx.checker")
+    _say(f"dinodet: wrote {result.path} (preset {result.metadata['preset']}; inputs {shapes}; "
+         f"outputs {', '.join(result.outputs)}); checked with onnx.checker")
     return 0
 
 

@@ -212,24 +212,33 @@ def typed_value(hint: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key} must be {what}, got {value!r}")
 
 
+#: The largest image side (short side, long-side cap, training scales) a config or an option may ask
+#: for: 6x the official 1333, and a bound on what one image can make dinodet allocate.
+MAX_IMAGE_SIDE = 8192
+
 # Ranges of the numeric settings (inclusive; None: open).  Checked whenever a config is read from
 # data (overrides, checkpoints, official args), so a bad value is one line, not a traceback later.
+# The sizes have upper bounds with a wide margin over every official config and preset (256-d,
+# 2048 feed-forward, 900 queries, 6 + 6 layers, 8 heads, 4 points, 5 levels): a checkpoint or a
+# config file is untrusted input, and without them hidden_dim=524288 asks for terabytes.
 _RANGES: dict[str, tuple[float | None, float | None]] = {
-    **{f"model.{k}": (1, None) for k in ("num_classes", "hidden_dim", "num_heads", "num_feature_levels",
-                                         "dec_layers", "dim_feedforward", "enc_n_points", "dec_n_points",
-                                         "num_queries", "num_select", "dn_labelbook_size")},
-    "model.enc_layers": (0, None), "model.dn_number": (0, None), "model.dropout": (0, 1),
+    "model.num_classes": (1, 20000), "model.dn_labelbook_size": (1, 20000),  # V3Det has 13204 classes
+    "model.hidden_dim": (1, 4096), "model.dim_feedforward": (1, 65536), "model.num_heads": (1, 64),
+    "model.num_feature_levels": (1, 8), "model.enc_layers": (0, 64), "model.dec_layers": (1, 64),
+    "model.enc_n_points": (1, 64), "model.dec_n_points": (1, 64), "model.num_queries": (1, 10000),
+    "model.num_select": (1, 100000), "model.dn_number": (0, 10000), "model.dropout": (0, 1),
     "model.dn_box_noise_scale": (0, None), "model.dn_label_noise_ratio": (0, 1),
     "model.pe_temperature_h": (0, None), "model.pe_temperature_w": (0, None), "model.proposal_base_size": (0, None),
-    "model.backbone.window_size": (1, None), "model.backbone.drop_path_rate": (0, 1),
+    "model.backbone.window_size": (1, 64), "model.backbone.drop_path_rate": (0, 1),
     "model.backbone.return_layers": (0, 3),  # stages of stride 4, 8, 16, 32
     **{f"loss.{k}": (0, None) for k in ("cost_class", "cost_bbox", "cost_giou", "cls_loss_coef", "bbox_loss_coef",
                                         "giou_loss_coef", "interm_loss_coef", "focal_gamma")},
     "loss.focal_alpha": (0, 1),
-    "data.max_size": (1, None), "data.eval_size": (1, None), "data.num_workers": (0, None),
-    "data.train_scales": (1, None), "data.crop_resize_scales": (1, None), "data.crop_size": (1, None),
-    **{f"train.{k}": (1, None) for k in ("epochs", "batch_size", "accumulate", "lr_drop", "eval_every",
-                                         "eval_batch_size", "log_every")},
+    **{f"data.{k}": (1, MAX_IMAGE_SIDE) for k in ("max_size", "eval_size", "train_scales", "crop_resize_scales",
+                                                  "crop_size")},
+    "data.num_workers": (0, 256),
+    **{f"train.{k}": (1, None) for k in ("epochs", "lr_drop", "eval_every", "log_every")},
+    **{f"train.{k}": (1, 1024) for k in ("batch_size", "accumulate", "eval_batch_size")},
     **{f"train.{k}": (0, None) for k in ("lr", "lr_backbone", "weight_decay", "clip_max_norm", "seed")},
     "train.ema_decay": (0, 1),
 }

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import first_line
 from .coco import build_index
-from .images import EXIF_ORIENTATION, upright
+from .images import EXIF_ORIENTATION, logged_warnings, upright
 from .labels import LabelMap
 from .report import DataReport
 
@@ -73,7 +73,9 @@ def check_dataset(root: str | Path, format: str = "coco", split: str = "train", 
     report = index.report
     sizes = index.sizes if max_images is None else index.sizes[:max_images]
     files = index.files[: len(sizes)]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    # PIL's warnings (a large image, odd metadata) logged, not printed raw; from threads they cannot be
+    # told apart per file, so they name the dataset
+    with logged_warnings(report.source or root), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(lambda p: check_image(p, decode), files)
         for res, (h, w) in zip(results, sizes.tolist()):
             if res.error is not None:
@@ -110,6 +112,9 @@ def format_report(report: DataReport, max_messages: int = 50, label_map: LabelMa
             lines.append(f"  ... and {hidden} more")
     if report.usable_images <= 0:
         lines.append("result: NO USABLE IMAGES")
+    elif report.no_boxes:
+        lines.append("result: NO BOXES: every image is a negative, there is nothing to learn to detect"
+                     + (f"; {report.num_problems} problem(s) as listed" if report.num_problems else ""))
     elif report.ok:
         lines.append("result: OK")
     else:

@@ -49,7 +49,7 @@ from ..config import DataConfig
 from ..errors import first_line
 from ..targets import Target
 from .augment import DetectionTransform, eval_transforms, train_transforms
-from .images import EXIF_ORIENTATION, ImageLoadError, load_image, upright_size
+from .images import EXIF_ORIENTATION, ImageLoadError, describe_unreadable, load_image, upright_size
 from .labels import LabelMap
 from .report import DataReport, DatasetError, SplitNotFoundError
 from .yolo import SOURCE_KEY, read_names, resolve_yolo_paths, yolo_to_coco
@@ -276,8 +276,9 @@ def _index_images(entries: list[Any], img_dir: Path, check_files: bool, report: 
             report.add("invalid_annotations", f"{src}: image id {iid} listed twice; keeping the first")
             continue
         path = img_dir / fname
-        if check_files and not path.is_file():
-            what = "is a folder, not an image" if path.is_dir() else "not found"
+        problem = describe_unreadable(path) if check_files else None
+        if problem is not None:
+            what = {"no such file": "not found", "a directory": "is a folder, not an image"}.get(problem, problem)
             report.add("missing_files", f"{path}: listed in {src} but {what}; skipped")
             dropped.add(iid)
             continue
@@ -588,6 +589,10 @@ def build_dataset(root: str | Path, split: str = "train", format: str = "coco", 
         problems = dataset.report.num_problems
         raise DatasetError(f"no usable image in '{dataset.report.source}'"
                            + (f" ({problems} problems: see above, or `dinodet check-data`)" if problems else ""))
+    if train and dataset.report.no_boxes:  # trains "fine" and detects nothing: say so before hours of it
+        logger.warning("the training split has no boxes: '%s' has %d images, all negatives; the model will "
+                       "learn to detect nothing (labels missing or misplaced? `dinodet check-data`)",
+                       dataset.report.source, len(dataset))
     return dataset
 
 

@@ -29,6 +29,8 @@ _COUNTERS: tuple[tuple[str, str, bool], ...] = (
     ("boxes_outside", "boxes entirely outside the image (dropped)", True),
     ("unknown_category", "boxes with an unknown category id (skipped)", True),
     ("invalid_annotations", "malformed annotations/label lines (skipped)", True),
+    ("ambiguous_label_lines", "label lines read as a triangle or a pose label (check them: a box with extra values?)",
+     True),
     ("orphan_annotations", "annotations or label files without an image (skipped)", True),
 )
 
@@ -55,6 +57,7 @@ class DataReport:
     boxes_outside: int = 0
     unknown_category: int = 0
     invalid_annotations: int = 0
+    ambiguous_label_lines: int = 0
     orphan_annotations: int = 0
     messages: list[str] = field(default_factory=list)
     messages_suppressed: int = 0
@@ -90,6 +93,12 @@ class DataReport:
     @property
     def ok(self) -> bool:
         return self.num_problems == 0
+
+    @property
+    def no_boxes(self) -> bool:
+        """Usable images but not one box: every image a negative, nothing to learn or score (labels
+        in the wrong place or format, typically), though each file on its own looks fine."""
+        return self.usable_images > 0 and self.boxes == 0
 
     def counts(self) -> dict[str, int]:
         return {name: getattr(self, name) for name, _, _ in _COUNTERS}

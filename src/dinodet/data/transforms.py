@@ -8,6 +8,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ..config import MAX_IMAGE_SIDE
 from ..errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -15,8 +16,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def check_resize(size: int | None, max_size: int | None, names: tuple[str, str] = ("size", "max_size")) -> None:
-    """The one rule for an explicitly given resize: each side >= 1 and ``size <= max_size`` when both
-    are given (a larger short side would be capped by the long side anyway: almost surely a mix-up).
+    """The one rule for an explicitly given resize: each side in 1..``MAX_IMAGE_SIDE`` (a bound on
+    what one image may allocate: --size 100000 would ask for tens of GB) and ``size <= max_size``
+    when both are given (a larger short side would be capped by the long side anyway: almost surely
+    a mix-up).
     A checkpoint's own ``data.eval_size`` may exceed its ``max_size`` (the cap then wins, as in the
     official resize), so callers check only what a user gave.  ``names`` are the option names the
     message uses (e.g. ``("--size", "--max-size")``).
@@ -27,6 +30,8 @@ def check_resize(size: int | None, max_size: int | None, names: tuple[str, str] 
     for name, value in zip(names, (size, max_size)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+        if value is not None and value > MAX_IMAGE_SIDE:
+            raise ConfigError(f"{name} must be <= {MAX_IMAGE_SIDE}, got {value}")
     if size is not None and max_size is not None and size > max_size:
         a, b = names
         raise ConfigError(f"need {a} <= {b}, got {a} {size} and {b} {max_size}")

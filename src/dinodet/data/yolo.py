@@ -7,7 +7,9 @@ Layout (Ultralytics conventions)::
     ROOT/names.txt | classes.txt | obj.names | *.yaml with ``names:`` (list or {index: name})
 
 A label file has one object per line, ``class cx cy w h`` normalised to 0..1 (a polygon
-``class x1 y1 x2 y2 ...`` from segmentation exports is reduced to its bounding box).  An image
+``class x1 y1 x2 y2 ...`` from segmentation exports is reduced to its bounding box, a pose label
+``class cx cy w h`` + ``x y visibility`` per keypoint to its box; a 3-point polygon and a pose
+label may be something else, so they are reported as ``ambiguous_label_lines``).  An image
 without a label file is a negative.  The labels directory of an image directory is found like
 Ultralytics does: the last ``images`` path component replaced by ``labels`` (or the image
 directory itself when there is none).
@@ -289,20 +291,38 @@ def _read_label_file(path: Path, report: DataReport) -> list[tuple[tuple[float, 
             bad[f"line {n}: bad class or non-finite value"] += 1
             continue
         coords = values[1:]
+        doubt = None  # why the line may be something else than what it is read as
         if len(coords) == 4:
             box = (coords[0], coords[1], coords[2], coords[3])
+        elif _is_pose(coords):  # class cx cy w h, then x y visibility per keypoint: the box is given
+            box = (coords[0], coords[1], coords[2], coords[3])
+            doubt = (f"{len(fields)} values read as a pose label ('class cx cy w h' + {(len(coords) - 4) // 3} "
+                     "keypoints 'x y visibility'): its box is used, the keypoints ignored")
         elif len(coords) >= 6 and len(coords) % 2 == 0:  # polygon: x1 y1 x2 y2 ...
             xs, ys = coords[0::2], coords[1::2]
             box = ((min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys))
+            if len(coords) == 6:  # as Ultralytics reads it, but more likely a box with two extra columns
+                doubt = ("7 values read as a 3-point polygon (a triangle's bounding box); if it is "
+                         "'class cx cy w h' with 2 extra values, remove them")
+        elif len(coords) > 4:
+            bad[f"line {n}: {len(fields)} values: neither 'class cx cy w h' nor a polygon 'class x1 y1 x2 y2 ...' "
+                "(an odd number of coordinates)"] += 1
+            continue
         else:
             bad[f"line {n}: expected 'class cx cy w h', got {len(fields)} fields"] += 1
             continue
         if max(coords) > NOT_NORMALISED:
             bad[f"line {n}: values above 1 (pixels?): YOLO boxes are fractions of the image size"] += 1
             continue
+        if doubt is not None:
+            report.add("ambiguous_label_lines", f"{path}: line {n}: {doubt}")
         out.append((box, int(cls), n))
     for msg in bad:
         report.add("invalid_annotations", f"{path}: {msg}; skipped")
     return out
 
 
+def _is_pose(coords: list[float]) -> bool:
+    """Whether label values after the class are an Ultralytics pose label: a box and then ``x y v``
+    per keypoint with visibility ``v`` in {0, 1, 2} (a polygon's every third value is rarely so)."""
+    return len(coords) >= 7 and (len(coords) - 4) % 3 == 0 and all(v in (0, 1, 2) for v in coords[6::3])

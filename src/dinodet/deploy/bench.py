@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..config import DINOConfig
+from ..config import MAX_IMAGE_SIDE, DINOConfig
 from ..errors import ConfigError
 from ..files import write_json_atomic
 from ..inference.modes import MODES, ModeRunner, autocast, compute_dtype, supported_modes
@@ -63,6 +63,8 @@ def parse_size(text: str) -> tuple[int, int]:
         raise ValueError(f"size must look like 800x1199 (height x width), got '{text}'") from None
     if h < 32 or w < 32:
         raise ValueError(f"size must be at least 32x32, got '{text}'")
+    if max(h, w) > MAX_IMAGE_SIDE:  # a typo must not allocate hundreds of GB
+        raise ValueError(f"size must be at most {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}, got '{text}'")
     return h, w
 
 

@@ -61,10 +61,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from ..config import ConfigError, DINOConfig
+from ..config import MAX_IMAGE_SIDE, ConfigError, DINOConfig
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_resize
 from ..errors import ExportError, first_line
-from ..files import write_atomic
+from ..files import check_out_file, write_atomic
 from ..inference.onnx_runtime import METADATA_FORMAT
 from ..models.postprocess import postprocess
 
@@ -169,7 +169,8 @@ def to_onnx(
 
     Raises:
         ExportError: bad options, missing ONNX packages, or a model that does not export.
-        CheckpointError / ConfigError: the checkpoint cannot be loaded.
+        CheckpointError / ConfigError: the checkpoint cannot be loaded; ConfigError: ``out`` cannot be
+            written (checked first).
     """
     check_opset(opset)
     backend = export_backend(msda)
@@ -179,12 +180,15 @@ def to_onnx(
     batch_size = 1 if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise ExportError(f"batch size must be >= 1, got {batch_size}")
-    if input_size is not None and (len(input_size) != 2 or min(input_size) < DYNAMIC_MIN_SIDE):
-        raise ExportError(f"input size must be two sides (H W) >= {DYNAMIC_MIN_SIDE}, got {list(input_size)}")
+    if input_size is not None and (len(input_size) != 2 or min(input_size) < DYNAMIC_MIN_SIDE
+                                   or max(input_size) > MAX_IMAGE_SIDE):
+        raise ExportError(f"input size must be two sides (H W) in {DYNAMIC_MIN_SIDE}..{MAX_IMAGE_SIDE}, "
+                          f"got {list(input_size)}")
     _require_onnx()
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise ExportError(f"the output file must end in .onnx, got '{out}'")
+    check_out_file(out)  # a folder in the way, or no permission: said now, not after minutes of exporting
 
     model, config, class_names, category_ids, resize = _load_model(checkpoint, preset)
     size, max_size = resize[0] if size is None else size, resize[1] if max_size is None else max_size

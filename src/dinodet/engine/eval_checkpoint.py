@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DatasetError
-from ..files import check_out_folder, write_json_atomic
+from ..files import check_not_foreign, check_out_folder, record_outputs, write_json_atomic
 from .evaluate import EvalResult
 
 log = logging.getLogger(__name__)
 
 METRICS_JSON = "metrics.json"
 PREDICTIONS_JSON = "predictions.json"
+COMMAND = "eval"  # what the folders' manifests say wrote the files
 
 
 @dataclass
@@ -49,19 +50,22 @@ class CheckpointEvaluation:
         return len(self.dataset) - len(self.result.unreadable_ids)
 
 
-def check_eval_out(out_dir: str | Path) -> None:
-    """Before the evaluation: ``out_dir`` must be writable and not a training run's folder (whose
-    metrics.json and plots are the run's results).
+def check_eval_out(out_dir: str | Path, *, overwrite: bool = False) -> None:
+    """Before the evaluation: ``out_dir`` must be writable, not a training run's folder (whose
+    metrics.json and plots are the run's results) and (without ``overwrite``) hold no file of the
+    names ``write_eval_outputs`` writes that dinodet did not write.
 
     Raises:
         ConfigError: it is not.
     """
+    from .pictures import PER_CLASS_AP, PR_CURVE
     from .run_dir import CHECKPOINT
 
     check_out_folder(Path(out_dir))
     if (Path(out_dir) / CHECKPOINT).is_file():
         raise ConfigError(f"--out '{out_dir}' holds a training run; its results would be replaced "
                           "(choose another --out)")
+    check_not_foreign(Path(out_dir), (METRICS_JSON, PREDICTIONS_JSON, PR_CURVE, PER_CLASS_AP), overwrite=overwrite)
 
 
 def evaluate_checkpoint(
@@ -149,18 +153,26 @@ def _report_unreadable(unreadable: list[int], dataset: Any, split: str, data: st
 
 
 def write_eval_outputs(evaluation: CheckpointEvaluation, out_dir: str | Path, *, pictures: int = 8,
-                       picture_threshold: float = 0.3) -> list[Path]:
+                       picture_threshold: float = 0.3, overwrite: bool = False) -> list[Path]:
     """Write ``out_dir/metrics.json`` (with AP per class), ``predictions.json`` (COCO records), the
     PR curves, AP per class and ``pictures`` images of the split with their detections drawn
     (``SPLIT_predictions/``); returns the paths, metrics.json and predictions.json first.  Call it
-    on rank 0 (``evaluation.is_main``): the others hold no records."""
+    on rank 0 (``evaluation.is_main``): the others hold no records.  Files dinodet did not write are
+    replaced only with ``overwrite`` (``check_eval_out``, best called before the evaluation).
+
+    Raises:
+        ConfigError: see ``check_eval_out``.
+    """
     from .pictures import write_eval_pictures
 
     out = Path(out_dir)
+    check_eval_out(out, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     result = evaluation.result
     write_json_atomic(out / METRICS_JSON, {**evaluation.metrics, "per_class": result.per_class})
     write_json_atomic(out / PREDICTIONS_JSON, result.records)
+    record_outputs(out, (METRICS_JSON, PREDICTIONS_JSON), COMMAND)
     written = write_eval_pictures(result, evaluation.dataset, out, pictures=pictures, threshold=picture_threshold,
-                                  folder=f"{evaluation.split}_predictions")
+                                  folder=f"{evaluation.split}_predictions", command=COMMAND, overwrite=overwrite)
+    record_outputs(out, [p.name for p in written if p.is_file()], COMMAND)
     return [out / METRICS_JSON, out / PREDICTIONS_JSON, *written]

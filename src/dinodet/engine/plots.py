@@ -2,16 +2,32 @@
 per-class AP of an evaluation, and speed charts (``dinodet bench``).
 
 Uses matplotlib's object API with the Agg canvas directly, so no GUI backend and no pyplot global
-state is involved (safe in headless jobs and in threads).
+state is involved (safe in headless jobs and in threads).  matplotlib's warnings (e.g. a class name's
+glyph missing from the font) are logged as dinodet warnings naming the picture.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from ..data.images import logged_warnings
 
 LOSS_KEYS = ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou")
 AP_KEYS = ("eval_AP", "eval_AP50", "eval_AP75")
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+def _warnings_logged(plot: Callable[Concatenate[_T, Path, _P], Path]) -> Callable[Concatenate[_T, Path, _P], Path]:
+    """Run ``plot(data, path, ...)`` with matplotlib's warnings re-logged naming ``path``."""
+    @functools.wraps(plot)
+    def run(data: _T, path: Path, /, *args: _P.args, **kwargs: _P.kwargs) -> Path:
+        with logged_warnings(path):
+            return plot(data, path, *args, **kwargs)
+    return run
 
 
 def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -24,6 +40,7 @@ def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], l
     return xs, ys
 
 
+@_warnings_logged
 def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> Path:
     """Write ``path`` (PNG): training losses (left, log scale) and COCO AP (right) per epoch.
 
@@ -57,6 +74,7 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+@_warnings_logged
 def plot_precision_recall(pr_curves: dict[str, Sequence[float]], path: Path, title: str = "") -> Path:
     """Write ``path`` (PNG): precision against recall, one line per IoU threshold (``EvalResult.pr_curves``:
     "recall" plus per-threshold precision averaged over the classes), the legend giving each line's
@@ -82,6 +100,7 @@ def plot_precision_recall(pr_curves: dict[str, Sequence[float]], path: Path, tit
     return _save(fig, path)
 
 
+@_warnings_logged
 def plot_per_class_ap(per_class: dict[str, dict[str, float]], path: Path, title: str = "") -> Path:
     """Write ``path`` (PNG): AP and AP50 of each class as horizontal bars, worst class at the bottom
     (``EvalResult.per_class``; classes without GT, AP -1, are left out)."""
@@ -102,6 +121,7 @@ def plot_per_class_ap(per_class: dict[str, dict[str, float]], path: Path, title:
     return _save(fig, path)
 
 
+@_warnings_logged
 def plot_class_counts(counts: dict[str, int], path: Path, title: str = "") -> Path:
     """Write ``path`` (PNG): training boxes per class as horizontal bars, in class order (a class
     with none stands out as an empty row)."""
@@ -120,6 +140,7 @@ def plot_class_counts(counts: dict[str, int], path: Path, title: str = "") -> Pa
     return _save(fig, path)
 
 
+@_warnings_logged
 def plot_speed(records: Sequence[dict[str, Any]], path: Path, title: str = "",
                marks: dict[str, dict[str, float]] | None = None) -> Path:
     """Write ``path`` (PNG): one horizontal bar chart per task of ``dinodet bench`` records (ms per

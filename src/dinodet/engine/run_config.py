@@ -48,14 +48,11 @@ def train_run_config(
     checkpoint = Path(run_dir) / CHECKPOINT
     label_map = None
     if resume and checkpoint.is_file():
-        from ..checkpoint import CheckpointError, read_train_state
+        from ..checkpoint import read_train_state, stored_config
         from ..data.labels import LabelMap
 
         state = read_train_state(checkpoint)
-        try:
-            cfg = DINOConfig.from_json(state["config"])
-        except (KeyError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{checkpoint}: invalid stored config ({e})") from None
+        cfg = stored_config(state, checkpoint)
         if preset and preset != cfg.name:
             raise ConfigError(f"{checkpoint} was trained with preset '{cfg.name}', not '{preset}'")
         label_map = LabelMap(state["class_names"], state["category_ids"])

@@ -77,14 +77,43 @@ class OnnxDetector:
             self.with_postprocess = json.loads(meta["with_postprocess"])
             self.size = int(meta["size"]) if size is None else size
             self.max_size = int(meta["max_size"]) if max_size is None else max_size
+            self._check_metadata(meta)
         except KeyError as e:
             raise CheckpointError(f"{path}: dinodet metadata without {e}") from None
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:  # ConfigError too: a size out of range
             raise CheckpointError(f"{path}: invalid dinodet metadata ({first_line(str(e))})") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         shape = self.session.get_inputs()[0].shape  # [B, 3, H, W]; ints where fixed
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.fixed_hw = (shape[2], shape[3]) if isinstance(shape[2], int) and isinstance(shape[3], int) else None
+
+    def _check_metadata(self, meta: dict[str, str]) -> None:
+        """ValueError unless the label map, top-k size and resize fit together and fit the graph's
+        outputs: a label map shorter than the class count would fail on the first detection of a
+        missing class, deep in a run, instead of here."""
+        outputs = self.session.get_outputs()
+        expected = "scores, labels, boxes" if self.with_postprocess else "logits, boxes"
+        if not isinstance(self.with_postprocess, bool):
+            raise ValueError(f"with_postprocess must be true or false, got {meta['with_postprocess']}")
+        if len(outputs) != len(expected.split(", ")):
+            raise ValueError(f"with_postprocess={meta['with_postprocess']} needs the outputs {expected}, but the "
+                             f"model has {', '.join(o.name for o in outputs)}")
+        if not isinstance(self.class_names, list) or not all(isinstance(n, str) for n in self.class_names):
+            raise ValueError("class_names must be a list of names")
+        if self._category_ids.ndim != 1:
+            raise ValueError("category_ids must be a list of integers")
+        counts = {"class_names": len(self.class_names), "category_ids": len(self._category_ids)}
+        if "num_classes" in meta:
+            counts["num_classes"] = int(meta["num_classes"])
+        logits_shape = [] if self.with_postprocess else outputs[0].shape or []
+        if logits_shape and isinstance(logits_shape[-1], int):
+            counts["classes of the logits output"] = logits_shape[-1]
+        if len(set(counts.values())) != 1 or counts["class_names"] < 1:
+            raise ValueError(", ".join(f"{n} {k}" for k, n in counts.items()) + " do not fit together")
+        if self.num_select < 1:
+            raise ValueError(f"num_select must be >= 1, got {self.num_select}")
+        check_resize(int(meta["size"]), None)  # each side in range; the exported eval_size may exceed max_size
+        check_resize(None, int(meta["max_size"]))
 
     def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float = 0.3,
                 batch_size: int = 1) -> list[Prediction]:

@@ -5,7 +5,9 @@ records in ``OUT/predictions.json``.  Made for unattended runs over many files: 
 output folder are checked before the (slow) model loading, a batch that fails (e.g. out of memory
 on one huge image) is retried image by image, and in a set of images an unreadable or failing one
 is reported (a logged warning) and skipped instead of ending the run.  A lone image that fails is
-the run's error.
+the run's error.  A picture that cannot be written (JPEG stops at 65,500 pixels a side, a full
+disk) is a warning: the image's detections still go to predictions.json.  No file the user put in
+the folder is replaced (``files.check_not_foreign``) unless ``overwrite``.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..data.images import ImageLoadError, iter_image_paths, load_image
 from ..errors import ConfigError, first_line
-from ..files import check_out_folder, save_image_atomic, write_json_atomic
+from ..files import check_not_foreign, check_out_folder, record_outputs, save_image_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREDICTIONS_JSON = "predictions.json"
+COMMAND = "predict"  # what the folder's manifest says wrote the files
+JPEG_MAX_SIDE = 65_500  # libjpeg's limit: a larger image gets no picture, its detections are kept
 PROGRESS_MIN_IMAGES = 5  # below this a progress bar is more noise than help
 
 
@@ -164,14 +168,17 @@ def predict_to_folder(
     threshold: float = 0.3,
     batch_size: int = 1,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PredictSummary:
     """Detect objects in ``inputs`` (image files and/or folders) and write ``out_dir/<stem>.jpg``
     (detections drawn) and ``out_dir/predictions.json`` (COCO records, bbox xywh in original pixels,
-    rounded).  ``out_dir`` is created if needed, and removed again if nothing came of the run.
+    rounded).  ``out_dir`` is created if needed, and removed again if nothing came of the run.  Files
+    of those names that dinodet did not write are replaced only with ``overwrite``.
 
     Raises:
         ImageLoadError: no input image, a lone input that cannot be read, or none that could be processed.
-        ConfigError: ``out_dir`` is not writable or would overwrite an input.
+        ConfigError: ``out_dir`` is not writable, would overwrite an input or (without ``overwrite``)
+            holds a file of an output's name that dinodet did not write.
     """
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
@@ -181,29 +188,35 @@ def predict_to_folder(
     out_dir = Path(out_dir)
     outputs = output_names(paths, out_dir)
     check_out_folder(out_dir)
+    check_not_foreign(out_dir, [*(o.picture for o in outputs.values()), PREDICTIONS_JSON], overwrite=overwrite)
     if isinstance(detector, DetectorOptions):
         detector = detector.build()
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []  # the pictures written, recorded even when the run stops halfway
+    done = 0
     # A lone unreadable image is an error; in a set of images it is reported and skipped.
     try:
         records, done = _predict_files(detector, outputs, out_dir, threshold, batch_size, len(paths) > 1,
-                                       progress and len(paths) >= PROGRESS_MIN_IMAGES)
+                                       progress and len(paths) >= PROGRESS_MIN_IMAGES, written)
     finally:
-        if created and not any(out_dir.iterdir()):  # nothing came of it: leave no empty folder behind
+        record_outputs(out_dir, written, COMMAND)
+        if created and done == 0 and not any(out_dir.iterdir()):  # nothing came of it: leave no empty folder
             out_dir.rmdir()
     if done == 0:
         raise ImageLoadError(f"none of the {len(paths)} images could be processed (see the warnings above); "
                              "nothing written")
     json_path = out_dir / PREDICTIONS_JSON
     write_json_atomic(json_path, records)
+    record_outputs(out_dir, [PREDICTIONS_JSON], COMMAND)
     return PredictSummary(images=len(paths), done=done, predictions=json_path, records=records)
 
 
 def _predict_files(detector: AnyDetector, outputs: dict[Path, Output], out_dir: Path, threshold: float,
-                   batch_size: int, skip_failures: bool, progress: bool) -> tuple[list[dict[str, Any]], int]:
-    """Run the detector over the inputs of ``outputs`` (in order); write annotated images.  Returns
-    (records, images done)."""
+                   batch_size: int, skip_failures: bool, progress: bool,
+                   written: list[str]) -> tuple[list[dict[str, Any]], int]:
+    """Run the detector over the inputs of ``outputs`` (in order); write annotated images (their
+    names appended to ``written``).  Returns (records, images done)."""
     from tqdm import tqdm
 
     from ..visualize import draw_detections
@@ -218,13 +231,15 @@ def _predict_files(detector: AnyDetector, outputs: dict[Path, Output], out_dir: 
             for (path, image), pred in predict_chunk(detector, chunk, threshold, skip_failures):
                 picture = out_dir / outputs[path].picture
                 try:
+                    if max(image.size) > JPEG_MAX_SIDE:  # said here: libjpeg would print its own line on stderr
+                        raise OSError(f"a JPEG holds at most {JPEG_MAX_SIDE} pixels a side, the image is "
+                                      f"{image.width}x{image.height}")
                     save_image_atomic(draw_detections(image, pred.boxes, pred.class_names, pred.scores), picture,
                                       quality=90)
-                except OSError as e:
-                    if not skip_failures:
-                        raise
-                    log.warning("cannot write '%s': %s; skipped", picture, e.strerror or e)
-                    continue
+                    written.append(picture.name)
+                except OSError as e:  # the detections are the result; the picture only shows them
+                    log.warning("cannot write '%s': %s; its detections are in %s", picture, e.strerror or e,
+                                PREDICTIONS_JSON)
                 records.extend(coco_records(pred.scores, pred.category_ids, pred.boxes,
                                             file_name=outputs[path].file_name, rounded=True))
                 done += 1
