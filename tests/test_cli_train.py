@@ -174,7 +174,8 @@ def test_user_errors_are_one_line(capsys, tmp_path: Path, monkeypatch, argv, fra
     (["train", "--data", "data.yaml", "--preset", "tiny", "--out", "R"],
      "'data.yaml' is a file; --data takes the dataset folder (for this YOLO data file: --data . --format yolo)"),
     (["check-data", "--data", "ann/instances_train2017.json"], "for COCO data: --data ann"),
-    (["check-data", "--data", "yolo"], "(the folder looks like a YOLO dataset: add --format yolo)"),
+    (["check-data", "--data", "yolo", "--format", "coco"], "(the folder looks like a YOLO dataset: add --format yolo)"),
+    (["check-data", "--data", "yolo"], "no class names found in 'yolo'"),  # --format auto: read as YOLO
     (["eval", "--data", "D", "--checkpoint", "empty"], "empty: a folder, not a checkpoint file"),
     (["eval", "--data", "D", "--checkpoint", "photo.jpg"], "photo.jpg: not a PyTorch checkpoint (a JPEG image)"),
     (["eval", "--data", "D", "--checkpoint", "model.onnx"], "an ONNX model; `dinodet predict --model` runs it"),

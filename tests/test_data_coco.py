@@ -151,7 +151,7 @@ def test_unusable_dataset_raises_clear_error(tmp_path: Path):
     with pytest.raises(DatasetError, match="cannot parse annotation file"):
         build_dataset(str(tmp_path), "train")
     with pytest.raises(DatasetError, match="unknown dataset format"):
-        build_dataset(str(tmp_path), "train", format="voc")
+        build_dataset(str(tmp_path), "train", format="labelme")  # voc is a layout now
     with pytest.raises(DatasetError, match="dataset root not found"):
         build_dataset(str(tmp_path / "nope"), "train")
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import __version__
 from .errors import ConfigError, DinodetError, first_line
-from .files import check_out_file, check_out_folder
+from .files import check_out_folder
 from .presets import list_presets
 
 EXIT_USAGE = 2  # argparse's status for bad usage; we use it for every user-facing error
@@ -177,10 +177,13 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
             '{"file_name", "category_id", "bbox": [x, y, w, h], "score"} records in pixels of the '
             "original image.  Images sharing a stem (cam1/0001.jpg, cam2/0001.jpg) are written as "
             "FOLDER_STEM.jpg and named by their path.  Images that cannot be read are reported and "
-            "skipped; the exit status is 0 when at least one image was processed."
+            "skipped; the exit status is 0 when at least one image was processed.  A video (mp4, mkv, avi, "
+            "mov, webm), webcam index (0) or stream URL (rtsp://, http(s)://) gives OUT/NAME.mp4 (detections "
+            "drawn) and OUT/NAME.jsonl (one line per processed frame); needs pip install 'dinodet[video]'."
         ),
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files and/or folders of images, video files, a webcam index or stream URLs")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="PATH", help="dinodet or official DINO checkpoint (.pth/.pt)")
     src.add_argument(
@@ -189,11 +192,12 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
         help="use a randomly initialised --preset model instead of a checkpoint: for smoke-testing "
         "the pipeline only, the boxes are MEANINGLESS",
     )
-    src.add_argument("--model", metavar="MODEL.onnx",
-                     help="an ONNX file from `dinodet export` (implies --backend onnxruntime)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"),
-                   help="run the PyTorch model (--checkpoint/--random-weights) or an exported ONNX model "
-                   "(--model) with onnxruntime; same predictions.json (default: onnxruntime with --model, else torch)")
+    src.add_argument("--model", metavar="MODEL.onnx|MODEL.xml",
+                     help="a model from `dinodet export`: ONNX (onnxruntime or openvino) or an OpenVINO IR .xml")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"),
+                   help="run the PyTorch model (--checkpoint/--random-weights) or an exported model (--model) with "
+                   "onnxruntime or OpenVINO (CPU); same predictions.json (default: openvino for a .xml, onnxruntime "
+                   "for a .onnx, else torch)")
     p.add_argument(
         "--preset",
         metavar="NAME",
@@ -212,47 +216,42 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
                    help="inference mode: exact (default, float32), reference (official grid_sample numerics), "
                    "channels_last, bf16, fp16 (CUDA), compile, compile_bf16 (CUDA); the fast ones trade a little "
                    "precision for speed (`dinodet bench` times them)")
+    p.add_argument("--no-save-images", action="store_true",
+                   help="write no annotated images or videos, only the detections (predictions.json, NAME.jsonl)")
+    p.add_argument("--vid-stride", type=int, default=1, metavar="N", help="videos: every Nth frame (default 1)")
+    p.add_argument("--max-frames", type=int, metavar="N", help="videos: stop after N processed frames per source")
     p.set_defaults(func=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     from .inference.predict import DetectorOptions, predict_to_folder
 
-    _check_predict_args(args)
     options = DetectorOptions(checkpoint=args.checkpoint, model=args.model, random_weights=args.random_weights,
                               preset=args.preset, device=args.device, size=args.size, max_size=args.max_size,
-                              mode=args.mode)
+                              mode=args.mode, backend=args.backend)
+    options.check()  # which model and backend, before the inputs are looked at
+    _check_predict_args(args)
     summary = predict_to_folder(options, args.images, args.out, threshold=args.threshold, batch_size=args.batch_size,
-                                overwrite=args.overwrite)
-    _say(
-        f"dinodet: {len(summary.records)} detection(s) in {summary.done} image(s) -> {summary.predictions}"
-        + (f" ({summary.skipped} image(s) skipped, see the warnings above)" if summary.skipped else "")
-    )
+                                overwrite=args.overwrite, save_images=not args.no_save_images,
+                                vid_stride=args.vid_stride, max_frames=args.max_frames)
+    if summary.images:
+        _say(
+            f"dinodet: {len(summary.records)} detection(s) in {summary.done} image(s) -> {summary.predictions}"
+            + (f" ({summary.skipped} image(s) skipped, see the warnings above)" if summary.skipped else "")
+        )
+    for video in summary.videos:
+        _say(f"dinodet: {video.detections} detection(s) in {video.frames} frame(s) of '{video.source}' -> "
+             f"{video.jsonl}" + (f", {video.video}" if video.video else ""))
     return 0
 
 
 def _check_predict_args(args: argparse.Namespace) -> None:
-    from .data.transforms import check_resize
-
-    if args.backend is None:
-        args.backend = "onnxruntime" if args.model else "torch"
-    if args.backend == "onnxruntime" and not args.model:
-        raise ConfigError("--backend onnxruntime needs --model MODEL.onnx (made by `dinodet export`)")
-    if args.backend == "torch" and args.model:
-        raise ConfigError("--model is an ONNX file: use it with --backend onnxruntime (or drop --backend)")
-    if args.backend == "torch" and not (args.checkpoint or args.random_weights):
-        raise ConfigError("one of --checkpoint PATH, --random-weights or --model MODEL.onnx is required")
-    if args.model and args.preset:
-        raise ConfigError("--preset does not apply to --model (the ONNX file records its preset)")
-    if args.random_weights and not args.preset:
-        raise ConfigError("--random-weights needs --preset NAME (e.g. --preset tiny)")
     if not 0.0 <= args.threshold <= 1.0:
         raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    check_resize(args.size, args.max_size, ("--size", "--max-size"))
-    if args.backend == "onnxruntime" and args.mode != "exact":
-        raise ConfigError("--mode applies to the PyTorch backend; an ONNX model runs as it was exported")
+    if args.vid_stride < 1 or (args.max_frames is not None and args.max_frames < 1):
+        raise ConfigError("--vid-stride and --max-frames must be >= 1")
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -261,7 +260,7 @@ def _check_predict_args(args: argparse.Namespace) -> None:
 def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train (or fine-tune) a detector on a COCO or YOLO dataset",
+        help="train (or fine-tune) a detector on a COCO, YOLO, Roboflow, Pascal VOC or CVAT dataset",
         description=(
             "Train DINO on --data (train split; evaluated on the val split if there is one, else on "
             "the training images).  RUN_DIR (--out) receives checkpoint.pt (resumable), "
@@ -324,8 +323,21 @@ def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, metavar="DIR", help="dataset folder (COCO or YOLO layout)")
-    p.add_argument("--format", choices=("coco", "yolo"), default="coco", help="dataset layout (default coco)")
+    from .data.layouts import FORMATS  # no torch behind it: --help stays fast
+
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="dataset folder (COCO, YOLO, Roboflow COCO export, Pascal VOC or CVAT for images 1.1 layout)")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="dataset layout (default auto: detected from the folder's files)")
+    p.add_argument("--train-split", default="train", metavar="NAME", help="training split's name (default train)")
+    p.add_argument("--val-split", default="val", metavar="NAME",
+                   help="validation split's name (default val; found as valid/validation too)")
+
+
+def _data_spec(args: argparse.Namespace) -> Any:
+    from .data.splits import DataSpec
+
+    return DataSpec(args.data, args.format, args.train_split, args.val_split)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -334,7 +346,8 @@ def _run_train(args: argparse.Namespace) -> int:
     _check_train_args(args)
     if args.slurm:
         return _submit_slurm(args)
-    metrics = run_training(args.data, args.out, format=args.format, preset=args.preset, resume=args.resume,
+    metrics = run_training(args.data, args.out, format=args.format, train_split=args.train_split,
+                           val_split=args.val_split, preset=args.preset, resume=args.resume,
                            overrides=args.overrides, epochs=args.epochs, batch_size=args.batch_size, amp=args.amp,
                            backbone_checkpoint=args.backbone_checkpoint, device=args.device,
                            finetune_from=args.finetune_from, max_steps=args.max_steps,
@@ -399,7 +412,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     _add_data_args(p)
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="dinodet or official DINO checkpoint")
     p.add_argument("--preset", metavar="NAME", help="architecture of an official checkpoint without stored args")
-    p.add_argument("--split", help="split to evaluate (default: val, or train with a warning when there is no val)")
+    p.add_argument("--split", help="split to evaluate (default: --val-split, or --train-split with a warning when there is none)")
     p.add_argument("--batch-size", type=int, default=1, help="images per loader batch (AP does not depend on it)")
     p.add_argument("--out", metavar="DIR", help="write metrics.json, predictions.json and pictures here")
     _add_overwrite_arg(p)
@@ -423,7 +436,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     _check_picture_args(args)
     if args.out:
         check_eval_out(args.out, overwrite=args.overwrite)
-    ev = evaluate_checkpoint(args.checkpoint, args.data, format=args.format, split=args.split, preset=args.preset,
+    ev = evaluate_checkpoint(args.checkpoint, args.data, format=args.format, split=args.split,
+                             train_split=args.train_split, val_split=args.val_split, preset=args.preset,
                              overrides=args.overrides, device=args.device, mode=args.mode,
                              batch_size=args.batch_size, progress=not args.no_progress)
     if not ev.is_main:
@@ -454,7 +468,7 @@ def _add_check_data(subparsers: argparse._SubParsersAction) -> None:
                     "Exit status 1 when a split has no usable image.",
     )
     _add_data_args(p)
-    p.add_argument("--split", action="append", help="split(s) to check (default: train and val when present)")
+    p.add_argument("--split", action="append", help="split(s) to check (default: --train-split and --val-split when present)")
     p.add_argument("--decode", action="store_true", help="also decode every image (slower; finds truncated files)")
     p.add_argument("--out", metavar="DIR", help="write pictures of the labels here")
     _add_overwrite_arg(p)
@@ -466,14 +480,14 @@ def _add_check_data(subparsers: argparse._SubParsersAction) -> None:
 def _run_check_data(args: argparse.Namespace) -> int:
     from .data.checks import check_dataset, format_report
     from .data.coco import check_data_root
-    from .data.splits import DataSpec, split_exists
+    from .data.splits import split_exists
     from .engine.pictures import check_data_out, write_data_pictures
 
     if args.pictures < 0:
         raise ConfigError(f"--pictures must be >= 0, got {args.pictures}")
     check_data_root(args.data)
-    spec = DataSpec(args.data, args.format)
-    splits = args.split or [s for s in ("train", "val") if s == "train" or split_exists(spec, s)]
+    spec = _data_spec(args)
+    splits = args.split or [spec.train_split] + ([spec.val_split] if split_exists(spec, spec.val_split) else [])
     if args.out:
         check_data_out(args.out, splits, overwrite=args.overwrite)
     status = 0
@@ -593,8 +607,10 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="dinodet or official DINO checkpoint")
     p.add_argument("--preset", metavar="NAME", help="architecture of an official checkpoint without stored args")
-    p.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default onnx)")
-    p.add_argument("--out", required=True, metavar="FILE.onnx", help="output file")
+    p.add_argument("--format", default="onnx", choices=("onnx", "openvino"),
+                   help="export format: onnx, or openvino (an OpenVINO IR FILE.xml + FILE.bin for CPU "
+                   "inference, converted from the ONNX export) (default onnx)")
+    p.add_argument("--out", required=True, metavar="FILE.onnx|FILE.xml", help="output file")
     p.add_argument("--opset", type=int, default=None, metavar="N",
                    help="ONNX opset, 17..25 (default 18)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width (else fixed, "
@@ -616,23 +632,18 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .deploy.export import DEFAULT_OPSET, check_opset, to_onnx
+    from .deploy.export import DEFAULT_OPSET, to_onnx, to_openvino
 
-    opset = check_opset(DEFAULT_OPSET if args.opset is None else args.opset)  # before the slow loading
-    from .checkpoint import check_checkpoint_path
-
-    check_out_file(Path(args.out))
-    check_checkpoint_path(Path(args.checkpoint))
-    _say(f"dinodet: exporting {args.checkpoint} to ONNX (opset {opset}, "
-         f"{'dynamic' if args.dynamic else 'fixed'} shapes, msda {args.msda}{', float16' if args.fp16 else ''}); "
-         "this takes a few minutes", sys.stderr)
-    result = to_onnx(args.checkpoint, args.out, preset=args.preset, opset=opset, dynamic=args.dynamic,
-                     fp16=args.fp16, with_postprocess=args.with_postprocess, msda=args.msda,
-                     batch_size=args.batch_size, input_size=args.input_size, size=args.size, max_size=args.max_size)
+    openvino = args.format == "openvino"
+    result = (to_openvino if openvino else to_onnx)(  # checks every option before the slow loading
+        args.checkpoint, args.out, preset=args.preset, opset=DEFAULT_OPSET if args.opset is None else args.opset,
+        dynamic=args.dynamic, fp16=args.fp16, with_postprocess=args.with_postprocess, msda=args.msda,
+        batch_size=args.batch_size, input_size=args.input_size, size=args.size, max_size=args.max_size)
     contract = json.loads(result.metadata["input_contract"])
     shapes = ", ".join(f"{k} {v['shape']}" for k, v in contract["inputs"].items())
     _say(f"dinodet: wrote {result.path} (preset {result.metadata['preset']}; inputs {shapes}; "
-         f"outputs {', '.join(result.outputs)}); checked with onnx.checker")
+         f"outputs {', '.join(result.outputs)}); checked with "
+         + ("onnx.checker, converted by OpenVINO" if openvino else "onnx.checker"))
     return 0
 
 

@@ -49,15 +49,17 @@ from ..config import DataConfig
 from ..errors import first_line
 from ..targets import Target
 from .augment import DetectionTransform, eval_transforms, train_transforms
+from .cvat import cvat_to_coco
 from .images import EXIF_ORIENTATION, ImageLoadError, describe_unreadable, load_image, upright_size
 from .labels import LabelMap
+from .layouts import FORMATS, drop_roboflow_placeholder, looks_like_yolo, resolve_format, resolve_roboflow_paths
 from .report import DataReport, DatasetError, SplitNotFoundError
+from .voc import voc_to_coco
 from .yolo import SOURCE_KEY, read_names, resolve_yolo_paths, yolo_to_coco
 
 logger = logging.getLogger(__name__)
 
 CLIP_TOLERANCE = 1.0  # pixels of overshoot clipped without being reported
-FORMATS = ("coco", "yolo")
 
 
 # PIL transpose undoing ``ImageOps.exif_transpose`` for the orientations that swap width/height.
@@ -177,10 +179,6 @@ def _folder_hint(path: Path) -> str:
         root = path.parent.parent if path.parent.name == "annotations" else path.parent
         return f" (for COCO data: --data {root}, the folder holding annotations/ and the image folders)"
     return ""
-
-
-def _looks_like_yolo(root: Path) -> bool:
-    return (root / "labels").is_dir() or any(root.glob("*/labels")) or any(root.glob("*.yaml"))
 
 
 def _positive_int(v: Any) -> int | None:
@@ -422,22 +420,38 @@ def build_index(root: str | Path, split: str = "train", format: str = "coco", an
                 report: DataReport | None = None) -> DatasetIndex:
     """Locate and clean a split (shared by ``build_dataset`` and ``checks.check_dataset``).
 
-    For YOLO, ``ann_file`` is the names list (.txt or .yaml) and ``img_dir`` the image folder.
+    ``format`` is one of ``layouts.FORMATS`` (``auto``: detected).  For YOLO, ``ann_file`` is the
+    names list (.txt or .yaml) and ``img_dir`` the image folder; the Roboflow, VOC and CVAT layouts
+    are converted to the COCO dict (``voc.py``, ``cvat.py``) and cleaned by the same rules.
     """
     if format not in FORMATS:
         raise DatasetError(f"unknown dataset format '{format}' (choose from {', '.join(FORMATS)})")
     root = Path(root)
     if ann_file is None and img_dir is None:
         check_data_root(root)
+    format = resolve_format(root, format)
+    if format in ("roboflow", "voc", "cvat") and (ann_file is not None or img_dir is not None):
+        raise DatasetError(f"ann_file / img_dir apply to the coco and yolo formats, not {format}")
     if format == "coco":
         try:
             ann, images = resolve_coco_paths(root, split, ann_file, img_dir)
         except SplitNotFoundError as e:
-            if ann_file is None and _looks_like_yolo(root):
+            if ann_file is None and looks_like_yolo(root):
                 raise SplitNotFoundError(f"{e} (the folder looks like a YOLO dataset: add --format yolo)") from None
             raise
         report = report if report is not None else DataReport(source=str(ann))
         return index_coco(load_json(ann), images, label_map, report, source=str(ann))
+    if format == "roboflow":
+        ann, images = resolve_roboflow_paths(root, split)
+        data = load_json(ann)
+        drop_roboflow_placeholder(data)
+        report = report if report is not None else DataReport(source=str(ann))
+        return index_coco(data, images, label_map, report, source=str(ann))
+    if format in ("voc", "cvat"):
+        report = report if report is not None else DataReport()
+        data, images, source = (voc_to_coco if format == "voc" else cvat_to_coco)(root, split, report)
+        report.source = report.source or source
+        return index_coco(data, images, label_map, report, source=source)
     images, labels, names_file = resolve_yolo_paths(root, split, ann_file, img_dir)
     names = read_names(names_file)
     report = report if report is not None else DataReport(source=str(labels))
@@ -569,7 +583,8 @@ def build_dataset(root: str | Path, split: str = "train", format: str = "coco", 
         root: dataset folder (COCO: ``{split}2017/`` + ``annotations/instances_{split}2017.json``;
             YOLO: see ``dinodet.data.yolo``).
         split: split name (``train``, ``val``, ...).
-        format: ``"coco"`` or ``"yolo"``.
+        format: ``"coco"``, ``"yolo"``, ``"roboflow"``, ``"voc"``, ``"cvat"`` or ``"auto"`` (detected,
+            see ``dinodet.data.layouts``).
         train: training augmentation (``True``) or the evaluation resize (``False``).
         data_cfg: resolutions (default: official values).
         ann_file: COCO annotation file / YOLO names list, overriding the default location.

@@ -18,7 +18,7 @@ _COUNTERS: tuple[tuple[str, str, bool], ...] = (
     ("images", "images", False),
     ("boxes", "training boxes", False),
     ("images_without_boxes", "images without boxes (kept as negatives)", False),
-    ("crowd_ignored", "crowd annotations (not trained on, kept for evaluation)", False),
+    ("crowd_ignored", "crowd/difficult annotations (not trained on, ignored in evaluation)", False),
     ("missing_files", "missing image files (skipped)", True),
     ("unreadable_images", "unreadable/corrupt images (skipped)", True),
     ("size_mismatch", "images whose size differs from the annotation file (resized to it)", True),

@@ -8,7 +8,10 @@ from typing import Any
 
 from ..config import DINOConfig
 from .coco import DetectionDataset, build_dataset, resolve_coco_paths
+from .cvat import resolve_cvat_split
+from .layouts import resolve_format, resolve_roboflow_paths
 from .report import SplitNotFoundError
+from .voc import resolve_voc_paths
 from .yolo import resolve_yolo_paths
 
 logger = logging.getLogger("dinodet")
@@ -16,7 +19,8 @@ logger = logging.getLogger("dinodet")
 
 @dataclass
 class DataSpec:
-    """Where the data is: a folder in COCO or YOLO layout (see ``dinodet.data.coco``)."""
+    """Where the data is: a folder in one of ``layouts.FORMATS`` (``auto``: detected), and the names
+    of its training and validation splits (each layout finds ``val`` under its usual aliases)."""
 
     root: str
     format: str = "coco"
@@ -27,9 +31,16 @@ class DataSpec:
 def split_exists(spec: DataSpec, split: str) -> bool:
     """Whether ``split`` can be located (its annotations/images found; not yet parsed).  A split that
     is named but broken (a data YAML's path that does not exist, a missing label folder) raises."""
+    format = resolve_format(spec.root, spec.format)
     try:
-        if spec.format == "yolo":
+        if format == "yolo":
             resolve_yolo_paths(spec.root, split)
+        elif format == "roboflow":
+            resolve_roboflow_paths(spec.root, split)
+        elif format == "voc":
+            resolve_voc_paths(spec.root, split)
+        elif format == "cvat":
+            resolve_cvat_split(spec.root, split)
         else:
             resolve_coco_paths(spec.root, split)
     except SplitNotFoundError:

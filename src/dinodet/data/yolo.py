@@ -220,6 +220,13 @@ def _first_dir(candidates: list[Path], what: str) -> Path:
 SOURCE_KEY = "dinodet_source"
 
 
+def file_image_ids(stems: list[str]) -> list[int]:
+    """Image ids from file names: the names' numbers when every stem is a distinct integer (COCO
+    file names give the COCO ids back), else 1..N in the given order."""
+    numeric = all(re.fullmatch(r"\d+", s) for s in stems) and len({int(s) for s in stems}) == len(stems)
+    return [int(s) for s in stems] if numeric else list(range(1, len(stems) + 1))
+
+
 def yolo_to_coco(img_dir: Path, label_dir: Path, names: list[str], report: DataReport) -> dict[str, Any]:
     """Convert a YOLO split to a COCO-format dict (images, annotations, categories).
 
@@ -229,9 +236,7 @@ def yolo_to_coco(img_dir: Path, label_dir: Path, names: list[str], report: DataR
     """
     files = sorted(p for p in img_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     rel = [p.relative_to(img_dir) for p in files]
-    stems = [p.stem for p in files]
-    numeric = all(re.fullmatch(r"\d+", s) for s in stems) and len({int(s) for s in stems}) == len(stems)
-    ids = [int(s) for s in stems] if numeric else list(range(1, len(files) + 1))
+    ids = file_image_ids([p.stem for p in files])
 
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []

@@ -1,4 +1,5 @@
-"""Export a dinodet model (a trained or an official checkpoint) to ONNX: ``to_onnx(...)``.
+"""Export a dinodet model (a trained or an official checkpoint) to ONNX: ``to_onnx(...)``, or through ONNX to
+an OpenVINO IR: ``to_openvino(...)``.
 
 Input contract (the same for every export; recorded in the file's metadata)
 ------------------------------------------------------------------------------
@@ -50,8 +51,10 @@ from __future__ import annotations
 import contextlib
 import heapq
 import json
+import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +64,15 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from ..checkpoint import check_checkpoint_path
 from ..config import MAX_IMAGE_SIDE, ConfigError, DINOConfig
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_resize
 from ..errors import ExportError, first_line
 from ..files import check_out_file, write_atomic
 from ..inference.onnx_runtime import METADATA_FORMAT
 from ..models.postprocess import postprocess
+
+log = logging.getLogger(__name__)
 
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 25, 18
 DYNAMIC_MIN_SIDE = 65  # the 64-stride feature level must have >= 2 rows and columns
@@ -189,6 +195,11 @@ def to_onnx(
     if out.suffix.lower() != ".onnx":
         raise ExportError(f"the output file must end in .onnx, got '{out}'")
     check_out_file(out)  # a folder in the way, or no permission: said now, not after minutes of exporting
+    if isinstance(checkpoint, (str, os.PathLike)):
+        check_checkpoint_path(Path(checkpoint))
+    log.info(f"exporting {checkpoint if isinstance(checkpoint, (str, os.PathLike)) else 'the model'} to ONNX "
+             f"(opset {opset}, {'dynamic' if dynamic else 'fixed'} shapes, msda {msda}{', float16' if fp16 else ''}); "
+             "this takes a few minutes")
 
     model, config, class_names, category_ids, resize = _load_model(checkpoint, preset)
     size, max_size = resize[0] if size is None else size, resize[1] if max_size is None else max_size
@@ -251,6 +262,42 @@ def to_onnx(
     # checked under the temporary name: a failed export never replaces a good file
     write_atomic(out, save_and_check)
     return ExportResult(out, opset, input_names, output_names, metadata)
+
+
+def to_openvino(checkpoint: str | os.PathLike | Any, out: str | os.PathLike, **onnx_options: Any) -> ExportResult:
+    """Export a model to an OpenVINO IR: ``out`` (.xml) and its weights beside it (.bin).
+
+    The model goes through ``to_onnx`` (same options, contract and metadata; the metadata in the IR's
+    rt_info section ``inference.openvino_runtime.RT_INFO_SECTION``) and ``openvino.convert_model``;
+    weights stay float32 (``fp16`` is for GPU execution providers and is refused here).
+
+    Raises:
+        ExportError / ConfigError / CheckpointError: as ``to_onnx``; ConfigError: no openvino package.
+    """
+    from ..inference.openvino_runtime import RT_INFO_SECTION, require_openvino
+
+    ov = require_openvino()
+    out = Path(out)
+    if out.suffix.lower() != ".xml":
+        raise ExportError(f"an OpenVINO IR is written as FILE.xml (weights in FILE.bin), got '{out}'")
+    if onnx_options.get("fp16"):
+        raise ExportError("fp16 is for GPU execution providers: an OpenVINO IR keeps float32 weights")
+    check_out_file(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem[:64]}.") as tmp:
+        result = to_onnx(checkpoint, Path(tmp) / "model.onnx", **onnx_options)
+        try:
+            model = ov.convert_model(str(result.path))
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises its own types
+            raise ExportError(f"OpenVINO cannot convert the ONNX graph: {first_line(str(e))}") from None
+        for key, value in result.metadata.items():
+            model.set_rt_info(value, [RT_INFO_SECTION, key])
+        ir = Path(tmp) / out.name
+        ov.save_model(model, str(ir), compress_to_fp16=False)  # its default halves the weights
+        # the weights first: a complete .xml never points at a missing or older .bin
+        os.replace(ir.with_suffix(".bin"), out.with_suffix(".bin"))
+        os.replace(ir, out)
+    return ExportResult(out, result.opset, result.inputs, result.outputs, result.metadata)
 
 
 def _check_resize(size: int | None, max_size: int | None) -> None:

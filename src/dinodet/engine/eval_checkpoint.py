@@ -74,6 +74,8 @@ def evaluate_checkpoint(
     *,
     format: str = "coco",
     split: str | None = None,
+    train_split: str = "train",
+    val_split: str = "val",
     preset: str | None = None,
     overrides: Sequence[str] = (),
     device: str = "cpu",
@@ -82,7 +84,7 @@ def evaluate_checkpoint(
     batch_size: int = 1,
     progress: bool = True,
 ) -> CheckpointEvaluation:
-    """COCO-evaluate ``checkpoint`` on ``split`` of ``data`` (default: val, or the training split
+    """COCO-evaluate ``checkpoint`` on ``split`` of ``data`` (default: ``val_split``, or ``train_split``
     with a logged warning when there is none) in inference ``mode`` (``emulate``: a CUDA-only mode's
     numerics on a CPU).  ``overrides`` (KEY=VALUE) change the data settings and the top-k size; other
     model settings are the checkpoint's (a warning names them).  Images that cannot be read are left
@@ -114,7 +116,7 @@ def evaluate_checkpoint(
                if o.strip().startswith("model.") and o.split("=")[0].strip() != "model.num_select"]
     if ignored:
         log.warning("%s: the checkpoint's model is evaluated as built; ignored", ", ".join(ignored))
-    split = split or eval_split(DataSpec(str(data), format))
+    split = split or eval_split(DataSpec(str(data), format, train_split, val_split))
     dataset = build_dataset(str(data), split, format, train=False, data_cfg=cfg.data)
     names, ids = default_label_map(cfg.model.num_classes, ckpt.class_names, ckpt.category_ids)
     lm = dataset.label_map

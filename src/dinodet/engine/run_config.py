@@ -74,6 +74,8 @@ def run_training(
     run_dir: str | Path,
     *,
     format: str = "coco",
+    train_split: str = "train",
+    val_split: str = "val",
     preset: str | None = None,
     resume: bool = False,
     overrides: Sequence[str] = (),
@@ -88,10 +90,11 @@ def run_training(
     pictures: int = 8,
     picture_threshold: float = 0.3,
 ) -> dict[str, Any]:
-    """Train on ``data`` (its train split; evaluated on its val split, or the training images when
-    there is none) into ``run_dir``; returns the final metrics (on every rank).  The settings are
-    those of ``train_run_config`` and ``engine.train.TrainOptions``.  Runs distributed under
-    torchrun / SLURM (the process group comes from the environment).
+    """Train on ``data`` (a ``dinodet.data.layouts.FORMATS`` layout; its ``train_split``, evaluated on
+    its ``val_split``, or on the training images when there is none) into ``run_dir``; returns the
+    final metrics (on every rank).  The settings are those of ``train_run_config`` and
+    ``engine.train.TrainOptions``.  Runs distributed under torchrun / SLURM (the process group comes
+    from the environment).
 
     Raises:
         ConfigError, CheckpointError, DatasetError, TrainingError: one-line messages for users.
@@ -109,7 +112,8 @@ def run_training(
                                       amp=amp, backbone_checkpoint=backbone_checkpoint)
     check_run_dir(run_dir, resume)  # before the (possibly slow) dataset indexing
     dev = str(resolve_device(device))
-    train_set, val_set = build_train_datasets(DataSpec(str(data), format), cfg, label_map)
+    train_set, val_set = build_train_datasets(DataSpec(str(data), format, train_split, val_split), cfg,
+                                              label_map)
     if dist_info_from_env().is_main:
         log.info("training '%s' on %d images, %d classes; evaluating on %d images -> %s", cfg.name, len(train_set),
                  train_set.label_map.num_classes, len(val_set), run_dir)

@@ -6,9 +6,10 @@ converted official checkpoint gives the official detections.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from ..models.build import build_model
 from ..models.postprocess import Detections, postprocess
 from ..presets import get_preset
 from .modes import COMPILE_BUCKET, ModeRunner
+
+if TYPE_CHECKING:
+    from .video import FrameResult
 
 #: One input image: a file path, a PIL image, or a [3, H, W] tensor (uint8 0..255 or float 0..1).
 ImageInput = str | Path | Image.Image | Tensor | np.ndarray
@@ -47,6 +51,21 @@ class Prediction:
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+    def to_supervision(self) -> Any:
+        """These detections as ``supervision.Detections`` (xyxy, confidence, class_id = ``labels``,
+        ``data["class_name"]``, ``data["category_id"]``), for supervision's annotators, zones and trackers.
+
+        Raises:
+            ConfigError: supervision is not installed (``pip install 'dinodet[video]'``).
+        """
+        from .video import require
+
+        sv = require("supervision", "Prediction.to_supervision()")
+        return sv.Detections(
+            xyxy=self.boxes.numpy().reshape(-1, 4), confidence=self.scores.numpy(), class_id=self.labels.numpy(),
+            data={"class_name": np.array(self.class_names, dtype=str), "category_id": self.category_ids.numpy()},
+        )
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -198,6 +217,19 @@ class Detector:
             return predict_in_batches(images, self._detect, threshold=threshold, batch_size=batch_size,
                                       size=self.size, max_size=self.max_size, class_names=self.class_names,
                                       category_ids=self._category_ids, group_multiple=multiple)
+
+    def predict_stream(self, source: str | Path, threshold: float = 0.3, vid_stride: int = 1,
+                       max_frames: int | None = None, batch_size: int = 1) -> Iterator[FrameResult]:
+        """Per-frame detections (``FrameResult``: frame index, time_s, RGB image, Prediction) of a video
+        file, webcam index (``"0"``) or stream URL, as they are decoded; see ``video.predict_stream``.
+
+        Raises:
+            ConfigError: PyAV is not installed (``pip install 'dinodet[video]'``).
+            ImageLoadError: the source cannot be opened.
+        """
+        from .video import predict_stream
+
+        return predict_stream(self, source, threshold, vid_stride, max_frames, batch_size)
 
     def _detect(self, images: Tensor, mask: Tensor, orig_sizes: Tensor) -> Detections:
         out = self.runner(images, mask)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,55 +67,18 @@ class OnnxDetector:
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise CheckpointError(f"{path}: not a readable ONNX model ({first_line(str(e))})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
-        if meta.get("format") != METADATA_FORMAT:
-            raise CheckpointError(f"{path}: not a dinodet ONNX export (no '{METADATA_FORMAT}' metadata)")
+        outputs = [(o.name, o.shape[-1] if o.shape and isinstance(o.shape[-1], int) else None)
+                   for o in self.session.get_outputs()]
+        info = read_metadata(path, meta, outputs, size, max_size)
         self.path = path
-        self.metadata = dict(meta)
-        try:  # the file is untrusted input: incomplete or malformed metadata is one clear error
-            self.preset = meta["preset"]
-            self.class_names: list[str] = json.loads(meta["class_names"])
-            self._category_ids = torch.tensor(json.loads(meta["category_ids"]), dtype=torch.int64)
-            self.num_select = int(meta["num_select"])
-            self.with_postprocess = json.loads(meta["with_postprocess"])
-            self.size = int(meta["size"]) if size is None else size
-            self.max_size = int(meta["max_size"]) if max_size is None else max_size
-            self._check_metadata(meta)
-        except KeyError as e:
-            raise CheckpointError(f"{path}: dinodet metadata without {e}") from None
-        except (ValueError, TypeError, OverflowError) as e:  # ConfigError too: a size out of range
-            raise CheckpointError(f"{path}: invalid dinodet metadata ({first_line(str(e))})") from None
+        self.metadata = info.properties
+        self.preset, self.class_names, self.num_select = info.preset, info.class_names, info.num_select
+        self._category_ids, self.with_postprocess = info.category_ids, info.with_postprocess
+        self.size, self.max_size = info.size, info.max_size
         self.input_names = [i.name for i in self.session.get_inputs()]
         shape = self.session.get_inputs()[0].shape  # [B, 3, H, W]; ints where fixed
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.fixed_hw = (shape[2], shape[3]) if isinstance(shape[2], int) and isinstance(shape[3], int) else None
-
-    def _check_metadata(self, meta: dict[str, str]) -> None:
-        """ValueError unless the label map, top-k size and resize fit together and fit the graph's
-        outputs: a label map shorter than the class count would fail on the first detection of a
-        missing class, deep in a run, instead of here."""
-        outputs = self.session.get_outputs()
-        expected = "scores, labels, boxes" if self.with_postprocess else "logits, boxes"
-        if not isinstance(self.with_postprocess, bool):
-            raise ValueError(f"with_postprocess must be true or false, got {meta['with_postprocess']}")
-        if len(outputs) != len(expected.split(", ")):
-            raise ValueError(f"with_postprocess={meta['with_postprocess']} needs the outputs {expected}, but the "
-                             f"model has {', '.join(o.name for o in outputs)}")
-        if not isinstance(self.class_names, list) or not all(isinstance(n, str) for n in self.class_names):
-            raise ValueError("class_names must be a list of names")
-        if self._category_ids.ndim != 1:
-            raise ValueError("category_ids must be a list of integers")
-        counts = {"class_names": len(self.class_names), "category_ids": len(self._category_ids)}
-        if "num_classes" in meta:
-            counts["num_classes"] = int(meta["num_classes"])
-        logits_shape = [] if self.with_postprocess else outputs[0].shape or []
-        if logits_shape and isinstance(logits_shape[-1], int):
-            counts["classes of the logits output"] = logits_shape[-1]
-        if len(set(counts.values())) != 1 or counts["class_names"] < 1:
-            raise ValueError(", ".join(f"{n} {k}" for k, n in counts.items()) + " do not fit together")
-        if self.num_select < 1:
-            raise ValueError(f"num_select must be >= 1, got {self.num_select}")
-        check_resize(int(meta["size"]), None)  # each side in range; the exported eval_size may exceed max_size
-        check_resize(None, int(meta["max_size"]))
 
     def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float = 0.3,
                 batch_size: int = 1) -> list[Prediction]:
@@ -132,25 +97,112 @@ class OnnxDetector:
     def run(self, images: Tensor, mask: Tensor, orig_sizes: Tensor) -> Detections:
         """The model on a preprocessed batch (``preprocess_batch``'s outputs) -> top-k detections."""
         n = images.shape[0]
-        images, mask, orig_sizes = self._fit(images, mask, orig_sizes)
+        images, mask, orig_sizes = fit_input(self.path, images, mask, orig_sizes, self.fixed_hw, self.fixed_batch)
         feed = {"images": images.numpy(), "mask": mask.numpy()}
         if "orig_sizes" in self.input_names:
             feed["orig_sizes"] = orig_sizes.numpy()
-        outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
-        if self.with_postprocess:
-            scores, labels, boxes = outs
-            return Detections(scores[:n].float(), labels[:n].long(), boxes[:n].float())
-        logits, boxes = outs
-        return postprocess(logits[:n].float(), boxes[:n].float(), orig_sizes[:n], self.num_select)
+        return to_detections(self.session.run(None, feed), n, orig_sizes, self.with_postprocess, self.num_select)
 
-    def _fit(self, images: Tensor, mask: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Pad a batch to the model's fixed input size and batch size, if it has them."""
-        if self.fixed_hw is not None:
-            (h, w), (fh, fw) = images.shape[-2:], self.fixed_hw
-            if h > fh or w > fw:
-                raise ConfigError(f"{self.path} takes images of at most {fh}x{fw} (HxW) after resizing, got "
-                                  f"{h}x{w}; export with --dynamic or a larger --input-size, or lower --size")
-            images, mask = pad_to_size(images, mask, fh, fw)
-        if self.fixed_batch is not None:
-            images, mask, orig_sizes = repeat_to_batch(self.fixed_batch, images, mask, orig_sizes)
-        return images.contiguous(), mask.contiguous(), orig_sizes.contiguous()
+
+@dataclass(frozen=True)
+class ExportMetadata:
+    """The checked dinodet metadata of an exported model (ONNX or OpenVINO IR): what a runtime needs
+    around the graph, and the resize to use (the export's unless overridden)."""
+
+    properties: dict[str, str]
+    preset: str
+    class_names: list[str]
+    category_ids: Tensor
+    num_select: int
+    with_postprocess: bool
+    size: int
+    max_size: int
+
+
+def read_metadata(path: Path, meta: Mapping[str, str], outputs: Sequence[tuple[str, int | None]],
+                  size: int | None = None, max_size: int | None = None) -> ExportMetadata:
+    """Read and check the dinodet metadata of an exported model, shared by every runtime so that they
+    accept and reject the same files.
+
+    Args:
+        path: the model file (for the messages).
+        meta: its metadata properties (all strings, as ``deploy.export`` writes them).
+        outputs: the graph's outputs as (name, size of the last dimension or None where not fixed).
+        size, max_size: the caller's resize override.
+
+    Raises:
+        CheckpointError: not a dinodet export, or incomplete or malformed metadata (the file is
+            untrusted input: one clear error instead of a failure deep in a run).
+    """
+    if meta.get("format") != METADATA_FORMAT:
+        raise CheckpointError(f"{path}: not a dinodet ONNX export (no '{METADATA_FORMAT}' metadata)")
+    try:
+        info = ExportMetadata(
+            properties=dict(meta),
+            preset=meta["preset"],
+            class_names=json.loads(meta["class_names"]),
+            category_ids=torch.tensor(json.loads(meta["category_ids"]), dtype=torch.int64),
+            num_select=int(meta["num_select"]),
+            with_postprocess=json.loads(meta["with_postprocess"]),
+            size=int(meta["size"]) if size is None else size,
+            max_size=int(meta["max_size"]) if max_size is None else max_size,
+        )
+        _check_metadata(info, outputs)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: dinodet metadata without {e}") from None
+    except (ValueError, TypeError, OverflowError) as e:  # ConfigError too: a size out of range
+        raise CheckpointError(f"{path}: invalid dinodet metadata ({first_line(str(e))})") from None
+    return info
+
+
+def _check_metadata(info: ExportMetadata, outputs: Sequence[tuple[str, int | None]]) -> None:
+    """ValueError unless the label map, top-k size and resize fit together and fit the graph's
+    outputs: a label map shorter than the class count would fail on the first detection of a
+    missing class, deep in a run, instead of here."""
+    meta = info.properties
+    expected = "scores, labels, boxes" if info.with_postprocess else "logits, boxes"
+    if not isinstance(info.with_postprocess, bool):
+        raise ValueError(f"with_postprocess must be true or false, got {meta['with_postprocess']}")
+    if len(outputs) != len(expected.split(", ")):
+        raise ValueError(f"with_postprocess={meta['with_postprocess']} needs the outputs {expected}, but the "
+                         f"model has {', '.join(name for name, _ in outputs)}")
+    if not isinstance(info.class_names, list) or not all(isinstance(n, str) for n in info.class_names):
+        raise ValueError("class_names must be a list of names")
+    if info.category_ids.ndim != 1:
+        raise ValueError("category_ids must be a list of integers")
+    counts = {"class_names": len(info.class_names), "category_ids": len(info.category_ids)}
+    if "num_classes" in meta:
+        counts["num_classes"] = int(meta["num_classes"])
+    if not info.with_postprocess and outputs[0][1] is not None:
+        counts["classes of the logits output"] = outputs[0][1]
+    if len(set(counts.values())) != 1 or counts["class_names"] < 1:
+        raise ValueError(", ".join(f"{n} {k}" for k, n in counts.items()) + " do not fit together")
+    if info.num_select < 1:
+        raise ValueError(f"num_select must be >= 1, got {info.num_select}")
+    check_resize(int(meta["size"]), None)  # each side in range; the exported eval_size may exceed max_size
+    check_resize(None, int(meta["max_size"]))
+
+
+def fit_input(path: Path, images: Tensor, mask: Tensor, orig_sizes: Tensor, fixed_hw: tuple[int, int] | None,
+              fixed_batch: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Pad a batch to the model's fixed input size and batch size, if it has them."""
+    if fixed_hw is not None:
+        (h, w), (fh, fw) = images.shape[-2:], fixed_hw
+        if h > fh or w > fw:
+            raise ConfigError(f"{path} takes images of at most {fh}x{fw} (HxW) after resizing, got "
+                              f"{h}x{w}; export with --dynamic or a larger --input-size, or lower --size")
+        images, mask = pad_to_size(images, mask, fh, fw)
+    if fixed_batch is not None:
+        images, mask, orig_sizes = repeat_to_batch(fixed_batch, images, mask, orig_sizes)
+    return images.contiguous(), mask.contiguous(), orig_sizes.contiguous()
+
+
+def to_detections(outputs: Sequence[Any], n: int, orig_sizes: Tensor, with_postprocess: bool,
+                  num_select: int) -> Detections:
+    """The first ``n`` images' detections from the graph's outputs (numpy arrays, in output order)."""
+    outs = [torch.from_numpy(np.asarray(o)) for o in outputs]
+    if with_postprocess:
+        scores, labels, boxes = outs
+        return Detections(scores[:n].float(), labels[:n].long(), boxes[:n].float())
+    logits, boxes = outs
+    return postprocess(logits[:n].float(), boxes[:n].float(), orig_sizes[:n], num_select)

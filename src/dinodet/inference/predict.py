@@ -7,7 +7,9 @@ on one huge image) is retried image by image, and in a set of images an unreadab
 is reported (a logged warning) and skipped instead of ending the run.  A lone image that fails is
 the run's error.  A picture that cannot be written (JPEG stops at 65,500 pixels a side, a full
 disk) is a warning: the image's detections still go to predictions.json.  No file the user put in
-the folder is replaced (``files.check_not_foreign``) unless ``overwrite``.
+the folder is replaced (``files.check_not_foreign``) unless ``overwrite``.  Video files, a webcam index
+and stream URLs among the inputs go to ``video.predict_video_to_folder`` (``OUT/<stem>.mp4`` and
+``OUT/<stem>.jsonl``) under the same rules.
 """
 from __future__ import annotations
 
@@ -22,14 +24,16 @@ from typing import TYPE_CHECKING, Any
 from ..data.images import ImageLoadError, iter_image_paths, load_image
 from ..errors import ConfigError, first_line
 from ..files import check_not_foreign, check_out_folder, record_outputs, save_image_atomic, write_json_atomic
+from .video import VideoSummary, is_file_source, is_video_source, predict_video_to_folder, source_stem
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from .detector import Detector
     from .onnx_runtime import OnnxDetector
+    from .openvino_runtime import OpenVinoDetector
 
-    AnyDetector = Detector | OnnxDetector
+    AnyDetector = Detector | OnnxDetector | OpenVinoDetector
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,8 @@ PROGRESS_MIN_IMAGES = 5  # below this a progress bar is more noise than help
 @dataclass(frozen=True)
 class DetectorOptions:
     """How to make the detector of a prediction run: a torch ``checkpoint``, ``random_weights`` of
-    ``preset`` (smoke tests), or an exported ONNX ``model`` (onnxruntime).  Given to
+    ``preset`` (smoke tests), or an exported ``model`` run by ``backend``: ``onnxruntime`` (an .onnx
+    file) or ``openvino`` (an OpenVINO IR .xml or an .onnx file; the default for an .xml).  Given to
     ``predict_to_folder`` instead of a detector, it is built only after the inputs and the output
     folder passed their checks, so a typo costs no model loading."""
 
@@ -54,17 +59,66 @@ class DetectorOptions:
     size: int | None = None
     max_size: int | None = None
     mode: str = "exact"
+    backend: str | None = None  # torch, onnxruntime or openvino; None: from what is given
+
+    @property
+    def resolved_backend(self) -> str:
+        """The backend that runs: as given, else openvino for an .xml model, onnxruntime for another
+        model file, torch for a checkpoint or random weights."""
+        if self.backend is not None:
+            return self.backend
+        if self.model is None:
+            return "torch"
+        return "openvino" if Path(self.model).suffix.lower() == ".xml" else "onnxruntime"
+
+    def check(self) -> None:
+        """Before anything is loaded: the options name one model, a backend that runs it, and a
+        resize that fits the rule (``check_resize``).  Messages name the CLI's options.
+
+        Raises:
+            ConfigError: options that do not fit together.
+        """
+        from ..data.transforms import check_resize
+
+        backend = self.resolved_backend
+        if backend not in ("torch", "onnxruntime", "openvino"):
+            raise ConfigError(f"unknown backend '{backend}' (torch, onnxruntime or openvino)")
+        if backend != "torch" and not self.model:
+            raise ConfigError(f"--backend {backend} needs --model MODEL.onnx (made by `dinodet export`)")
+        if backend == "torch" and self.model:
+            raise ConfigError("--model is an exported model: use it with --backend onnxruntime or openvino "
+                              "(or drop --backend)")
+        if backend == "onnxruntime" and Path(self.model).suffix.lower() == ".xml":
+            raise ConfigError("--model is an OpenVINO IR: use it with --backend openvino (or drop --backend)")
+        if backend == "torch" and not (self.checkpoint or self.random_weights):
+            raise ConfigError("one of --checkpoint PATH, --random-weights or --model MODEL.onnx is required")
+        if self.model and self.preset:
+            raise ConfigError("--preset does not apply to --model (the ONNX file records its preset)")
+        if self.random_weights and not self.preset:
+            raise ConfigError("--random-weights needs --preset NAME (e.g. --preset tiny)")
+        check_resize(self.size, self.max_size, ("--size", "--max-size"))
+        if backend != "torch" and self.mode != "exact":
+            raise ConfigError("--mode applies to the PyTorch backend; an exported model runs as it was exported")
 
     def build(self) -> AnyDetector:
         """The detector (logs a warning for random weights, a note for compiled modes).
 
         Raises:
-            CheckpointError, ConfigError: see ``Detector.from_checkpoint`` / ``OnnxDetector``.
+            CheckpointError, ConfigError: see ``Detector.from_checkpoint`` / ``OnnxDetector`` /
+                ``OpenVinoDetector``.
         """
         # deferred: torch + torchvision take seconds; checking the inputs needs neither
         from .detector import Detector
 
+        self.check()
         if self.model is not None:
+            backend = self.resolved_backend
+            if backend == "openvino":
+                from .openvino_runtime import OpenVinoDetector
+
+                return OpenVinoDetector(self.model, device=self.device, size=self.size, max_size=self.max_size)
+            if backend != "onnxruntime":
+                raise ConfigError(f"an exported model runs with the onnxruntime or openvino backend, not '{backend}'")
             from .onnx_runtime import OnnxDetector
 
             return OnnxDetector(self.model, device=self.device, size=self.size, max_size=self.max_size)
@@ -105,12 +159,14 @@ class Output:
 @dataclass(frozen=True)
 class PredictSummary:
     """What a prediction run did: ``images`` inputs found, ``done`` of them predicted and drawn (the
-    others were reported and skipped), their COCO ``records`` and where they were written."""
+    others were reported and skipped), their COCO ``records`` and where they were written (None when
+    there was no image), and one summary per video source that was processed."""
 
     images: int
     done: int
-    predictions: Path
+    predictions: Path | None
     records: list[dict[str, Any]] = field(default_factory=list)
+    videos: list[VideoSummary] = field(default_factory=list)
 
     @property
     def skipped(self) -> int:
@@ -169,57 +225,119 @@ def predict_to_folder(
     batch_size: int = 1,
     progress: bool = True,
     overwrite: bool = False,
+    save_images: bool = True,
+    vid_stride: int = 1,
+    max_frames: int | None = None,
 ) -> PredictSummary:
-    """Detect objects in ``inputs`` (image files and/or folders) and write ``out_dir/<stem>.jpg``
-    (detections drawn) and ``out_dir/predictions.json`` (COCO records, bbox xywh in original pixels,
-    rounded).  ``out_dir`` is created if needed, and removed again if nothing came of the run.  Files
-    of those names that dinodet did not write are replaced only with ``overwrite``.
+    """Detect objects in ``inputs`` (image files and/or folders, video files, a webcam index, stream
+    URLs) and write ``out_dir/<stem>.jpg`` (detections drawn; not without ``save_images``) and
+    ``out_dir/predictions.json`` (COCO records, bbox xywh in original pixels, rounded) for the images,
+    ``out_dir/<stem>.mp4`` and ``out_dir/<stem>.jsonl`` for each video (see
+    ``video.predict_video_to_folder``: every ``vid_stride``-th frame, at most ``max_frames``).
+    ``out_dir`` is created if needed, and removed again if nothing came of the run.  Files of those
+    names that dinodet did not write are replaced only with ``overwrite``.
 
     Raises:
-        ImageLoadError: no input image, a lone input that cannot be read, or none that could be processed.
+        ImageLoadError: no input, a lone input that cannot be read, or no image that could be processed.
         ConfigError: ``out_dir`` is not writable, would overwrite an input or (without ``overwrite``)
-            holds a file of an output's name that dinodet did not write.
+            holds a file of an output's name that dinodet did not write; the video extra is missing.
     """
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    paths = gather_images(inputs)
+    videos = [str(s) for s in inputs if is_video_source(s)]
+    image_inputs = [s for s in inputs if not is_video_source(s)]
+    paths = gather_images(image_inputs) if image_inputs or not videos else []
     out_dir = Path(out_dir)
     outputs = output_names(paths, out_dir)
+    stems = video_stems(videos, out_dir)
     check_out_folder(out_dir)
-    check_not_foreign(out_dir, [*(o.picture for o in outputs.values()), PREDICTIONS_JSON], overwrite=overwrite)
+    names = [*(o.picture for o in outputs.values() if save_images), *([PREDICTIONS_JSON] if paths else []),
+             *(f"{stem}{ext}" for stem in stems.values() for ext in ((".jsonl", ".mp4") if save_images else
+                                                                     (".jsonl",)))]
+    check_not_foreign(out_dir, names, overwrite=overwrite)
+    for source in videos:  # a typo costs no model loading
+        if is_file_source(source) and not Path(source).is_file():
+            raise ImageLoadError(f"video file '{source}' not found")
     if isinstance(detector, DetectorOptions):
         detector = detector.build()
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []  # the pictures written, recorded even when the run stops halfway
     done = 0
+    records: list[dict[str, Any]] = []
     # A lone unreadable image is an error; in a set of images it is reported and skipped.
     try:
-        records, done = _predict_files(detector, outputs, out_dir, threshold, batch_size, len(paths) > 1,
-                                       progress and len(paths) >= PROGRESS_MIN_IMAGES, written)
+        if paths:
+            records, done = _predict_files(detector, outputs, out_dir, threshold, batch_size,
+                                           len(paths) + len(videos) > 1,
+                                           progress and len(paths) >= PROGRESS_MIN_IMAGES, written, save_images)
     finally:
         record_outputs(out_dir, written, COMMAND)
-        if created and done == 0 and not any(out_dir.iterdir()):  # nothing came of it: leave no empty folder
+        if created and done == 0 and not videos and not any(out_dir.iterdir()):  # nothing came of it
             out_dir.rmdir()
-    if done == 0:
+    json_path = None
+    if paths and done == 0 and not videos:
         raise ImageLoadError(f"none of the {len(paths)} images could be processed (see the warnings above); "
                              "nothing written")
-    json_path = out_dir / PREDICTIONS_JSON
-    write_json_atomic(json_path, records)
-    record_outputs(out_dir, [PREDICTIONS_JSON], COMMAND)
-    return PredictSummary(images=len(paths), done=done, predictions=json_path, records=records)
+    if paths:
+        json_path = out_dir / PREDICTIONS_JSON
+        write_json_atomic(json_path, records)
+        record_outputs(out_dir, [PREDICTIONS_JSON], COMMAND)
+    done_videos = _predict_videos(detector, stems, out_dir, len(paths) + len(videos) > 1, threshold=threshold,
+                                  batch_size=batch_size, vid_stride=vid_stride, max_frames=max_frames,
+                                  save_video=save_images, progress=progress)
+    return PredictSummary(images=len(paths), done=done, predictions=json_path, records=records, videos=done_videos)
+
+
+def video_stems(sources: Sequence[str], out_dir: Path) -> dict[str, str]:
+    """The output stem of each video source (``<stem>.mp4`` / ``<stem>.jsonl``): its stem, with the
+    extension (and a number if still taken) added when two sources share it.
+
+    Raises:
+        ConfigError: the annotated video would overwrite an input (e.g. ``--out`` is the video's folder).
+    """
+    counts = Counter(source_stem(s) for s in sources)
+    stems: dict[str, str] = {}
+    for source in dict.fromkeys(sources):
+        stem = base = source_stem(source)
+        if counts[base] > 1:
+            ext = Path(source).suffix.lower().lstrip(".")
+            stem = base = f"{base}_{ext}" if ext else base
+            n = 2
+            while stem in stems.values():
+                stem, n = f"{base}_{n}", n + 1
+        if is_file_source(source) and (out_dir / f"{stem}.mp4").resolve() == Path(source).resolve():
+            raise ConfigError(f"--out '{out_dir}' would overwrite the input video '{source}'; choose another folder")
+        stems[source] = stem
+    return stems
+
+
+def _predict_videos(detector: AnyDetector, stems: dict[str, str], out_dir: Path, skip_failures: bool,
+                    **options: Any) -> list[VideoSummary]:
+    """Run ``predict_video_to_folder`` on each source of ``stems``; with ``skip_failures`` a source
+    that cannot be opened is reported and skipped.  Its files are in the manifest before they are
+    written, so that a crash leaves no file a later run refuses to replace."""
+    summaries = []
+    for source, stem in stems.items():
+        record_outputs(out_dir, [f"{stem}.jsonl", *([f"{stem}.mp4"] if options["save_video"] else [])], COMMAND)
+        try:
+            summaries.append(predict_video_to_folder(detector, source, out_dir, stem, **options))
+        except ImageLoadError as e:
+            if not skip_failures:
+                raise
+            log.warning("%s; skipped", e)
+    return summaries
 
 
 def _predict_files(detector: AnyDetector, outputs: dict[Path, Output], out_dir: Path, threshold: float,
                    batch_size: int, skip_failures: bool, progress: bool,
-                   written: list[str]) -> tuple[list[dict[str, Any]], int]:
-    """Run the detector over the inputs of ``outputs`` (in order); write annotated images (their
-    names appended to ``written``).  Returns (records, images done)."""
+                   written: list[str], save_images: bool = True) -> tuple[list[dict[str, Any]], int]:
+    """Run the detector over the inputs of ``outputs`` (in order); write annotated images (with
+    ``save_images``; their names appended to ``written``).  Returns (records, images done)."""
     from tqdm import tqdm
 
-    from ..visualize import draw_detections
     from .records import coco_records
 
     paths = list(outputs)
@@ -229,22 +347,28 @@ def _predict_files(detector: AnyDetector, outputs: dict[Path, Output], out_dir: 
         for start in range(0, len(paths), batch_size):
             chunk = load_images(paths[start : start + batch_size], skip_failures)
             for (path, image), pred in predict_chunk(detector, chunk, threshold, skip_failures):
-                picture = out_dir / outputs[path].picture
-                try:
-                    if max(image.size) > JPEG_MAX_SIDE:  # said here: libjpeg would print its own line on stderr
-                        raise OSError(f"a JPEG holds at most {JPEG_MAX_SIDE} pixels a side, the image is "
-                                      f"{image.width}x{image.height}")
-                    save_image_atomic(draw_detections(image, pred.boxes, pred.class_names, pred.scores), picture,
-                                      quality=90)
-                    written.append(picture.name)
-                except OSError as e:  # the detections are the result; the picture only shows them
-                    log.warning("cannot write '%s': %s; its detections are in %s", picture, e.strerror or e,
-                                PREDICTIONS_JSON)
+                if save_images:
+                    _save_picture(image, pred, out_dir / outputs[path].picture, written)
                 records.extend(coco_records(pred.scores, pred.category_ids, pred.boxes,
                                             file_name=outputs[path].file_name, rounded=True))
                 done += 1
             bar.update(min(batch_size, len(paths) - start))
     return records, done
+
+
+def _save_picture(image: Image.Image, pred: Any, picture: Path, written: list[str]) -> None:
+    """Draw ``pred`` on ``image`` into ``picture`` (its name appended to ``written``); a picture that
+    cannot be written is a warning, since the detections are the result and the picture only shows them."""
+    from ..visualize import draw_detections
+
+    try:
+        if max(image.size) > JPEG_MAX_SIDE:  # said here: libjpeg would print its own line on stderr
+            raise OSError(f"a JPEG holds at most {JPEG_MAX_SIDE} pixels a side, the image is "
+                          f"{image.width}x{image.height}")
+        save_image_atomic(draw_detections(image, pred.boxes, pred.class_names, pred.scores), picture, quality=90)
+        written.append(picture.name)
+    except OSError as e:
+        log.warning("cannot write '%s': %s; its detections are in %s", picture, e.strerror or e, PREDICTIONS_JSON)
 
 
 def predict_chunk(detector: AnyDetector, chunk: list[tuple[Path, Image.Image]], threshold: float,
