@@ -478,28 +478,17 @@ def _add_check_data(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_check_data(args: argparse.Namespace) -> int:
-    from .data.checks import check_dataset, format_report
-    from .data.coco import check_data_root
-    from .data.splits import split_exists
-    from .engine.pictures import check_data_out, write_data_pictures
+    from .data.checks import format_report
+    from .engine.data_check import check_data
 
-    if args.pictures < 0:
-        raise ConfigError(f"--pictures must be >= 0, got {args.pictures}")
-    check_data_root(args.data)
-    spec = _data_spec(args)
-    splits = args.split or [spec.train_split] + ([spec.val_split] if split_exists(spec, spec.val_split) else [])
-    if args.out:
-        check_data_out(args.out, splits, overwrite=args.overwrite)
     status = 0
-    for split in splits:
-        report = check_dataset(args.data, args.format, split, decode=args.decode)
-        _say(f"[{split}]")
-        _say(format_report(report))
-        if report.usable_images <= 0:
-            status = 1
-        elif args.out:
-            pics = write_data_pictures(args.data, split, args.out, format=args.format, pictures=args.pictures,
-                                       overwrite=args.overwrite)
+    for checked in check_data(_data_spec(args), args.split, decode=args.decode, out_dir=args.out,
+                              pictures=args.pictures, overwrite=args.overwrite):
+        _say(f"[{checked.split}]")
+        _say(format_report(checked.report))
+        status = max(status, int(checked.report.usable_images <= 0))  # a split with no usable image: exit 1
+        if checked.pictures:
+            pics = checked.pictures
             _say(f"pictures: {pics.count} images with their boxes -> {pics.folder}; boxes per class -> {pics.chart}")
     return status
 
