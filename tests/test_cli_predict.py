@@ -39,7 +39,7 @@ def check_outputs(out: Path, image_dir: Path, names: list[str], threshold: float
     assert isinstance(records, list) and records
     sizes = {name: Image.open(image_dir / name).size for name in names}
     for r in records:
-        assert set(r) == {"file_name", "category_id", "bbox", "score"}
+        assert set(r) == {"image_id", "file_name", "category_id", "class_name", "bbox", "score"}
         assert r["file_name"] in names
         # a random 91-slot model may pick any slot, including the unused (N/A) COCO ids
         assert isinstance(r["category_id"], int) and 0 <= r["category_id"] < 91

@@ -88,7 +88,7 @@ def test_coco_records_for_files_are_rounded_and_keep_category_ids():
     boxes = torch.tensor([[1.23456, 2.0, 11.0, 4.5]])
     assert coco_records(scores, cats, boxes, file_name="a.jpg", rounded=True) == [
         {"file_name": "a.jpg", "category_id": 18, "bbox": [1.23, 2.0, 9.77, 2.5], "score": 0.12346}]
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="image_id, file_name or both"):
         coco_records(scores, cats, boxes)
 
 
@@ -123,6 +123,12 @@ def test_per_class_ap_and_precision_recall_curves(mixed_sizes):
                      else {"AP": -1.0, "AP50": -1.0}), name
     assert len(scores.pr_curves["recall"]) == 101 and scores.pr_curves["recall"][-1] == 1.0
     assert scores.pr_curves["IoU=0.50"] == [pytest.approx(1.0)] * 101
+    # perfect detections: every GT box on the diagonal of the confusion matrix, no background
+    confusion = scores.confusion
+    assert confusion["classes"] == [*scores.per_class, "background"] and (confusion["iou"], confusion["score"]) == (0.5, 0.25)
+    counts = confusion["counts"]
+    assert [counts[k][k] for k in range(len(counts) - 1)] == [sum(row) for row in counts[:-1]]
+    assert sum(map(sum, counts)) == len(_perfect(coco)) and counts[-1][-1] == 0
     # one class's detections gone: that class scores 0, the others stay perfect, the mean curve drops
     person = next(c["id"] for c in coco.dataset["categories"] if c["name"] == "person")
     scores = coco_scores(coco, [r for r in _perfect(coco) if r["category_id"] != person])
@@ -169,6 +175,8 @@ def test_unreadable_images_are_reported_and_left_out(tmp_path: Path, mixed_sizes
     assert dataset.report.unreadable_images == 1
     kept = [i for i in dataset.image_ids if i != bad_id]
     assert result.metrics["AP"] == coco_scores(dataset.coco, result.records, kept).metrics["AP"]
+    kept_gt = [a for a in dataset.coco.dataset["annotations"] if a["image_id"] in kept and not a.get("iscrowd")]
+    assert sum(map(sum, result.confusion["counts"][:-1])) == len(kept_gt)  # the unreadable image's GT left out
 
     written = write_eval_pictures(result, dataset, tmp_path / "out", pictures=NUM_IMAGES, threshold=0.0)
     assert {p.name for p in written} == {PR_CURVE, PER_CLASS_AP, "val_predictions"}

@@ -64,8 +64,8 @@ def test_predict_to_folder_writes_pictures_and_rounded_records(tmp_path: Path, c
     assert (summary.images, summary.done, summary.skipped) == (3, 2, 1) and "broken.jpg" in caplog.text
     assert sorted(p.name for p in (tmp_path / "out").glob("*.jpg")) == ["a.jpg", "b.jpg"]
     records = json.loads(summary.predictions.read_text())
-    assert records == summary.records and records[0] == {"file_name": "a.jpg", "category_id": 7,
-                                                         "bbox": [0.0, 0.0, 4.0, 6.0], "score": 0.12346}
+    assert records == summary.records and records[0] == {"image_id": 1, "file_name": "a.jpg", "category_id": 7,
+                                                         "class_name": "thing", "bbox": [0.0, 0.0, 4.0, 6.0], "score": 0.12346}
 
 
 def test_nothing_processed_is_an_error_and_leaves_no_folder(tmp_path: Path):

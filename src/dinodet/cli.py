@@ -174,8 +174,8 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Detect objects in images (files or folders of images) and write, into --out, one "
             "annotated JPEG per image (same stem) and predictions.json: a list of "
-            '{"file_name", "category_id", "bbox": [x, y, w, h], "score"} records in pixels of the '
-            "original image.  Images sharing a stem (cam1/0001.jpg, cam2/0001.jpg) are written as "
+            '{"image_id", "file_name", "category_id", "class_name", "bbox": [x, y, w, h], "score"} records in '
+            "pixels of the original image, which COCO.loadRes reads (image ids from --image-info, else 1..N).  Images sharing a stem (cam1/0001.jpg, cam2/0001.jpg) are written as "
             "FOLDER_STEM.jpg and named by their path.  Images that cannot be read are reported and "
             "skipped; the exit status is 0 when at least one image was processed.  A video (mp4, mkv, avi, "
             "mov, webm), webcam index (0) or stream URL (rtsp://, http(s)://) gives OUT/NAME.mp4 (detections "
@@ -220,7 +220,19 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
                    help="write no annotated images or videos, only the detections (predictions.json, NAME.jsonl)")
     p.add_argument("--vid-stride", type=int, default=1, metavar="N", help="videos: every Nth frame (default 1)")
     p.add_argument("--max-frames", type=int, metavar="N", help="videos: stop after N processed frames per source")
+    p.add_argument("--image-info", metavar="FILE.json",
+                   help="COCO annotation or image-info file (e.g. instances_val2017.json): predictions.json takes its "
+                   "image ids, matched by file name, so COCOeval scores it (default: ids 1..N in input order)")
+    p.add_argument("--classes", metavar="LIST", type=_class_list,
+                   help="keep only these classes: comma-separated category ids and/or class names, e.g. 1,3 or person,car")
+    p.add_argument("--max-det", type=int, metavar="N", help="keep at most N detections per image or frame (highest scores)")
     p.set_defaults(func=_run_predict)
+
+
+def _class_list(text: str) -> list[int | str]:
+    """``--classes 1,car``: numbers are category ids, other words class names."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return [int(t) if t.lstrip("-").isdigit() else t for t in items]
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -233,7 +245,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     _check_predict_args(args)
     summary = predict_to_folder(options, args.images, args.out, threshold=args.threshold, batch_size=args.batch_size,
                                 overwrite=args.overwrite, save_images=not args.no_save_images,
-                                vid_stride=args.vid_stride, max_frames=args.max_frames)
+                                vid_stride=args.vid_stride, max_frames=args.max_frames, image_info=args.image_info,
+                                classes=args.classes, max_det=args.max_det)
     if summary.images:
         _say(
             f"dinodet: {len(summary.records)} detection(s) in {summary.done} image(s) -> {summary.predictions}"
@@ -265,7 +278,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
             "Train DINO on --data (train split; evaluated on the val split if there is one, else on "
             "the training images).  RUN_DIR (--out) receives checkpoint.pt (resumable), "
             "checkpoint_best.pt, metrics.jsonl, tb/ (TensorBoard), curves.png, config.json and, at the "
-            "end, metrics.json (final COCO evaluation, with AP per class), pr_curve.png, per_class_ap.png and "
+            "end, metrics.json (final COCO evaluation, with AP per class), pr_curve.png, per_class_ap.png, "
+            "confusion_matrix.png and "
             "val_predictions/ (val images with the detections drawn).  The number of classes comes from the dataset.  "
             "The same command runs distributed under `torchrun --nproc_per_node N -m dinodet train ...` (or --slurm)."
         ),
@@ -403,7 +417,8 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Evaluate a dinodet or official DINO checkpoint on a split of --data with pycocotools: "
             "prints AP, AP50, AP75, APs/m/l and AP per class; with --out also writes metrics.json (fractions), "
-            "predictions.json (COCO results), pr_curve.png, per_class_ap.png and SPLIT_predictions/ (images "
+            "predictions.json (COCO results), pr_curve.png, per_class_ap.png, confusion_matrix.png and "
+            "SPLIT_predictions/ (images "
             "with the detections drawn).  Images that cannot be read are reported and left out.  Images are resized as the checkpoint's config says "
             "(data.eval_size / data.max_size; change with --set).  EMA weights are used when the "
             "checkpoint has them.  Runs distributed under torchrun."

@@ -58,6 +58,7 @@ def check_eval_out(out_dir: str | Path, *, overwrite: bool = False) -> None:
     Raises:
         ConfigError: it is not.
     """
+    from .confusion import CONFUSION_MATRIX
     from .pictures import PER_CLASS_AP, PR_CURVE
     from .run_dir import CHECKPOINT
 
@@ -65,7 +66,8 @@ def check_eval_out(out_dir: str | Path, *, overwrite: bool = False) -> None:
     if (Path(out_dir) / CHECKPOINT).is_file():
         raise ConfigError(f"--out '{out_dir}' holds a training run; its results would be replaced "
                           "(choose another --out)")
-    check_not_foreign(Path(out_dir), (METRICS_JSON, PREDICTIONS_JSON, PR_CURVE, PER_CLASS_AP), overwrite=overwrite)
+    check_not_foreign(Path(out_dir), (METRICS_JSON, PREDICTIONS_JSON, PR_CURVE, PER_CLASS_AP, CONFUSION_MATRIX),
+                      overwrite=overwrite)
 
 
 def evaluate_checkpoint(
@@ -156,25 +158,28 @@ def _report_unreadable(unreadable: list[int], dataset: Any, split: str, data: st
 
 def write_eval_outputs(evaluation: CheckpointEvaluation, out_dir: str | Path, *, pictures: int = 8,
                        picture_threshold: float = 0.3, overwrite: bool = False) -> list[Path]:
-    """Write ``out_dir/metrics.json`` (with AP per class), ``predictions.json`` (COCO records), the
-    PR curves, AP per class and ``pictures`` images of the split with their detections drawn
-    (``SPLIT_predictions/``); returns the paths, metrics.json and predictions.json first.  Call it
-    on rank 0 (``evaluation.is_main``): the others hold no records.  Files dinodet did not write are
+    """Write ``out_dir/metrics.json`` (with AP per class and the confusion matrix counts),
+    ``predictions.json`` (COCO records), the PR curves, AP per class, ``confusion_matrix.png`` and
+    ``pictures`` images of the split with their detections drawn (``SPLIT_predictions/``); returns
+    the paths, metrics.json and predictions.json first.  Call it on rank 0 (``evaluation.is_main``): the others hold no records.  Files dinodet did not write are
     replaced only with ``overwrite`` (``check_eval_out``, best called before the evaluation).
 
     Raises:
         ConfigError: see ``check_eval_out``.
     """
+    from .confusion import write_confusion_chart
     from .pictures import write_eval_pictures
 
     out = Path(out_dir)
     check_eval_out(out, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     result = evaluation.result
-    write_json_atomic(out / METRICS_JSON, {**evaluation.metrics, "per_class": result.per_class})
+    write_json_atomic(out / METRICS_JSON, {**evaluation.metrics, "per_class": result.per_class,
+                                           "confusion_matrix": result.confusion})
     write_json_atomic(out / PREDICTIONS_JSON, result.records)
     record_outputs(out, (METRICS_JSON, PREDICTIONS_JSON), COMMAND)
     written = write_eval_pictures(result, evaluation.dataset, out, pictures=pictures, threshold=picture_threshold,
                                   folder=f"{evaluation.split}_predictions", command=COMMAND, overwrite=overwrite)
+    written += write_confusion_chart(result.confusion, out)
     record_outputs(out, [p.name for p in written if p.is_file()], COMMAND)
     return [out / METRICS_JSON, out / PREDICTIONS_JSON, *written]

@@ -33,6 +33,7 @@ from ..inference.modes import autocast as amp_autocast
 from ..inference.records import coco_records
 from ..models.postprocess import postprocess
 from ..targets import Target
+from .confusion import coco_confusion
 from .distributed import DistInfo, all_gather_objects, broadcast_object
 
 #: COCOeval.stats in order; the AP* entries are the headline metrics written to metrics.json.
@@ -48,6 +49,7 @@ class EvalResult:
     ``per_class``: dataset class name -> {"AP", "AP50"} (-1: no GT of that class).
     ``pr_curves``: "recall" (COCO's 101 recall points) and, per IoU threshold ("IoU=0.50",
     "IoU=0.75", "IoU=0.50:0.95"), the precision at each of them averaged over the classes.
+    ``confusion``: the confusion matrix (``confusion.coco_confusion``; empty when not computed).
     ``records``: the COCO result records (rank 0 only).
     ``unreadable_ids``: ids of the images that could not be read (left out of the scores).
     """
@@ -57,6 +59,7 @@ class EvalResult:
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)
     pr_curves: dict[str, list[float]] = field(default_factory=dict)
     unreadable_ids: list[int] = field(default_factory=list)
+    confusion: dict[str, Any] = field(default_factory=dict)
 
 
 class _Indexed(Dataset):
@@ -149,11 +152,12 @@ def _predict_group(items: list[tuple[Tensor, Target]], model: nn.Module,
 
 @dataclass
 class CocoScores:
-    """What COCOeval gives for one set of detections (see EvalResult for the fields)."""
+    """What COCOeval gives for one set of detections, and their confusion matrix (see EvalResult)."""
 
     metrics: dict[str, float]
     per_class: dict[str, dict[str, float]]
     pr_curves: dict[str, list[float]]
+    confusion: dict[str, Any]
 
 
 def coco_scores(coco_gt: Any, records: Sequence[dict[str, Any]],
@@ -190,7 +194,8 @@ def coco_scores(coco_gt: Any, records: Sequence[dict[str, Any]],
     for label, rows in (("IoU=0.50", precision[:1]), ("IoU=0.75", precision[5:6]), ("IoU=0.50:0.95", precision)):
         if (rows > -1).any():  # mean over IoU thresholds and the classes that have GT, per recall point
             curves[label] = [_mean_valid(rows[:, r]) for r in range(rows.shape[1])]
-    return CocoScores({k: float(v) for k, v in zip(COCO_STATS, evaluator.stats)}, per_class, curves)
+    confusion = coco_confusion(coco_gt, records, names, evaluator.params.imgIds)
+    return CocoScores({k: float(v) for k, v in zip(COCO_STATS, evaluator.stats)}, per_class, curves, confusion)
 
 
 def _mean_valid(values: Any) -> float:
@@ -238,7 +243,7 @@ def evaluate(
     if unreadable:
         metrics["unreadable_images"] = len(unreadable)
     return EvalResult(metrics=metrics, records=records, per_class=scores.per_class, pr_curves=scores.pr_curves,
-                      unreadable_ids=list(unreadable))
+                      unreadable_ids=list(unreadable), confusion=scores.confusion)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -1,5 +1,5 @@
 """Pictures of results as PNGs: training curves (loss and AP per epoch), precision-recall curves and
-per-class AP of an evaluation, and speed charts (``dinodet bench``).
+per-class AP and the confusion matrix of an evaluation, and speed charts (``dinodet bench``).
 
 Uses matplotlib's object API with the Agg canvas directly, so no GUI backend and no pyplot global
 state is involved (safe in headless jobs and in threads).  matplotlib's warnings (e.g. a class name's
@@ -117,6 +117,40 @@ def plot_per_class_ap(per_class: dict[str, dict[str, float]], path: Path, title:
     ax.set(xlim=(0, 1.1), xlabel="AP", title=title or "AP per class")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+@_warnings_logged
+def plot_confusion_matrix(confusion: dict[str, Any], path: Path, title: str = "", annotate_up_to: int = 30) -> Path:
+    """Write ``path`` (PNG): the confusion matrix (``EvalResult.confusion``), each GT row normalised
+    to its share (so rare and common classes read alike), with the counts written in the cells when
+    there are at most ``annotate_up_to`` classes (more would not be legible)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = [list(map(int, row)) for row in confusion.get("counts", [])]
+    if not counts or not any(any(row) for row in counts):
+        raise ValueError("no ground truth or detection to count")
+    names = list(confusion["classes"])
+    shares = [[c / max(sum(row), 1) for c in row] for row in counts]
+    side = min(4 + 0.35 * len(names), 24)
+    fig = Figure(figsize=(side + 1.5, side), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the GT row")
+    fontsize = 8 if len(names) <= 30 else 5
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(len(names)), names, fontsize=fontsize)
+    if len(names) - 1 <= annotate_up_to:
+        for i, row in enumerate(counts):
+            for j, c in enumerate(row):
+                if c:
+                    ax.text(j, i, str(c), ha="center", va="center", fontsize=7,
+                            color="white" if shares[i][j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="ground truth",
+           title=title or f"confusion matrix (IoU {confusion['iou']:g}, score > {confusion['score']:g})")
     fig.tight_layout()
     return _save(fig, path)
 

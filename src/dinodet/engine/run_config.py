@@ -126,11 +126,12 @@ def run_training(
 def run_pictures(run_dir: str | Path) -> list[str]:
     """The pictures a finished run (train or demo) holds, by name (``curves.png``, ...,
     ``val_predictions/``): some need detections or ground truth, so not every run has all."""
+    from .confusion import CONFUSION_MATRIX
     from .pictures import PER_CLASS_AP, PR_CURVE, PREDICTIONS_DIR
     from .run_dir import CURVES
 
     run_dir = Path(run_dir)
-    found = [n for n in (CURVES, PR_CURVE, PER_CLASS_AP) if (run_dir / n).is_file()]
+    found = [n for n in (CURVES, PR_CURVE, PER_CLASS_AP, CONFUSION_MATRIX) if (run_dir / n).is_file()]
     if (run_dir / PREDICTIONS_DIR).is_dir():
         found.append(f"{PREDICTIONS_DIR}/")
     return found

@@ -27,6 +27,7 @@ from torch import nn
 from ..checkpoint import key_problems, read_train_state, save_checkpoint
 from ..config import DINOConfig, TrainConfig
 from ..errors import CheckpointError, ConfigError, first_line
+from .confusion import CONFUSION_MATRIX
 from .distributed import DistInfo, all_gather_objects, get_rng_state, seed_everything, set_rng_state
 from .ema import ModelEMA
 from .logging import METRICS_LOG, TB_DIR
@@ -41,7 +42,7 @@ CURVES = "curves.png"
 RESOLVED_CONFIG = "config.json"
 # everything a run writes in RUN_DIR besides checkpoint.pt, none of which a new run may overwrite
 RUN_OUTPUTS = (BEST_CHECKPOINT, FINAL_METRICS, METRICS_LOG, RESOLVED_CONFIG, CURVES, PR_CURVE, PER_CLASS_AP,
-               PREDICTIONS_DIR, TB_DIR)
+               CONFUSION_MATRIX, PREDICTIONS_DIR, TB_DIR)
 TRAIN_STATE_VERSION = 1
 
 

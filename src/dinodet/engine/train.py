@@ -54,6 +54,7 @@ from ..inference.modes import compute_dtype
 from ..models.attention import configure_msda
 from ..models.criterion import SetCriterion, build_criterion
 from ..models.matcher import NonFiniteCostError
+from .confusion import write_confusion_chart
 from .distributed import (
     all_gather_tensor,
     all_reduce_sum,
@@ -477,10 +478,12 @@ class Trainer:
         metrics.update(epoch=round(self.epochs_done, 4), step=self.counters.step, ema_weights=self.ema is not None,
                        best_AP=max(self.counters.best_ap, metrics["AP"]))
         if self.info.is_main:
-            write_json_atomic(self.run_dir / FINAL_METRICS, {**metrics, "per_class": self.last_eval.per_class})
+            write_json_atomic(self.run_dir / FINAL_METRICS, {**metrics, "per_class": self.last_eval.per_class,
+                                                             "confusion_matrix": self.last_eval.confusion})
             plot_curves(self.logger.records, self.run_dir / CURVES)
             write_eval_pictures(self.last_eval, self.val_set, self.run_dir, pictures=self.opts.pictures,
                                 threshold=self.opts.picture_threshold)
+            write_confusion_chart(self.last_eval.confusion, self.run_dir)
         return metrics
 
 

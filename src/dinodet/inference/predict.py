@@ -9,10 +9,14 @@ the run's error.  A picture that cannot be written (JPEG stops at 65,500 pixels 
 disk) is a warning: the image's detections still go to predictions.json.  No file the user put in
 the folder is replaced (``files.check_not_foreign``) unless ``overwrite``.  Video files, a webcam index
 and stream URLs among the inputs go to ``video.predict_video_to_folder`` (``OUT/<stem>.mp4`` and
-``OUT/<stem>.jsonl``) under the same rules.
+``OUT/<stem>.jsonl``) under the same rules.  Records carry an ``image_id`` that ``COCO.loadRes``
+accepts: from an ``image_info`` file (a COCO annotation or image-info file) matched by file name, else
+1..N in input order; ``classes`` and ``max_det`` select detections for every output alike.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import sys
 from collections import Counter
@@ -173,6 +177,101 @@ class PredictSummary:
         return self.images - self.done
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Which detections a run keeps: those whose category id is in ``category_ids`` or whose class
+    name is in ``names`` (every class when both are empty), then at most ``max_det`` per image, the
+    highest scores (a Prediction is sorted by score)."""
+
+    category_ids: frozenset[int] = frozenset()
+    names: frozenset[str] = frozenset()
+    max_det: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.category_ids or self.names) or self.max_det is not None
+
+    def apply(self, pred: Any) -> Any:
+        """``pred`` (a ``Prediction``) with only the selected detections."""
+        import torch
+
+        keep = [i for i, (cat, name) in enumerate(zip(pred.category_ids.tolist(), pred.class_names))
+                if not (self.category_ids or self.names) or cat in self.category_ids or name in self.names]
+        index = torch.tensor(keep[: self.max_det], dtype=torch.int64)
+        return dataclasses.replace(pred, boxes=pred.boxes[index], scores=pred.scores[index],
+                                   labels=pred.labels[index], category_ids=pred.category_ids[index],
+                                   class_names=[pred.class_names[i] for i in index.tolist()])
+
+
+def make_selection(classes: Sequence[int | str] | None, max_det: int | None,
+                   known_names: Sequence[str] | None = None) -> Selection:
+    """The Selection of ``classes`` (category ids and/or class names) and ``max_det``.  With
+    ``known_names`` (the model's classes) a name the model does not have is an error, since it
+    would silently select nothing.
+
+    Raises:
+        ConfigError: an empty ``classes``, ``max_det`` < 1 or an unknown class name.
+    """
+    if classes is not None and not classes:
+        raise ConfigError("--classes needs at least one category id or class name")
+    if max_det is not None and max_det < 1:
+        raise ConfigError(f"--max-det must be >= 1, got {max_det}")
+    names = frozenset(c for c in classes or () if isinstance(c, str))
+    if known_names is not None and names - set(known_names):
+        unknown = ", ".join(repr(n) for n in sorted(names - set(known_names)))
+        raise ConfigError(f"--classes: unknown class name(s) {unknown}; the model's classes are "
+                          f"{', '.join(dict.fromkeys(known_names))}")
+    ids = frozenset(int(c) for c in classes or () if not isinstance(c, str))
+    return Selection(ids, names, max_det)
+
+
+class SelectingDetector:
+    """A detector whose predictions keep only ``selection``'s detections: one place that serves the
+    pictures, predictions.json and the video JSONL alike."""
+
+    def __init__(self, detector: AnyDetector, selection: Selection) -> None:
+        self.detector, self.selection = detector, selection
+
+    def predict(self, images: Sequence[Any], threshold: float = 0.3, batch_size: int = 1) -> list[Any]:
+        preds = self.detector.predict(images, threshold=threshold, batch_size=batch_size)
+        return [self.selection.apply(p) for p in preds]
+
+
+def image_ids(paths: Sequence[Path], image_info: str | Path | None) -> dict[Path, int]:
+    """The COCO ``image_id`` of each input: 1..N in input order, or with ``image_info`` (a COCO
+    annotation or image-info file) the id of the entry whose ``file_name`` is the input's path tail
+    (``val2017/a.jpg`` matches ``data/val2017/a.jpg``; a bare name matches when no other entry has
+    it).  Inputs not in the file are left out, with one warning for all of them.
+
+    Raises:
+        ConfigError: the file cannot be read, has no ``images`` list, or names none of the inputs.
+    """
+    if image_info is None:
+        return {p: i for i, p in enumerate(paths, start=1)}
+    try:
+        entries = json.loads(Path(image_info).read_text(encoding="utf-8"))["images"]
+        by_name = {str(e["file_name"]).replace("\\", "/"): int(e["id"]) for e in entries}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--image-info '{image_info}' is not a readable COCO annotation or image-info file "
+                          f"(an \"images\" list of {{\"id\", \"file_name\"}}): {first_line(e)}") from e
+    bare = Counter(name.rsplit("/", 1)[-1] for name in by_name)
+    by_bare = {name.rsplit("/", 1)[-1]: i for name, i in by_name.items() if bare[name.rsplit("/", 1)[-1]] == 1}
+    ids: dict[Path, int] = {}
+    for p in paths:
+        parts = p.as_posix().split("/")
+        found = next((by_name[t] for t in ("/".join(parts[k:]) for k in range(len(parts))) if t in by_name),
+                     by_bare.get(p.name))
+        if found is not None:
+            ids[p] = found
+    missing = [p for p in paths if p not in ids]
+    if paths and len(missing) == len(paths):
+        raise ConfigError(f"none of the {len(paths)} images is in --image-info '{image_info}' (matched by file name)")
+    if missing:
+        log.warning("%d image(s) are not in '%s' (e.g. '%s'): their detections are left out of %s",
+                    len(missing), image_info, missing[0], PREDICTIONS_JSON)
+    return ids
+
+
 def gather_images(inputs: Sequence[str | Path]) -> list[Path]:
     """The image files of ``inputs`` (files, and folders expanded to the images directly inside),
     each once: a file named twice (also as "a.jpg" and "dir/../a.jpg") runs once.
@@ -228,6 +327,9 @@ def predict_to_folder(
     save_images: bool = True,
     vid_stride: int = 1,
     max_frames: int | None = None,
+    image_info: str | Path | None = None,
+    classes: Sequence[int | str] | None = None,
+    max_det: int | None = None,
 ) -> PredictSummary:
     """Detect objects in ``inputs`` (image files and/or folders, video files, a webcam index, stream
     URLs) and write ``out_dir/<stem>.jpg`` (detections drawn; not without ``save_images``) and
@@ -235,12 +337,16 @@ def predict_to_folder(
     ``out_dir/<stem>.mp4`` and ``out_dir/<stem>.jsonl`` for each video (see
     ``video.predict_video_to_folder``: every ``vid_stride``-th frame, at most ``max_frames``).
     ``out_dir`` is created if needed, and removed again if nothing came of the run.  Files of those
-    names that dinodet did not write are replaced only with ``overwrite``.
+    names that dinodet did not write are replaced only with ``overwrite``.  Records carry ``image_id``
+    (see ``image_ids``: from ``image_info``, else 1..N), ``file_name`` and ``class_name``.  ``classes``
+    (category ids and/or class names) and ``max_det`` (per image or frame) select the detections of
+    every output.
 
     Raises:
         ImageLoadError: no input, a lone input that cannot be read, or no image that could be processed.
         ConfigError: ``out_dir`` is not writable, would overwrite an input or (without ``overwrite``)
-            holds a file of an output's name that dinodet did not write; the video extra is missing.
+            holds a file of an output's name that dinodet did not write; the video extra is missing;
+            ``image_info`` is unreadable or names none of the images; an unknown class name in ``classes``.
     """
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
@@ -251,6 +357,8 @@ def predict_to_folder(
     paths = gather_images(image_inputs) if image_inputs or not videos else []
     out_dir = Path(out_dir)
     outputs = output_names(paths, out_dir)
+    make_selection(classes, max_det)  # the checks that need no model, before it is loaded
+    ids = image_ids(paths, image_info)
     stems = video_stems(videos, out_dir)
     check_out_folder(out_dir)
     names = [*(o.picture for o in outputs.values() if save_images), *([PREDICTIONS_JSON] if paths else []),
@@ -262,6 +370,9 @@ def predict_to_folder(
             raise ImageLoadError(f"video file '{source}' not found")
     if isinstance(detector, DetectorOptions):
         detector = detector.build()
+    selection = make_selection(classes, max_det, detector.class_names if classes else None)
+    if selection.active:
+        detector = SelectingDetector(detector, selection)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []  # the pictures written, recorded even when the run stops halfway
@@ -270,7 +381,7 @@ def predict_to_folder(
     # A lone unreadable image is an error; in a set of images it is reported and skipped.
     try:
         if paths:
-            records, done = _predict_files(detector, outputs, out_dir, threshold, batch_size,
+            records, done = _predict_files(detector, outputs, ids, out_dir, threshold, batch_size,
                                            len(paths) + len(videos) > 1,
                                            progress and len(paths) >= PROGRESS_MIN_IMAGES, written, save_images)
     finally:
@@ -331,11 +442,12 @@ def _predict_videos(detector: AnyDetector, stems: dict[str, str], out_dir: Path,
     return summaries
 
 
-def _predict_files(detector: AnyDetector, outputs: dict[Path, Output], out_dir: Path, threshold: float,
-                   batch_size: int, skip_failures: bool, progress: bool,
+def _predict_files(detector: AnyDetector, outputs: dict[Path, Output], ids: dict[Path, int], out_dir: Path,
+                   threshold: float, batch_size: int, skip_failures: bool, progress: bool,
                    written: list[str], save_images: bool = True) -> tuple[list[dict[str, Any]], int]:
     """Run the detector over the inputs of ``outputs`` (in order); write annotated images (with
-    ``save_images``; their names appended to ``written``).  Returns (records, images done)."""
+    ``save_images``; their names appended to ``written``).  Returns (records, images done); an input
+    without an image id (``image_ids``) gets a picture but no records."""
     from tqdm import tqdm
 
     from .records import coco_records
@@ -349,8 +461,10 @@ def _predict_files(detector: AnyDetector, outputs: dict[Path, Output], out_dir: 
             for (path, image), pred in predict_chunk(detector, chunk, threshold, skip_failures):
                 if save_images:
                     _save_picture(image, pred, out_dir / outputs[path].picture, written)
-                records.extend(coco_records(pred.scores, pred.category_ids, pred.boxes,
-                                            file_name=outputs[path].file_name, rounded=True))
+                if path in ids:
+                    records.extend(coco_records(pred.scores, pred.category_ids, pred.boxes, image_id=ids[path],
+                                                file_name=outputs[path].file_name, class_names=pred.class_names,
+                                                rounded=True))
                 done += 1
             bar.update(min(batch_size, len(paths) - start))
     return records, done

@@ -22,25 +22,28 @@ def coco_records(
     *,
     image_id: int | None = None,
     file_name: str | None = None,
+    class_names: Sequence[str] | None = None,
     rounded: bool = False,
 ) -> list[dict[str, Any]]:
-    """COCO result records of one image's detections: ``{"image_id" or "file_name", "category_id",
-    "bbox": [x, y, w, h], "score"}`` with boxes given xyxy in original pixels.
+    """COCO result records of one image's detections: ``{"image_id" and/or "file_name", "category_id",
+    ["class_name",] "bbox": [x, y, w, h], "score"}`` with boxes given xyxy in original pixels.
 
     ``category_ids[label]`` is the category id of each class index (None: the class is dropped, e.g.
     no counterpart in the evaluated dataset); without it ``labels`` already are category ids.  The
-    image is named by ``image_id`` (what COCOeval matches) or ``file_name`` (what a user reading
-    predictions.json of arbitrary files needs), exactly one of them.  ``rounded`` keeps 0.01 px and
+    image is named by ``image_id`` (what COCOeval matches), ``file_name`` (what a user reading
+    predictions.json of arbitrary files needs) or both.  ``class_names`` (one per detection, as
+    ``Prediction.class_names``) adds ``class_name`` for people and tools that read names.  ``rounded`` keeps 0.01 px and
     1e-5 of score, far below the model's precision, for files people read; COCOeval gets full floats.
     Detections with a NaN or infinite score or box are dropped (a warning, once per process): NaN is
     not JSON, and COCOeval would count a NaN box as a match.
     """
-    if (image_id is None) == (file_name is None):
-        raise ValueError("give exactly one of image_id and file_name")
-    key: dict[str, Any] = {"image_id": image_id} if file_name is None else {"file_name": file_name}
+    if image_id is None and file_name is None:
+        raise ValueError("give image_id, file_name or both")
+    key: dict[str, Any] = {k: v for k, v in (("image_id", image_id), ("file_name", file_name)) if v is not None}
     xywh = box_xyxy_to_xywh(boxes.float()).tolist()
+    names: Sequence[str | None] = class_names if class_names is not None else [None] * len(xywh)
     records = []
-    for score, label, box in zip(scores.tolist(), labels.tolist(), xywh):
+    for score, label, box, name in zip(scores.tolist(), labels.tolist(), xywh, names):
         cat = label if category_ids is None else category_ids[label]
         if cat is None:
             continue
@@ -49,7 +52,8 @@ def coco_records(
             continue
         if rounded:
             box, score = [round(v, 2) for v in box], round(score, 5)
-        records.append({**key, "category_id": int(cat), "bbox": box, "score": float(score)})
+        named = {"class_name": name} if name is not None else {}
+        records.append({**key, "category_id": int(cat), **named, "bbox": box, "score": float(score)})
     return records
 
 
