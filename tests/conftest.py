@@ -140,3 +140,29 @@ def dispatched_ops() -> Iterator[Counter]:
 
     with _Count():
         yield counts
+
+
+def same_records(a: list[dict], b: list[dict], backend: str = "the other backend") -> None:
+    """Two predictions.json record lists hold the same detections (any order among near-equal scores): labels equal, boxes within 1e-3 relative
+    (+ the 0.01 px rounding of predictions.json), scores within 1e-4."""
+    assert len(a) == len(b) and a
+    unused = list(b)
+    for r in a:
+        for i, s in enumerate(unused):
+            if (s["file_name"] == r["file_name"] and s["category_id"] == r["category_id"]
+                    and abs(s["score"] - r["score"]) <= 1e-4
+                    and all(abs(x - y) <= 1e-3 * abs(x) + 0.011 for x, y in zip(r["bbox"], s["bbox"]))):
+                del unused[i]
+                break
+        else:
+            raise AssertionError(f"no {backend} detection matches {r}")
+
+
+def one_line_export_error(capsys: pytest.CaptureFixture[str], *fragments: str) -> None:
+    """The CLI said exactly one ``dinodet: error:`` line (besides warnings and the export's progress
+    note), holding every fragment."""
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dinodet:")
+             and not ln.startswith("dinodet: warning:") and not ln.startswith("dinodet: exporting")]
+    assert len(lines) == 1 and lines[0].startswith("dinodet: error: "), lines
+    for f in fragments:
+        assert f in lines[0], lines

@@ -19,7 +19,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from conftest import TEST_MAX_SIZE, TEST_SIZE
+from conftest import TEST_MAX_SIZE, TEST_SIZE, one_line_export_error, same_records
 
 from dinodet.cli import main
 from dinodet.config import ConfigError, DINOConfig
@@ -39,14 +39,6 @@ def session(path: Path) -> ort.InferenceSession:
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str], *fragments: str) -> None:
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dinodet:")
-             and not ln.startswith("dinodet: warning:") and not ln.startswith("dinodet: exporting")]
-    assert len(lines) == 1 and lines[0].startswith("dinodet: error: "), lines
-    for f in fragments:
-        assert f in lines[0], lines
 
 
 @pytest.fixture(scope="module")
@@ -192,22 +184,6 @@ def test_fp16_conversion_keeps_float32_io(fixed_gather_onnx: Path, sample_images
 # ------------------------------------------------------------------------------------- predict
 
 
-def same_records(a: list[dict], b: list[dict]) -> None:
-    """Same detections (any order among near-equal scores): labels equal, boxes within 1e-3 relative
-    (+ the 0.01 px rounding of predictions.json), scores within 1e-4."""
-    assert len(a) == len(b) and a
-    unused = list(b)
-    for r in a:
-        for i, s in enumerate(unused):
-            if (s["file_name"] == r["file_name"] and s["category_id"] == r["category_id"]
-                    and abs(s["score"] - r["score"]) <= 1e-4
-                    and all(abs(x - y) <= 1e-3 * abs(x) + 0.011 for x, y in zip(r["bbox"], s["bbox"]))):
-                del unused[i]
-                break
-        else:
-            raise AssertionError(f"no onnxruntime detection matches {r}")
-
-
 def test_predict_onnxruntime_backend_matches_torch(dynamic_onnx: Path, run_checkpoint: Path, image_dir: Path,
                                                    tmp_path: Path, one_thread):
     # no --size: each backend resizes by its file's defaults, which must agree (and EMA weights on both)
@@ -218,7 +194,7 @@ def test_predict_onnxruntime_backend_matches_torch(dynamic_onnx: Path, run_check
     ref = json.loads((tmp_path / "torch" / "predictions.json").read_text())
     got = json.loads((tmp_path / "ort" / "predictions.json").read_text())
     assert len({r["file_name"] for r in got}) == 3  # the three readable images of image_dir
-    same_records(ref, got)
+    same_records(ref, got, "onnxruntime")
     annotated = [sorted(p.name for p in (tmp_path / d).glob("*.jpg")) for d in ("torch", "ort")]
     assert annotated[0] == annotated[1] and len(annotated[0]) == 3
 
@@ -243,7 +219,7 @@ def test_cli_export_unknown_opset_is_one_line_error(tiny_checkpoint: Path, tmp_p
                                                     capsys: pytest.CaptureFixture[str]):
     out = tmp_path / "m.onnx"
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--opset", opset]) == 2
-    one_line_error(capsys, f"unsupported ONNX opset {opset}", f"{MIN_OPSET}..{MAX_OPSET}")
+    one_line_export_error(capsys, f"unsupported ONNX opset {opset}", f"{MIN_OPSET}..{MAX_OPSET}")
     assert not out.exists()
 
 
@@ -266,7 +242,7 @@ def test_export_takes_the_ops_backend_names_and_overrides_config_and_variable(ti
 
 def test_cli_export_missing_checkpoint_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "m.onnx")]) == 2
-    one_line_error(capsys, "checkpoint not found", "nope.pt")
+    one_line_export_error(capsys, "checkpoint not found", "nope.pt")
 
 
 def test_api_rejects_bad_options(tiny_detector: Detector, tmp_path: Path):
@@ -292,20 +268,20 @@ def test_api_rejects_bad_options(tiny_detector: Detector, tmp_path: Path):
 def test_predict_onnxruntime_errors_are_one_line(image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     image = str(image_dir / "000000000009.jpg")
     assert main(["predict", image, "--backend", "onnxruntime", "--out", str(tmp_path / "o")]) == 2
-    one_line_error(capsys, "needs --model")
+    one_line_export_error(capsys, "needs --model")
     assert main(["predict", image, "--model", str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "o")]) == 2
-    one_line_error(capsys, "ONNX model not found")
+    one_line_export_error(capsys, "ONNX model not found")
     plain = tmp_path / "plain.onnx"  # a valid ONNX file that is not a dinodet export
     node = onnx.helper.make_node("Identity", ["x"], ["y"])
     vi = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in ("x", "y")]
     onnx.save(onnx.helper.make_model(onnx.helper.make_graph([node], "g", vi[:1], vi[1:])), str(plain))
     assert main(["predict", image, "--model", str(plain), "--out", str(tmp_path / "o")]) == 2
-    one_line_error(capsys, "not a dinodet ONNX export")
+    one_line_export_error(capsys, "not a dinodet ONNX export")
     model = onnx.load(str(plain))  # the format tag, but not the rest of the metadata
     onnx.helper.set_model_props(model, {"format": METADATA_FORMAT, "preset": "tiny", "class_names": "[oops"})
     onnx.save(model, str(plain))
     assert main(["predict", image, "--model", str(plain), "--out", str(tmp_path / "o")]) == 2
-    one_line_error(capsys, "invalid dinodet metadata")
+    one_line_export_error(capsys, "invalid dinodet metadata")
 
 
 
@@ -334,7 +310,7 @@ def test_onnx_metadata_that_does_not_fit_the_model_is_one_line(request: pytest.F
         OnnxDetector(path)
     assert main(["predict", str(image_dir / "000000000009.jpg"), "--model", str(path), "--out",
                  str(tmp_path / "o")]) == 2
-    one_line_error(capsys, str(path), fragment)
+    one_line_export_error(capsys, str(path), fragment)
 
 
 # ----------------------------------------------------------------------------- dino_r50_4scale

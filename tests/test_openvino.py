@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
-from conftest import SAMPLE_NAMES, TEST_MAX_SIZE, TEST_SIZE
+from conftest import SAMPLE_NAMES, TEST_MAX_SIZE, TEST_SIZE, one_line_export_error, same_records
 
 from dinodet.cli import main
 from dinodet.errors import CheckpointError
@@ -25,14 +25,6 @@ from dinodet.inference.onnx_runtime import METADATA_FORMAT
 from dinodet.inference.openvino_runtime import RT_INFO_SECTION, OpenVinoDetector
 
 SIZE_ARGS = ["--size", str(TEST_SIZE), "--max-size", str(TEST_MAX_SIZE)]
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str], *fragments: str) -> None:
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dinodet:")
-             and not ln.startswith("dinodet: warning:") and not ln.startswith("dinodet: exporting")]
-    assert len(lines) == 1 and lines[0].startswith("dinodet: error: "), lines
-    for f in fragments:
-        assert f in lines[0], lines
 
 
 @pytest.fixture(scope="module")
@@ -70,22 +62,6 @@ def test_ir_carries_the_metadata_and_float32_weights(ir: Path):
     assert detector.fixed_batch is None and detector.fixed_hw is None and detector.metadata == meta
 
 
-def same_records(a: list[dict], b: list[dict]) -> None:
-    """Same detections (any order among near-equal scores): labels equal, boxes within 1e-3 relative
-    (+ the 0.01 px rounding of predictions.json), scores within 1e-4."""
-    assert len(a) == len(b) and a
-    unused = list(b)
-    for r in a:
-        for i, s in enumerate(unused):
-            if (s["file_name"] == r["file_name"] and s["category_id"] == r["category_id"]
-                    and abs(s["score"] - r["score"]) <= 1e-4
-                    and all(abs(x - y) <= 1e-3 * abs(x) + 0.011 for x, y in zip(r["bbox"], s["bbox"]))):
-                del unused[i]
-                break
-        else:
-            raise AssertionError(f"no openvino detection matches {r}")
-
-
 def test_predict_openvino_backend_matches_torch(ir: Path, tiny_checkpoint: Path, two_photos: Path, tmp_path: Path,
                                                 one_thread):
     common = [str(two_photos), "--threshold", "0"]
@@ -96,7 +72,7 @@ def test_predict_openvino_backend_matches_torch(ir: Path, tiny_checkpoint: Path,
     ref = json.loads((tmp_path / "torch" / "predictions.json").read_text())
     got = json.loads((tmp_path / "ov" / "predictions.json").read_text())
     assert {r["file_name"] for r in got} == set(SAMPLE_NAMES[:2])
-    same_records(ref, got)
+    same_records(ref, got, "openvino")
 
 
 def test_static_and_dynamic_compilations_agree(ir: Path, tiny_detector: Detector, sample_images: list[Path],
@@ -121,20 +97,20 @@ def test_predict_openvino_errors_are_one_line(ir: Path, two_photos: Path, tmp_pa
 
     image, out = str(two_photos / SAMPLE_NAMES[0]), str(tmp_path / "o")
     assert main(["predict", image, "--backend", "openvino", "--out", out]) == 2
-    one_line_error(capsys, "--backend openvino needs --model")
+    one_line_export_error(capsys, "--backend openvino needs --model")
     assert main(["predict", image, "--backend", "onnxruntime", "--model", str(ir), "--out", out]) == 2
-    one_line_error(capsys, "OpenVINO IR", "--backend openvino")
+    one_line_export_error(capsys, "OpenVINO IR", "--backend openvino")
     assert main(["predict", image, "--model", str(tmp_path / "missing.xml"), "--out", out]) == 2
-    one_line_error(capsys, "OpenVINO model not found")
+    one_line_export_error(capsys, "OpenVINO model not found")
     assert main(["predict", image, "--model", str(ir), "--mode", "compile", "--out", out]) == 2
-    one_line_error(capsys, "--mode applies to the PyTorch backend")
+    one_line_export_error(capsys, "--mode applies to the PyTorch backend")
     # an ONNX file read by OpenVINO: its metadata is checked as onnxruntime's backend checks it
     plain = tmp_path / "plain.onnx"
     node = onnx.helper.make_node("Identity", ["x"], ["y"])
     vi = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in ("x", "y")]
     onnx.save(onnx.helper.make_model(onnx.helper.make_graph([node], "g", vi[:1], vi[1:])), str(plain))
     assert main(["predict", image, "--backend", "openvino", "--model", str(plain), "--out", out]) == 2
-    one_line_error(capsys, "not a dinodet ONNX export")
+    one_line_export_error(capsys, "not a dinodet ONNX export")
     model = onnx.load(str(plain))
     onnx.helper.set_model_props(model, {"format": METADATA_FORMAT, "preset": "tiny", "class_names": "[oops"})
     onnx.save(model, str(plain))
@@ -142,7 +118,7 @@ def test_predict_openvino_errors_are_one_line(ir: Path, two_photos: Path, tmp_pa
         OpenVinoDetector(plain)
     (tmp_path / "broken.xml").write_text("<net>")
     assert main(["predict", image, "--model", str(tmp_path / "broken.xml"), "--out", out]) == 2
-    one_line_error(capsys, "not a readable OpenVINO IR or ONNX model")
+    one_line_export_error(capsys, "not a readable OpenVINO IR or ONNX model")
 
 
 def test_missing_openvino_is_one_line(monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path, two_photos: Path,
@@ -151,7 +127,7 @@ def test_missing_openvino_is_one_line(monkeypatch: pytest.MonkeyPatch, tiny_chec
     hint = "pip install 'dinodet[openvino]'"
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--format", "openvino",
                  "--out", str(tmp_path / "m.xml")]) == 2
-    one_line_error(capsys, hint)
+    one_line_export_error(capsys, hint)
     (tmp_path / "m.xml").write_text("<net/>")
     assert main(["predict", str(two_photos), "--model", str(tmp_path / "m.xml"), "--out", str(tmp_path / "o")]) == 2
-    one_line_error(capsys, hint)
+    one_line_export_error(capsys, hint)

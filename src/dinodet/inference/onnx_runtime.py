@@ -29,7 +29,59 @@ METADATA_FORMAT = "dinodet-onnx-v1"
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-class OnnxDetector:
+class ExportedModelDetector:
+    """What the runtimes of an exported model share (``OnnxDetector``, ``OpenVinoDetector``): the
+    ``Detector.predict`` interface over ``predict_in_batches`` and the feed of one batch.  A runtime
+    sets the attributes below from the file and implements ``_infer``."""
+
+    path: Path
+    size: int
+    max_size: int
+    class_names: list[str]
+    _category_ids: Tensor
+    input_names: list[str]
+    fixed_batch: int | None
+    fixed_hw: tuple[int, int] | None
+    with_postprocess: bool
+    num_select: int
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float = 0.3,
+                batch_size: int = 1) -> list[Prediction]:
+        """Detect objects in one image or a sequence of images (see ``Detector.predict``).
+
+        A model exported with a fixed batch size runs batches of that size (whatever
+        ``batch_size``); with a fixed input size every image is padded to it.
+        """
+        # a dynamic-size model runs same-size images together (unpadded, as Detector.predict);
+        # a fixed-size one pads every image to its input size anyway
+        return predict_in_batches(images, self.run, threshold=threshold, batch_size=self.fixed_batch or batch_size,
+                                  size=self.size, max_size=self.max_size, class_names=self.class_names,
+                                  category_ids=self._category_ids,
+                                  group_multiple=1 if self.fixed_hw is None else None)
+
+    def run(self, images: Tensor, mask: Tensor, orig_sizes: Tensor) -> Detections:
+        """The model on a preprocessed batch (``preprocess_batch``'s outputs) -> top-k detections."""
+        n = images.shape[0]
+        images, mask, orig_sizes = fit_input(self.path, images, mask, orig_sizes, self.fixed_hw, self.fixed_batch)
+        feed = {"images": images.numpy(), "mask": mask.numpy()}
+        if "orig_sizes" in self.input_names:
+            feed["orig_sizes"] = orig_sizes.numpy()
+        return to_detections(self._infer(feed), n, orig_sizes, self.with_postprocess, self.num_select)
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The model's outputs for one feed, in output order."""
+        raise NotImplementedError
+
+    def _use_metadata(self, path: Path, info: ExportMetadata) -> None:
+        """Take the label map, top-k size and resize from the file's checked metadata."""
+        self.path = path
+        self.metadata = info.properties
+        self.preset, self.class_names, self.num_select = info.preset, info.class_names, info.num_select
+        self._category_ids, self.with_postprocess = info.category_ids, info.with_postprocess
+        self.size, self.max_size = info.size, info.max_size
+
+
+class OnnxDetector(ExportedModelDetector):
     """An exported model in an onnxruntime session, with the ``Detector.predict`` interface.
 
     Args:
@@ -70,38 +122,14 @@ class OnnxDetector:
         outputs = [(o.name, o.shape[-1] if o.shape and isinstance(o.shape[-1], int) else None)
                    for o in self.session.get_outputs()]
         info = read_metadata(path, meta, outputs, size, max_size)
-        self.path = path
-        self.metadata = info.properties
-        self.preset, self.class_names, self.num_select = info.preset, info.class_names, info.num_select
-        self._category_ids, self.with_postprocess = info.category_ids, info.with_postprocess
-        self.size, self.max_size = info.size, info.max_size
+        self._use_metadata(path, info)
         self.input_names = [i.name for i in self.session.get_inputs()]
         shape = self.session.get_inputs()[0].shape  # [B, 3, H, W]; ints where fixed
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.fixed_hw = (shape[2], shape[3]) if isinstance(shape[2], int) and isinstance(shape[3], int) else None
 
-    def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float = 0.3,
-                batch_size: int = 1) -> list[Prediction]:
-        """Detect objects in one image or a sequence of images (see ``Detector.predict``).
-
-        A model exported with a fixed batch size runs batches of that size (whatever
-        ``batch_size``); with a fixed input size every image is padded to it.
-        """
-        # a dynamic-size model runs same-size images together (unpadded, as Detector.predict);
-        # a fixed-size one pads every image to its input size anyway
-        return predict_in_batches(images, self.run, threshold=threshold, batch_size=self.fixed_batch or batch_size,
-                                  size=self.size, max_size=self.max_size, class_names=self.class_names,
-                                  category_ids=self._category_ids,
-                                  group_multiple=1 if self.fixed_hw is None else None)
-
-    def run(self, images: Tensor, mask: Tensor, orig_sizes: Tensor) -> Detections:
-        """The model on a preprocessed batch (``preprocess_batch``'s outputs) -> top-k detections."""
-        n = images.shape[0]
-        images, mask, orig_sizes = fit_input(self.path, images, mask, orig_sizes, self.fixed_hw, self.fixed_batch)
-        feed = {"images": images.numpy(), "mask": mask.numpy()}
-        if "orig_sizes" in self.input_names:
-            feed["orig_sizes"] = orig_sizes.numpy()
-        return to_detections(self.session.run(None, feed), n, orig_sizes, self.with_postprocess, self.num_select)
+    def _infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feed)
 
 
 @dataclass(frozen=True)

@@ -15,19 +15,15 @@ the detections are the PyTorch model's.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from ..data.transforms import check_resize
 from ..errors import CheckpointError, ConfigError, first_line
-from ..models.postprocess import Detections
-from .detector import ImageInput, Prediction, predict_in_batches
-from .onnx_runtime import fit_input, read_metadata, to_detections
+from .onnx_runtime import ExportedModelDetector, read_metadata
 
 RT_INFO_SECTION = "dinodet"  # where ``deploy.export.to_openvino`` writes the metadata in an IR
 _ONNX_SECTION = "framework"  # where OpenVINO's ONNX reader puts an ONNX file's metadata properties
@@ -43,7 +39,7 @@ def require_openvino() -> Any:
     return openvino
 
 
-class OpenVinoDetector:
+class OpenVinoDetector(ExportedModelDetector):
     """An exported model compiled by OpenVINO for the CPU, with the ``Detector.predict`` interface.
 
     Args:
@@ -78,11 +74,7 @@ class OpenVinoDetector:
         outputs = [(o.get_any_name(), _length(o.get_partial_shape()[-1]) if o.get_partial_shape().rank.is_static
                     else None) for o in self.model.outputs]
         info = read_metadata(path, meta, outputs, size, max_size)
-        self.path = path
-        self.metadata = info.properties
-        self.preset, self.class_names, self.num_select = info.preset, info.class_names, info.num_select
-        self._category_ids, self.with_postprocess = info.category_ids, info.with_postprocess
-        self.size, self.max_size = info.size, info.max_size
+        self._use_metadata(path, info)
         self.input_names = [i.get_any_name() for i in self.model.inputs]
         shape = self.model.input("images").get_partial_shape()  # [B, 3, H, W]
         self.fixed_batch = _length(shape[0])
@@ -98,26 +90,11 @@ class OpenVinoDetector:
         if not self.model.is_dynamic():
             self._compiled["fixed"] = self._compile(self.model)
 
-    def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float = 0.3,
-                batch_size: int = 1) -> list[Prediction]:
-        """Detect objects in one image or a sequence of images (see ``Detector.predict``)."""
-        return predict_in_batches(images, self.run, threshold=threshold, batch_size=self.fixed_batch or batch_size,
-                                  size=self.size, max_size=self.max_size, class_names=self.class_names,
-                                  category_ids=self._category_ids,
-                                  group_multiple=1 if self.fixed_hw is None else None)
-
-    def run(self, images: Tensor, mask: Tensor, orig_sizes: Tensor) -> Detections:
-        """The model on a preprocessed batch (``preprocess_batch``'s outputs) -> top-k detections."""
-        n = images.shape[0]
-        images, mask, orig_sizes = fit_input(self.path, images, mask, orig_sizes, self.fixed_hw, self.fixed_batch)
-        feed = {"images": images.numpy(), "mask": mask.numpy()}
-        if "orig_sizes" in self.input_names:
-            feed["orig_sizes"] = orig_sizes.numpy()
-        compiled = self._compiled_for(tuple(images.shape))
+    def _infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        compiled = self._compiled_for(tuple(feed["images"].shape))
         result = compiled(feed)
         # copies: the arrays are the request's output buffers, overwritten by the next batch
-        return to_detections([np.array(result[o]) for o in compiled.outputs], n, orig_sizes, self.with_postprocess,
-                             self.num_select)
+        return [np.array(result[o]) for o in compiled.outputs]
 
     def _compiled_for(self, shape: tuple[int, ...]) -> Any:
         """The compiled model for an input of ``shape``: see the module docstring for which is used."""
