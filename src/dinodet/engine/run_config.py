@@ -12,13 +12,20 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..checkpoint import read_train_state, stored_config
 from ..config import ConfigError, DINOConfig, apply_overrides
+from ..data.coco import check_data_root
+from ..data.labels import LabelMap
+from ..data.splits import DataSpec, build_train_datasets
+from ..inference.detector import resolve_device
 from ..presets import get_preset
-
-if TYPE_CHECKING:
-    from ..data.labels import LabelMap
+from .confusion import CONFUSION_MATRIX
+from .distributed import dist_info_from_env
+from .pictures import PER_CLASS_AP, PR_CURVE, PREDICTIONS_DIR
+from .run_dir import CHECKPOINT, CURVES, check_run_dir
+from .train import TrainOptions, check_train_config, train
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +49,10 @@ def train_run_config(
         ConfigError: unknown preset or key, a value that does not fit, or a ``preset`` that is not the resumed run's.
         CheckpointError: the run's checkpoint cannot be read.
     """
-    from .run_dir import CHECKPOINT
-    from .train import check_train_config
 
     checkpoint = Path(run_dir) / CHECKPOINT
     label_map = None
     if resume and checkpoint.is_file():
-        from ..checkpoint import read_train_state, stored_config
-        from ..data.labels import LabelMap
 
         state = read_train_state(checkpoint)
         cfg = stored_config(state, checkpoint)
@@ -99,12 +102,6 @@ def run_training(
     Raises:
         ConfigError, CheckpointError, DatasetError, TrainingError: one-line messages for users.
     """
-    from ..data.coco import check_data_root
-    from ..data.splits import DataSpec, build_train_datasets
-    from ..inference.detector import resolve_device
-    from .distributed import dist_info_from_env
-    from .run_dir import check_run_dir
-    from .train import TrainOptions, train
 
     check_data_root(str(data))
     run_dir = Path(run_dir)
@@ -126,9 +123,6 @@ def run_training(
 def run_pictures(run_dir: str | Path) -> list[str]:
     """The pictures a finished run (train or demo) holds, by name (``curves.png``, ...,
     ``val_predictions/``): some need detections or ground truth, so not every run has all."""
-    from .confusion import CONFUSION_MATRIX
-    from .pictures import PER_CLASS_AP, PR_CURVE, PREDICTIONS_DIR
-    from .run_dir import CURVES
 
     run_dir = Path(run_dir)
     found = [n for n in (CURVES, PR_CURVE, PER_CLASS_AP, CONFUSION_MATRIX) if (run_dir / n).is_file()]
