@@ -8,6 +8,7 @@ from PIL import Image
 
 from dinodet.cli import main
 from dinodet.deploy.bench import parse_size, run_bench
+from dinodet.errors import ConfigError
 
 
 def test_bench_cli_writes_records_for_both_tasks(tmp_path, capsys, one_thread):
@@ -95,3 +96,30 @@ def test_speed_chart_one_panel_per_task_with_marks(tmp_path):
     assert not list(path.parent.glob(".*tmp*"))  # written atomically, no temporary left
     with pytest.raises(ValueError, match="no benchmark records"):
         plot_speed([], tmp_path / "empty.png")
+
+
+def test_exported_backend_rows_in_the_same_run(one_thread, monkeypatch, capsys):
+    """`dinodet bench --modes exact,openvino` exports the benched model inside the run and times it beside
+    the torch modes: one table, one reference, setup (export) and first-image times, the threads that ran."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("DINODET_OPENVINO_CACHE", "")
+    assert main(["bench", "--preset", "tiny", "--size", "96x128", "--modes", "exact,openvino", "--iters", "1",
+                 "--warmup", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("infer ")}
+    assert list(rows) == ["reference", "exact", "openvino"]
+    assert rows["reference"][-3] == "1.00x" and rows["openvino"][2] == "grid_sample"
+    assert float(rows["openvino"][-1]) > 0 and float(rows["openvino"][-2]) > 0  # setup s (export), first s
+    assert rows["exact"][-1] == "-"  # nothing exported for a torch mode
+    assert "openvino: openvino threads=1 hint=LATENCY streams=1 cache=off" in out
+    assert "exact: torch intra_op=1" in out
+
+
+def test_exported_backends_are_cpu_modes():
+    from dinodet.deploy.bench import EXPORTED, bench_modes
+
+    assert bench_modes("openvino_int8,onnxruntime", "infer", "cpu") == ["openvino_int8", "onnxruntime"]
+    with pytest.raises(ConfigError, match="cannot be benchmarked for train"):
+        bench_modes("openvino", "train", "cpu")
+    assert set(EXPORTED) == {"onnxruntime", "openvino", "openvino_int8"}

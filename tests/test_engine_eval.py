@@ -245,3 +245,28 @@ def test_pictures_of_images_sharing_a_stem_are_all_kept(tmp_path: Path):
     assert write_label_pictures(TwoFolders(), tmp_path / "out", limit=5) == 2
     widths = {p.name: Image.open(p).width for p in (tmp_path / "out").glob("*.jpg")}
     assert widths == {"x.jpg": 20, "x_12.jpg": 21}
+
+
+def test_a_detection_runner_evaluates_like_its_module(mixed_sizes):
+    """``evaluate`` takes an exported model's runtime (``run(images, mask, orig_sizes) -> Detections`` on
+    CPU tensors) in place of a module: a runner wrapping the same model gives the same records."""
+    from dinodet.engine.evaluate import DetectionRunner
+    from dinodet.models.postprocess import postprocess
+
+    model = Detector.from_random("tiny", seed=0, num_classes=mixed_sizes.label_map.num_classes).model.eval()
+    calls = []
+
+    class Runner:
+        num_select = 50
+
+        def run(self, images, mask, orig_sizes):
+            calls.append((images.device.type, tuple(images.shape), bool(mask.any())))
+            with torch.no_grad():
+                out = model(images, mask)
+            return postprocess(out.pred_logits, out.pred_boxes, orig_sizes, self.num_select)
+
+    assert isinstance(Runner(), DetectionRunner)
+    ref, got = _evaluate(model, mixed_sizes, 2), _evaluate(Runner(), mixed_sizes, 2)
+    assert got.records == ref.records and got.metrics == ref.metrics
+    assert len(calls) == NUM_IMAGES and all(dev == "cpu" and not padded for dev, _, padded in calls)
+    assert model.training is False

@@ -202,3 +202,22 @@ def test_from_random_seed_changes_the_weights():
     a = Detector.from_random("tiny", seed=1).model.state_dict()
     b = Detector.from_random("tiny", seed=2).model.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+
+def test_device_auto_picks_cuda_when_there_is_one(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    import logging
+
+    from dinodet.cli import build_parser
+    from dinodet.inference.detector import resolve_device
+
+    with caplog.at_level(logging.DEBUG, logger="dinodet"):
+        if not torch.cuda.is_available():
+            assert resolve_device("auto") == torch.device("cpu") and "using cpu" in caplog.text
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+        assert resolve_device("auto") == torch.device("cuda")
+    assert "device auto: using cuda (Test GPU)" in caplog.text
+    parser = build_parser()
+    for command in (["predict", "x.jpg", "--out", "o"], ["eval", "--checkpoint", "c.pt", "--data", "d"],
+                    ["train", "--data", "d", "--out", "r"], ["bench"]):
+        assert parser.parse_args(command).device == "auto", command

@@ -27,6 +27,14 @@ from dinodet.inference.openvino_runtime import RT_INFO_SECTION, OpenVinoDetector
 SIZE_ARGS = ["--size", str(TEST_SIZE), "--max-size", str(TEST_MAX_SIZE)]
 
 
+@pytest.fixture(autouse=True)
+def no_compile_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No compiled-model cache in the user's home from these tests (the cache test sets its own)."""
+    from dinodet.inference.openvino_runtime import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, "")
+
+
 @pytest.fixture(scope="module")
 def ir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
     """The tiny checkpoint as an OpenVINO IR, through the CLI: dynamic shapes, the test resize."""
@@ -131,3 +139,143 @@ def test_missing_openvino_is_one_line(monkeypatch: pytest.MonkeyPatch, tiny_chec
     (tmp_path / "m.xml").write_text("<net/>")
     assert main(["predict", str(two_photos), "--model", str(tmp_path / "m.xml"), "--out", str(tmp_path / "o")]) == 2
     one_line_export_error(capsys, hint)
+
+
+# ------------------------------------------------------------------------------------------ eval
+
+
+@pytest.fixture
+def self_labelled(tmp_path: Path, tiny_checkpoint: Path) -> Path:
+    """Four coco128 images labelled with the tiny model's own five best detections per image (in the
+    test resize): the torch model scores AP 1 on them, so a backend that detects anything else (other
+    preprocessing, boxes, labels) scores visibly less; a random model on the real labels scores ~0."""
+    from conftest import COCO128
+
+    from dinodet.engine.eval_checkpoint import evaluate_checkpoint
+
+    data = tmp_path / "data"
+    shutil.copytree(COCO128 / "images", data / "images")
+    ann_file = data / "annotations" / "instances_train2017.json"
+    gt = json.loads((COCO128 / "annotations" / "instances_train2017.json").read_text())
+    gt["images"] = gt["images"][:4]
+    ann_file.parent.mkdir()
+    ann_file.write_text(json.dumps({**gt, "annotations": []}))
+    ev = evaluate_checkpoint(tiny_checkpoint, data, split="train2017", overrides=[f"data.eval_size={TEST_SIZE}",
+                             f"data.max_size={TEST_MAX_SIZE}"], progress=False)
+    records = sorted(ev.result.records, key=lambda r: (r["image_id"], -r["score"]))
+    annotations = []
+    for image in gt["images"]:
+        inside = [r for r in records if r["image_id"] == image["id"] and r["bbox"][0] >= 0 and r["bbox"][1] >= 0
+                  and r["bbox"][0] + r["bbox"][2] <= image["width"] and r["bbox"][1] + r["bbox"][3] <= image["height"]]
+        for r in inside[:5]:  # boxes inside the image: a GT box would be clipped
+            x, y, w, h = r["bbox"]
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": r["category_id"],
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+    ann_file.write_text(json.dumps({**gt, "annotations": annotations}))
+    return data
+
+
+def test_eval_openvino_backend_scores_as_torch(ir: Path, tiny_checkpoint: Path, self_labelled: Path, tmp_path: Path,
+                                               one_thread, capsys: pytest.CaptureFixture[str]):
+    """`dinodet eval --model M.xml` runs the evaluation path of `--checkpoint` and scores the same AP.
+
+    Tolerance 0.005: the backends' boxes differ by ~1e-5 relative (float32 kernels), which can move a
+    box across one of COCOeval's IoU thresholds only when it lies within that distance of it; the
+    labels are the torch model's own detections, so anything but float noise costs far more."""
+    resize = [f"data.eval_size={TEST_SIZE}", f"data.max_size={TEST_MAX_SIZE}"]
+    common = ["eval", "--data", str(self_labelled), "--split", "train2017", "--no-progress"]
+    assert main([*common, "--checkpoint", str(tiny_checkpoint), *[a for o in resize for a in ("--set", o)],
+                 "--out", str(tmp_path / "torch")]) == 0
+    # no --set: the resize and the top-k size come from the IR's metadata; the backend from the .xml suffix
+    assert main([*common, "--model", str(ir), "--out", str(tmp_path / "ov")]) == 0
+    ref = json.loads((tmp_path / "torch" / "metrics.json").read_text())
+    got = json.loads((tmp_path / "ov" / "metrics.json").read_text())
+    # its own detections (AP < 1: higher-scored boxes crossing the image border, left out of the labels,
+    # take some matches); the random model scores ~0 on the real coco128 labels
+    assert ref["AP"] > 0.7
+    assert got["mode"] == "openvino" and got["checkpoint"] == str(ir) and got["num_images"] == 4
+    for key in ("AP", "AP50", "AP75"):
+        assert got[key] == pytest.approx(ref[key], abs=0.005), (key, got[key], ref[key])
+    preds = json.loads((tmp_path / "ov" / "predictions.json").read_text())
+    assert len(preds) == len(json.loads((tmp_path / "torch" / "predictions.json").read_text())) > 0  # same top-k
+    assert "dinodet: 4 images of 'train2017'" in capsys.readouterr().out
+
+
+def test_eval_exported_model_errors_are_one_line(ir: Path, tiny_checkpoint: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]):
+    from conftest import COCO128
+
+    common = ["eval", "--data", str(COCO128)]
+    assert main([*common, "--model", str(ir), "--backend", "onnxruntime"]) == 2
+    one_line_export_error(capsys, "OpenVINO IR", "--backend openvino")
+    assert main([*common, "--model", str(ir), "--mode", "bf16"]) == 2
+    one_line_export_error(capsys, "--mode applies to the PyTorch backend")
+    assert main([*common, "--checkpoint", str(tiny_checkpoint), "--backend", "openvino"]) == 2
+    one_line_export_error(capsys, "--backend openvino needs --model")
+    assert main([*common, "--model", str(tmp_path / "missing.xml")]) == 2
+    one_line_export_error(capsys, "OpenVINO model not found")
+
+
+# ------------------------------------------------------------------------------------ int8, threads, cache
+
+
+def test_int8_keeps_the_accuracy_critical_layers_float32(ir: Path, tmp_path: Path, two_photos: Path, one_thread):
+    """NNCF quantises the IR calibrated on two photos; the MSDA sampling offsets / attention weights and
+    the class / box heads are float32 (no FakeQuantize on their inputs), the other linear layers and
+    convolutions are int8, and the result still detects through the same runtime."""
+    import openvino as ov
+
+    pytest.importorskip("nncf", reason="the 'nncf' package (int8 export; pip install 'dinodet[openvino]')")
+    from dinodet.deploy.export import INT8_FP32_MODULES, quantize_openvino
+
+    out = quantize_openvino(ir, tmp_path / "int8.xml", two_photos, calib_images=2).path
+    model = ov.Core().read_model(str(out))
+    meta = {k: str(v) for k, v in model.get_rt_info([RT_INFO_SECTION]).value.items()}
+    assert meta["int8"] == "true" and json.loads(meta["int8_calibration"])["images"] == 2
+    quantised, kept = [], []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in ("MatMul", "Convolution"):
+            continue
+        module = op.get_friendly_name().split("/")[0]
+        fed_by_fq = any(op.input_value(i).get_node().get_type_name() == "FakeQuantize" for i in range(op.get_input_size()))
+        (kept if set(module.split(".")) & set(INT8_FP32_MODULES) else quantised).append((module, fed_by_fq))
+    assert kept and not any(fq for _, fq in kept), [m for m, fq in kept if fq]
+    assert any(".sampling_offsets" in m for m, _ in kept) and any(m.startswith("model.class_head") for m, _ in kept)
+    assert sum(fq for _, fq in quantised) >= len(quantised) // 2  # the bulk is int8
+    assert any("backbone" in m and fq for m, fq in quantised)
+    (pred,) = OpenVinoDetector(out, cache_dir=None).predict(two_photos / SAMPLE_NAMES[0], threshold=0.0)
+    assert len(pred.scores) > 0 and torch.isfinite(pred.boxes).all()
+
+
+def test_export_int8_option_errors(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    common = ["export", "--checkpoint", str(tiny_checkpoint)]
+    assert main([*common, "--format", "openvino", "--int8", "--out", str(tmp_path / "m.xml")]) == 2
+    one_line_export_error(capsys, "--int8 needs --calib-data DIR")
+    assert main([*common, "--int8", "--calib-data", str(tmp_path), "--out", str(tmp_path / "m.onnx")]) == 2
+    one_line_export_error(capsys, "need --format openvino")
+    assert main([*common, "--format", "openvino", "--int8", "--calib-data", str(tmp_path),
+                 "--out", str(tmp_path / "m.xml")]) == 2
+    one_line_export_error(capsys, "holds no image")
+    assert not list(tmp_path.glob("m.*"))
+
+
+def test_threads_and_compiled_model_cache(ir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          sample_images: list[Path], one_thread):
+    """One thread each (torch's setting), the LATENCY hint, and the compiled blob cached: a second
+    load reads it instead of compiling (the cache folder gains nothing new)."""
+    from dinodet.inference.openvino_runtime import CACHE_ENV, default_cache_dir
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    assert default_cache_dir() == tmp_path / "cache"
+    first = OpenVinoDetector(ir, static_shapes=0)
+    first.predict(sample_images[0])  # 640x480 -> 160x213
+    compiled = first._compiled["dynamic"]
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert str(compiled.get_property("PERFORMANCE_HINT")) in ("LATENCY", "PerformanceMode.LATENCY")
+    blobs = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert blobs and first.thread_settings.startswith("openvino threads=1 hint=LATENCY")
+    second = OpenVinoDetector(ir, static_shapes=0)
+    second._compiled_for((1, 3, 160, 213))
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == blobs  # read, not compiled again
+    monkeypatch.setenv(CACHE_ENV, "")
+    assert default_cache_dir() is None and OpenVinoDetector(ir).cache_dir is None

@@ -38,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_eval(subparsers)
     _add_check_data(subparsers)
+    _add_convert(subparsers)
     _add_demo(subparsers)
     _add_bench(subparsers)
     _add_export(subparsers)
+    _add_serve(subparsers)
     return parser
 
 
@@ -207,7 +209,8 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
     _add_overwrite_arg(p)
     p.add_argument("--threshold", type=float, default=0.3, help="minimum score to keep (default 0.3)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--device", default="auto", help="torch device, e.g. cpu, cuda, cuda:1 (default auto: cuda when "
+                   "available, else cpu)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--size", type=int, help="short side after resizing (default: the checkpoint's data.eval_size, "
                    "800 for official checkpoints)")
@@ -226,6 +229,24 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", metavar="LIST", type=_class_list,
                    help="keep only these classes: comma-separated category ids and/or class names, e.g. 1,3 or person,car")
     p.add_argument("--max-det", type=int, metavar="N", help="keep at most N detections per image or frame (highest scores)")
+    p.add_argument("--agnostic-nms", type=float, metavar="IOU",
+                   help="class-agnostic NMS: of two boxes overlapping more than IOU, whatever their classes, keep the "
+                   "higher score (default: none, as the official model)")
+    p.add_argument("--one-label-per-query", action="store_true",
+                   help="keep only each query's best class (default: the official top-k over all query-class pairs, "
+                   "where one query may give several classes)")
+    p.add_argument("--track", action="store_true",
+                   help="videos: persistent object ids (ByteTrack): track_id in NAME.jsonl, #id on the boxes")
+    p.add_argument("--save-txt", action="store_true",
+                   help="also write YOLO label files OUT/labels/STEM.txt (video frames STEM_FRAME.txt): "
+                   "class cx cy w h score, normalised")
+    p.add_argument("--save-csv", action="store_true",
+                   help="also write OUT/predictions.csv: one row per detection of every image and frame")
+    p.add_argument("--tile", type=int, metavar="SIZE",
+                   help="small objects: predict images larger than SIZE pixels in overlapping SIZE x SIZE tiles "
+                   "(plus the whole image), merged with NMS")
+    p.add_argument("--tile-overlap", type=float, default=0.2, metavar="F",
+                   help="with --tile: the fraction of a tile shared with its neighbour (default 0.2)")
     p.set_defaults(func=_run_predict)
 
 
@@ -240,13 +261,15 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     options = DetectorOptions(checkpoint=args.checkpoint, model=args.model, random_weights=args.random_weights,
                               preset=args.preset, device=args.device, size=args.size, max_size=args.max_size,
-                              mode=args.mode, backend=args.backend)
+                              mode=args.mode, backend=args.backend, one_label_per_query=args.one_label_per_query)
     options.check()  # which model and backend, before the inputs are looked at
     _check_predict_args(args)
     summary = predict_to_folder(options, args.images, args.out, threshold=args.threshold, batch_size=args.batch_size,
                                 overwrite=args.overwrite, save_images=not args.no_save_images,
                                 vid_stride=args.vid_stride, max_frames=args.max_frames, image_info=args.image_info,
-                                classes=args.classes, max_det=args.max_det)
+                                classes=args.classes, max_det=args.max_det, agnostic_nms=args.agnostic_nms,
+                                track=args.track, save_txt=args.save_txt, save_csv=args.save_csv, tile=args.tile,
+                                tile_overlap=args.tile_overlap)
     if summary.images:
         _say(
             f"dinodet: {len(summary.records)} detection(s) in {summary.done} image(s) -> {summary.predictions}"
@@ -255,6 +278,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     for video in summary.videos:
         _say(f"dinodet: {video.detections} detection(s) in {video.frames} frame(s) of '{video.source}' -> "
              f"{video.jsonl}" + (f", {video.video}" if video.video else ""))
+    if summary.exports:
+        _say("dinodet: also wrote " + ", ".join(str(p) for p in summary.exports))
     return 0
 
 
@@ -284,7 +309,10 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
             "The same command runs distributed under `torchrun --nproc_per_node N -m dinodet train ...` (or --slurm)."
         ),
     )
-    _add_data_args(p)
+    _add_data_args(p, data_required=False)  # may come from --config
+    p.add_argument("--config", metavar="RUN.yaml",
+                   help="run file holding any of these options (data, preset, epochs, patience, ...; --set keys under "
+                   "'set:'); options given here win.  Every run writes RUN_DIR/config.yaml: --config it repeats the run")
     p.add_argument("--preset", metavar="NAME",
                    help=f"model + schedule ({', '.join(list_presets())}); required unless --resume")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created if needed)")
@@ -302,8 +330,15 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
                    "ResNet/Swin/ConvNeXt release or timm layout; model.backbone.checkpoint)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. train.lr=2e-4 or data.eval_size=512 (repeatable)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) (default cpu)")
+    p.add_argument("--device", default="auto", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) (default auto: "
+                   "cuda when available, else cpu)")
     p.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps in total (smoke tests)")
+    p.add_argument("--patience", type=int, metavar="N", help="stop early after N evaluations without a better val AP "
+                   "(checkpoint_best.pt keeps the best weights; --resume of such a run says it is finished)")
+    p.add_argument("--log", action="append", choices=("mlflow", "wandb"), default=[], metavar="NAME",
+                   help="also log to mlflow (RUN_DIR/mlruns, or --tracking-uri) or wandb (offline, RUN_DIR/wandb); "
+                   "TensorBoard is always on (repeatable; needs pip install 'dinodet[mlflow]' / 'dinodet[wandb]')")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: a file store in RUN_DIR/mlruns)")
     _add_picture_args(p, "val_predictions/")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     s = p.add_argument_group("SLURM (needs the submitit package)")
@@ -313,7 +348,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--slurm-cpus-per-task", type=int, default=8, metavar="N")
     s.add_argument("--slurm-time", type=int, default=24 * 60, metavar="MIN", help="time limit in minutes")
     s.add_argument("--slurm-partition", metavar="NAME")
-    p.set_defaults(func=_run_train)
+    p.set_defaults(func=_run_train, train_parser=p)
 
 
 def _add_picture_args(p: argparse.ArgumentParser, folder: str) -> None:
@@ -336,10 +371,10 @@ def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
                    "refused before it starts; files dinodet wrote there are always replaced)")
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     from .data.layouts import FORMATS  # no torch behind it: --help stays fast
 
-    p.add_argument("--data", required=True, metavar="DIR",
+    p.add_argument("--data", required=data_required, metavar="DIR",
                    help="dataset folder (COCO, YOLO, Roboflow COCO export, Pascal VOC or CVAT for images 1.1 layout)")
     p.add_argument("--format", choices=FORMATS, default="auto",
                    help="dataset layout (default auto: detected from the folder's files)")
@@ -354,9 +389,24 @@ def _data_spec(args: argparse.Namespace) -> Any:
     return DataSpec(args.data, args.format, args.train_split, args.val_split)
 
 
+def _with_run_file(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` re-read with the --config file's options as defaults: the command line wins, and
+    its --set items come after the file's."""
+    from .engine.run_config import read_run_file
+
+    argv = list(sys.argv[1:] if args.argv is None else args.argv)
+    parser = args.train_parser
+    parser.set_defaults(**read_run_file(args.config))
+    merged = parser.parse_args(argv[argv.index("train") + 1:])
+    merged.argv = args.argv
+    return merged
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from .engine.run_config import run_training
 
+    if args.config:
+        args = _with_run_file(args)
     _check_train_args(args)
     if args.slurm:
         return _submit_slurm(args)
@@ -366,7 +416,8 @@ def _run_train(args: argparse.Namespace) -> int:
                            backbone_checkpoint=args.backbone_checkpoint, device=args.device,
                            finetune_from=args.finetune_from, max_steps=args.max_steps,
                            progress=not args.no_progress, pictures=args.pictures,
-                           picture_threshold=args.picture_threshold)
+                           picture_threshold=args.picture_threshold, patience=args.patience, loggers=args.log,
+                           tracking_uri=args.tracking_uri)
     if _is_main_process():
         _print_metrics(metrics)
         print(f"dinodet: final metrics -> {Path(args.out) / 'metrics.json'}{_pictures(args.out)}")
@@ -378,8 +429,10 @@ def _check_train_args(args: argparse.Namespace) -> None:
     from .engine.run_dir import CHECKPOINT
 
     _check_picture_args(args)
+    if not args.data:
+        raise ConfigError("--data DIR is required (on the command line or in the --config file)")
     check_out_folder(Path(args.out))
-    for name in ("epochs", "batch_size", "max_steps"):
+    for name in ("epochs", "batch_size", "max_steps", "patience"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -425,13 +478,20 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     _add_data_args(p)
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="dinodet or official DINO checkpoint")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="CKPT", help="dinodet or official DINO checkpoint")
+    src.add_argument("--model", metavar="MODEL.onnx|MODEL.xml",
+                     help="a model from `dinodet export` (ONNX or OpenVINO IR), evaluated on the CPU with --backend; "
+                     "its resize and top-k size are the file's")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"),
+                   help="what runs the model: torch (--checkpoint), onnxruntime or openvino (--model) (default: "
+                   "openvino for a .xml, onnxruntime for a .onnx, else torch)")
     p.add_argument("--preset", metavar="NAME", help="architecture of an official checkpoint without stored args")
     p.add_argument("--split", help="split to evaluate (default: --val-split, or --train-split with a warning when there is none)")
     p.add_argument("--batch-size", type=int, default=1, help="images per loader batch (AP does not depend on it)")
     p.add_argument("--out", metavar="DIR", help="write metrics.json, predictions.json and pictures here")
     _add_overwrite_arg(p)
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="auto", help="torch device (default auto: cuda when available, else cpu)")
     p.add_argument("--mode", default="exact",
                    help="inference mode: exact (default, float32), reference, channels_last, bf16, fp16 (CUDA), "
                    "compile, compile_bf16 (CUDA); see `dinodet predict --help`")
@@ -454,7 +514,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     ev = evaluate_checkpoint(args.checkpoint, args.data, format=args.format, split=args.split,
                              train_split=args.train_split, val_split=args.val_split, preset=args.preset,
                              overrides=args.overrides, device=args.device, mode=args.mode,
-                             batch_size=args.batch_size, progress=not args.no_progress)
+                             batch_size=args.batch_size, progress=not args.no_progress, model=args.model,
+                             backend=args.backend)
     if not ev.is_main:
         return 0
     _say(f"dinodet: {ev.images_scored} images of '{ev.split}', {len(ev.result.records)} detections"
@@ -467,6 +528,38 @@ def _run_eval(args: argparse.Namespace) -> int:
                                                              picture_threshold=args.picture_threshold,
                                                              overwrite=args.overwrite)
         _say(f"dinodet: metrics -> {metrics}, detections -> {predictions}" + "".join(f", {p.name}" for p in pictures))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- convert
+
+
+def _add_convert(subparsers: argparse._SubParsersAction) -> None:
+    from .data.layouts import FORMATS
+
+    p = subparsers.add_parser(
+        "convert",
+        help="rewrite a dataset in the COCO, YOLO or Pascal VOC layout",
+        description="Read the train, val and test splits of --data (or --split) in any supported layout and "
+                    "write them, with copies of their images, into the new folder --out in the --to layout.  "
+                    "The data is read as training reads it: each bad item is reported and left out.",
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="dataset folder")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="its layout (default auto: detected from the folder's files)")
+    p.add_argument("--to", required=True, choices=("coco", "yolo", "voc"), help="layout to write")
+    p.add_argument("--out", required=True, metavar="DIR", help="new (or empty) folder to write the dataset in")
+    p.add_argument("--split", action="append", help="split(s) to convert (default: those of train, val, test present)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .data.convert import convert_dataset
+
+    result = convert_dataset(args.data, args.to, args.out, format=args.format, splits=args.split,
+                             progress=not args.no_progress)
+    _say(f"dinodet: {result.summary()}")
     return 0
 
 
@@ -525,7 +618,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created if needed)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override (demo.* keys for the dataset) (repeatable)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="auto", help="torch device (default auto: cuda when available, else cpu)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_demo)
@@ -554,13 +647,16 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
             "speed-up over the reference, and writes the same records with --json."
         ),
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--device", default="auto", help="cpu or cuda (default auto: cuda when available, else cpu)")
     p.add_argument("--preset", default="dino_r50_4scale", help="model preset (default dino_r50_4scale)")
     p.add_argument("--size", default="800x1199", help="image size HEIGHTxWIDTH (default 800x1199)")
     p.add_argument("--batch", type=int, default=1, help="inference batch size (training uses at least 2)")
     p.add_argument("--task", choices=("infer", "train", "both"), default="infer", help="what to time (default infer)")
     p.add_argument("--modes", default=None,
-                   help="comma-separated modes (default: all for the device; the reference always runs first)")
+                   help="comma-separated modes (default: all for the device; the reference always runs first); on "
+                   "the CPU also the exported backends onnxruntime, openvino, openvino_int8 (exported inside the run)")
+    p.add_argument("--calib-data", metavar="DIR", help="images calibrating the openvino_int8 row (default: noise "
+                   "images, fine for speed)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations per mode (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations per mode")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the records as JSON")
@@ -585,7 +681,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     check_output_paths(args.json_out, args.plot)  # a bad path must not cost the whole run
     print(f"dinodet: benchmarking {args.preset} at {size[0]}x{size[1]} on {device} "
           f"({args.warmup} warm-up + {args.iters} timed iterations per mode)", file=sys.stderr)
-    records = run_bench(args.preset, device, size, args.batch, args.task, modes, warmup=args.warmup, iters=args.iters)
+    records = run_bench(args.preset, device, size, args.batch, args.task, modes, warmup=args.warmup, iters=args.iters,
+                        calib_data=args.calib_data)
     print(format_table(records))
     title = f"{args.preset} {size[0]}x{size[1]} {device}"
     for what, path in write_outputs(records, args.json_out, args.plot, title).items():
@@ -632,6 +729,12 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, help="short side the model expects (default: the checkpoint's "
                    "evaluation size, 800 for the official models)")
     p.add_argument("--max-size", type=int, help="cap on the long side (default: the checkpoint's, 1333 officially)")
+    p.add_argument("--int8", action="store_true",
+                   help="with --format openvino: NNCF post-training int8 quantisation calibrated on --calib-data (the "
+                   "MSDA sampling offsets / attention weights and the class / box heads stay float32)")
+    p.add_argument("--calib-data", metavar="DIR", help="folder of images like the deployment's, for --int8")
+    p.add_argument("--calib-images", type=int, default=300, metavar="N",
+                   help="calibration images taken from --calib-data, spread over the folder (default 300)")
     p.set_defaults(func=_run_export)
 
 
@@ -639,15 +742,81 @@ def _run_export(args: argparse.Namespace) -> int:
     from .deploy.export import DEFAULT_OPSET, to_onnx, to_openvino
 
     openvino = args.format == "openvino"
+    if (args.int8 or args.calib_data) and not openvino:
+        raise ConfigError("--int8 / --calib-data need --format openvino")
+    int8 = {"int8": args.int8, "calib_data": args.calib_data, "calib_images": args.calib_images} if openvino else {}
     result = (to_openvino if openvino else to_onnx)(  # checks every option before the slow loading
         args.checkpoint, args.out, preset=args.preset, opset=DEFAULT_OPSET if args.opset is None else args.opset,
         dynamic=args.dynamic, fp16=args.fp16, with_postprocess=args.with_postprocess, msda=args.msda,
-        batch_size=args.batch_size, input_size=args.input_size, size=args.size, max_size=args.max_size)
+        batch_size=args.batch_size, input_size=args.input_size, size=args.size, max_size=args.max_size, **int8)
     contract = json.loads(result.metadata["input_contract"])
     shapes = ", ".join(f"{k} {v['shape']}" for k, v in contract["inputs"].items())
     _say(f"dinodet: wrote {result.path} (preset {result.metadata['preset']}; inputs {shapes}; "
          f"outputs {', '.join(result.outputs)}); checked with "
-         + ("onnx.checker, converted by OpenVINO" if openvino else "onnx.checker"))
+         + ("onnx.checker, converted by OpenVINO" if openvino else "onnx.checker")
+         + (f"; int8, calibrated on {json.loads(result.metadata['int8_calibration'])['images']} image(s)"
+            if result.metadata.get("int8") == "true" else ""))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ serve
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="HTTP detection service with a web page (POST /v1/detect, GET /)",
+        description=(
+            "Serve a model over HTTP: POST /v1/detect (a multipart upload in the field 'image', or JSON "
+            '{"image": BASE64}; query threshold, classes, max_det) answers the detections `dinodet predict` '
+            "gives; GET / is a web page to try it; GET /health, /ready, /v1/model, /metrics (Prometheus).  "
+            "Concurrent requests of the same resized shape run as one batch.  Binds 127.0.0.1 unless --host says "
+            "otherwise; SIGTERM lets in-flight requests finish.  Needs pip install 'dinodet[serve]'."
+        ),
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", metavar="PATH", help="dinodet or official DINO checkpoint (.pth/.pt)")
+    src.add_argument("--model", metavar="MODEL.onnx|MODEL.xml", help="a model from `dinodet export`")
+    src.add_argument("--random-weights", action="store_true",
+                     help="a randomly initialised --preset model: smoke tests only, the boxes are MEANINGLESS")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"),
+                   help="as for predict (default: openvino for a .xml, onnxruntime for a .onnx, else torch)")
+    p.add_argument("--preset", metavar="NAME", help=f"model architecture ({', '.join(list_presets())}); checked "
+                   "against a checkpoint's weights (default: taken from the checkpoint)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port)")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda:1...")
+    p.add_argument("--mode", default="exact", help="inference mode, as for predict (default exact)")
+    p.add_argument("--size", type=int, help="short side after resizing (default: the model's)")
+    p.add_argument("--max-size", type=int, help="cap on the long side (default: the model's)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="images per forward pass at most (default 8; 1 turns dynamic batching off)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
+                   help="how long a request may wait for others to batch with (default 10)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests waiting at most; beyond, 503 with Retry-After (default 64)")
+    p.add_argument("--max-image-mb", type=float, default=20.0, metavar="MB",
+                   help="largest upload accepted, in MB (default 20; larger: 413)")
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help="a file holding the API key that /v1/* and /metrics then require "
+                   "(Authorization: Bearer KEY or X-API-Key: KEY)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .serve import require_serve
+
+    require_serve()
+    from .inference.predict import DetectorOptions
+    from .serve import ServeOptions, run_server
+
+    options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                           max_queue=args.max_queue, max_image_mb=args.max_image_mb,
+                           api_key_file=args.api_key_file)
+    model = DetectorOptions(checkpoint=args.checkpoint, model=args.model, random_weights=args.random_weights,
+                            preset=args.preset, device=args.device, size=args.size,
+                            max_size=args.max_size, mode=args.mode, backend=args.backend)
+    run_server(model, options)
     return 0
 
 

@@ -118,6 +118,9 @@ class DataConfig:
     crop_size: tuple[int, int] = (384, 600)
     eval_size: int = 800
     num_workers: int = 2
+    # LVIS repeat-factor sampling: an image with a class seen in fewer than this fraction of the
+    # training images is drawn more often (0: off, every image once per epoch, as the official code)
+    repeat_factor_threshold: float = 0.0
 
 
 @dataclass
@@ -222,6 +225,7 @@ MAX_IMAGE_SIDE = 8192
 # 2048 feed-forward, 900 queries, 6 + 6 layers, 8 heads, 4 points, 5 levels): a checkpoint or a
 # config file is untrusted input, and without them hidden_dim=524288 asks for terabytes.
 _RANGES: dict[str, tuple[float | None, float | None]] = {
+    "data.repeat_factor_threshold": (0, 1),
     "model.num_classes": (1, 20000), "model.dn_labelbook_size": (1, 20000),  # V3Det has 13204 classes
     "model.hidden_dim": (1, 4096), "model.dim_feedforward": (1, 65536), "model.num_heads": (1, 64),
     "model.num_feature_levels": (1, 8), "model.enc_layers": (0, 64), "model.dec_layers": (1, 64),

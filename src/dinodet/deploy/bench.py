@@ -6,22 +6,33 @@ training), so the speed-up column compares like with like on the machine at hand
 
 Record fields: ``mode``, ``task`` (infer | train), ``ms`` (per image for infer, per step for
 train), ``img_per_s``, ``peak_mem_gb`` (CUDA peak allocated memory; None on CPU, where PyTorch
-keeps no allocator statistics), ``speedup`` (reference ms / this ms).
+keeps no allocator statistics), ``speedup`` (reference ms / this ms), ``first_s`` (the first call,
+including loading and compilation), ``setup_s`` (export / quantisation before it; exported rows),
+``threads`` (the thread settings that ran).
+
+Exported backends (CPU inference): ``onnxruntime``, ``openvino`` and ``openvino_int8`` (``EXPORTED``)
+time the same random-weight model exported inside the run, in a temporary folder: ONNX with the
+benchmark's fixed input shape, run by onnxruntime and by OpenVINO (which reads the ONNX file), and
+NNCF-quantised to an int8 IR calibrated on ``calib_data`` (default: a few noise images, which is fine
+for speed; give real images for a realistic int8 graph).  The export is not in the per-image time; it
+is reported as ``setup_s``, and the load + compile + first image as ``first_s``.
 """
 from __future__ import annotations
 
 import logging
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..config import MAX_IMAGE_SIDE, DINOConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from ..files import write_json_atomic
 from ..inference.modes import MODES, ModeRunner, autocast, compute_dtype, supported_modes
 from ..models.attention import configure_msda
@@ -53,6 +64,9 @@ class BenchRecord:
     peak_mem_gb: float | None
     speedup: float
     msda: str = ""
+    first_s: float | None = None
+    setup_s: float | None = None
+    threads: str = ""
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -123,9 +137,91 @@ def bench_inference(model: DINO, device: torch.device, size: tuple[int, int], ba
 def _infer_one(model: DINO, name: str, device: torch.device, images: Tensor, mask: Tensor, warmup: int,
                iters: int) -> BenchRecord:
     # one function per mode: its model copy is freed on return, before the next mode's peak is measured
+    start = time.perf_counter()
     runner = ModeRunner(model, name, device)
-    sec, peak = _time(lambda: runner(images, mask), device, warmup, iters)
-    return _record(name, "infer", sec, images.shape[0], peak, runner.msda_backend)
+    runner(images, mask)  # the first call: compilation for the compiled modes
+    _sync(device)
+    first = time.perf_counter() - start
+    sec, peak = _time(lambda: runner(images, mask), device, max(warmup - 1, 0), iters)
+    record = _record(name, "infer", sec, images.shape[0], peak, runner.msda_backend)
+    record.first_s = round(first, 2)
+    record.threads = f"torch intra_op={torch.get_num_threads()}" if device.type == "cpu" else ""
+    return record
+
+
+#: exported-model backends timed by ``bench_exported`` (CPU inference)
+EXPORTED = ("onnxruntime", "openvino", "openvino_int8")
+CALIB_NOISE_IMAGES = 4
+
+
+def bench_exported(model: DINO, cfg: DINOConfig, size: tuple[int, int], batch: int, backends: Sequence[str],
+                   warmup: int, iters: int, calib_data: str | Path | None = None,
+                   calib_images: int = 32) -> list[BenchRecord]:
+    """Time ``model`` exported (see the module docstring) and run by each of ``backends`` (``EXPORTED``
+    names) on random images [batch, 3, H, W]; a backend that fails is reported and left out."""
+    from ..checkpoint import save_checkpoint
+    from .export import to_onnx
+
+    images, mask, _ = random_batch(batch, size, torch.device("cpu"))
+    orig_sizes = torch.tensor([list(size)] * batch, dtype=torch.int64)
+    records: list[BenchRecord] = []
+    with tempfile.TemporaryDirectory(prefix="dinodet-bench-") as tmp:
+        folder = Path(tmp)
+        save_checkpoint(folder / "model.pt", model, cfg)
+        start = time.perf_counter()
+        log.info("exporting the model to ONNX for %s (minutes; not in the per-image times)", ", ".join(backends))
+        onnx = to_onnx(folder / "model.pt", folder / "model.onnx", input_size=size, batch_size=batch,
+                       size=min(size), max_size=max(size)).path
+        export_s = time.perf_counter() - start
+        for name in backends:
+            try:
+                records.append(_exported_one(name, onnx, folder, export_s, images, mask, orig_sizes, warmup, iters,
+                                             calib_data, calib_images))
+            except Exception as e:  # noqa: BLE001 - a missing package, a failed quantisation: one line, the others run
+                log.warning(f"infer mode '{name}' failed and is left out: {type(e).__name__}: {first_line(str(e))}")
+    return records
+
+
+def _exported_one(name: str, onnx: Path, folder: Path, export_s: float, images: Tensor, mask: Tensor,
+                  orig_sizes: Tensor, warmup: int, iters: int, calib_data: str | Path | None,
+                  calib_images: int) -> BenchRecord:
+    cpu = torch.device("cpu")
+    setup, path = export_s, onnx
+    if name == "openvino_int8":
+        from .export import quantize_openvino
+
+        calib = calib_data or _noise_images(folder / "calib", images.shape[-2:])
+        start = time.perf_counter()
+        path = quantize_openvino(onnx, folder / "int8.xml", calib, calib_images).path
+        setup += time.perf_counter() - start
+    start = time.perf_counter()
+    if name == "onnxruntime":
+        from ..inference.onnx_runtime import OnnxDetector
+
+        detector: Any = OnnxDetector(path)
+    else:
+        from ..inference.openvino_runtime import OpenVinoDetector
+
+        detector = OpenVinoDetector(path, cache_dir=None)  # a cold compile: what a first load costs
+    detector.run(images, mask, orig_sizes)
+    first = time.perf_counter() - start
+    sec, _ = _time(lambda: detector.run(images, mask, orig_sizes), cpu, max(warmup - 1, 0), iters)
+    record = _record(name, "infer", sec, images.shape[0], None, detector.metadata.get("msda", ""))
+    record.first_s, record.setup_s, record.threads = round(first, 2), round(setup, 1), detector.thread_settings
+    return record
+
+
+def _noise_images(folder: Path, hw: Sequence[int]) -> Path:
+    """A few uniform-noise JPEGs of size ``hw``: int8 calibration input when the speed is all that counts."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(CALIB_NOISE_IMAGES):
+        pixels = rng.integers(0, 256, (int(hw[0]), int(hw[1]), 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"noise_{i}.jpg")
+    return folder
 
 
 def bench_training(cfg: DINOConfig, device: torch.device, size: tuple[int, int], batch: int, modes: Sequence[str],
@@ -207,8 +303,10 @@ def _with_speedups(records: list[BenchRecord]) -> list[BenchRecord]:
 
 def run_bench(preset: str = "dino_r50_4scale", device: str = "cpu", size: tuple[int, int] = (800, 1199),
               batch: int = 1, task: str = "infer", modes: Sequence[str] | None = None, train_batch: int | None = None,
-              warmup: int = 1, iters: int = 3) -> list[BenchRecord]:
-    """Benchmark ``preset`` (random weights); the first mode of each task is the baseline (``reference``)."""
+              warmup: int = 1, iters: int = 3, calib_data: str | Path | None = None) -> list[BenchRecord]:
+    """Benchmark ``preset`` (random weights); the first mode of each task is the baseline (``reference``).
+    On the CPU, inference also times the ``EXPORTED`` backends (all of them when ``modes`` is None, else
+    those named), measured after the PyTorch modes and compared with the same reference."""
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # exact float32, as the official timings
@@ -218,8 +316,14 @@ def run_bench(preset: str = "dino_r50_4scale", device: str = "cpu", size: tuple[
     records: list[BenchRecord] = []
     if task in ("infer", "both"):
         names = _ordered(modes or supported_modes(dev), supported_modes(dev))
+        exported = [m for m in (EXPORTED if modes is None else modes) if m in EXPORTED] if dev.type == "cpu" else []
         torch.manual_seed(0)
-        records += bench_inference(build_model(cfg), dev, size, batch, names, warmup, iters)
+        model = build_model(cfg)
+        infer = bench_inference(model, dev, size, batch, names, warmup, iters)
+        if exported:
+            infer = _with_speedups(infer + bench_exported(model, cfg, size, batch, exported, warmup, iters,
+                                                          calib_data))
+        records += infer
     if task in ("train", "both"):
         names = _ordered(modes or list(TRAIN_MODES), list(TRAIN_MODES))
         records += bench_training(cfg, dev, size, train_batch or max(batch, 2), names, warmup, iters)
@@ -233,13 +337,19 @@ def _ordered(requested: Sequence[str], known: Sequence[str]) -> list[str]:
 
 
 def format_table(records: Sequence[BenchRecord]) -> str:
-    head = f"{'task':<6} {'mode':<14} {'msda':<14} {'ms':>12} {'img/s':>8} {'peak GB':>8} {'speed-up':>9}"
+    head = (f"{'task':<6} {'mode':<14} {'msda':<14} {'ms':>12} {'img/s':>8} {'peak GB':>8} {'speed-up':>9} "
+            f"{'first s':>8} {'setup s':>8}")
     lines = [head, "-" * len(head)]
     for r in records:
         mem = "-" if r.peak_mem_gb is None else f"{r.peak_mem_gb:.2f}"
         unit = "/img" if r.task == "infer" else "/step"
+        first = "-" if r.first_s is None else f"{r.first_s:.1f}"
+        setup = "-" if r.setup_s is None else f"{r.setup_s:.1f}"
         lines.append(f"{r.task:<6} {r.mode:<14} {r.msda:<14} {r.ms:>8.1f}{unit:<5} {r.img_per_s:>8.2f} {mem:>8} "
-                     f"{r.speedup:>8.2f}x")
+                     f"{r.speedup:>8.2f}x {first:>8} {setup:>8}")
+    threads = dict.fromkeys(f"{r.mode}: {r.threads}" for r in records if r.threads)
+    if threads:
+        lines.append("threads: " + "; ".join(threads))
     return "\n".join(lines)
 
 
@@ -259,10 +369,11 @@ def bench_modes(text: str | None, task: str, device: str | torch.device) -> list
     modes = [m.strip() for m in (text or "").split(",") if m.strip()]
     if not modes:
         return None
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m not in MODES and m not in EXPORTED]
     if unknown:
-        raise ConfigError(f"unknown mode(s) {', '.join(unknown)} (available: {', '.join(MODES)})")
-    offered = {"infer": supported_modes(device), "train": list(TRAIN_MODES)}
+        raise ConfigError(f"unknown mode(s) {', '.join(unknown)} (available: {', '.join([*MODES, *EXPORTED])})")
+    cpu = torch.device(device).type == "cpu"
+    offered = {"infer": [*supported_modes(device), *(EXPORTED if cpu else ())], "train": list(TRAIN_MODES)}
     tasks = ["infer", "train"] if task == "both" else [task]
     for m in modes:
         fits = [t for t in tasks if m in offered[t]]

@@ -67,7 +67,7 @@ from .. import __version__
 from ..checkpoint import check_checkpoint_path
 from ..config import MAX_IMAGE_SIDE, ConfigError, DINOConfig
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_resize
-from ..errors import ExportError, first_line
+from ..errors import CheckpointError, ExportError, first_line
 from ..files import check_out_file, write_atomic
 from ..inference.onnx_runtime import METADATA_FORMAT
 from ..models.postprocess import postprocess
@@ -80,6 +80,9 @@ DYNAMIC_MIN_SIDE = 65  # the 64-stride feature level must have >= 2 rows and col
 MSDA_ALIASES = {"grid_sample": "pytorch"}
 DEFAULT_MSDA = "pytorch"
 _TWO_GB = 2**31 - 2**26  # protobuf limit (with some margin): larger models use external data
+DEFAULT_CALIB_IMAGES = 300  # NNCF's own default subset size
+# modules whose linear layers an int8 export keeps in float32 (see ``to_openvino``)
+INT8_FP32_MODULES = ("sampling_offsets", "attention_weights", "box_head", "class_head")
 
 
 
@@ -225,6 +228,7 @@ def to_onnx(
         proto = _downgrade_opset(proto, opset)
     _check_opset_written(proto, opset)
     _name_dims(proto, program, input_names, output_names, with_postprocess)
+    _name_nodes_by_module(proto.graph)
     if fp16:
         proto = _to_fp16(proto)
 
@@ -264,17 +268,29 @@ def to_onnx(
     return ExportResult(out, opset, input_names, output_names, metadata)
 
 
-def to_openvino(checkpoint: str | os.PathLike | Any, out: str | os.PathLike, **onnx_options: Any) -> ExportResult:
+def to_openvino(checkpoint: str | os.PathLike | Any, out: str | os.PathLike, *, int8: bool = False,
+                calib_data: str | os.PathLike | None = None, calib_images: int = DEFAULT_CALIB_IMAGES,
+                fp32_modules: Sequence[str] = INT8_FP32_MODULES, **onnx_options: Any) -> ExportResult:
     """Export a model to an OpenVINO IR: ``out`` (.xml) and its weights beside it (.bin).
 
     The model goes through ``to_onnx`` (same options, contract and metadata; the metadata in the IR's
     rt_info section ``inference.openvino_runtime.RT_INFO_SECTION``) and ``openvino.convert_model``;
     weights stay float32 (``fp16`` is for GPU execution providers and is refused here).
 
+    ``int8``: NNCF post-training quantisation (``nncf.quantize``, mixed preset: symmetric weights,
+    asymmetric activations, transformer model type), calibrated on up to ``calib_images`` images of the
+    folder ``calib_data`` (sorted by path, every k-th so the sample spans the folder), each resized,
+    normalised and padded exactly as the runtimes do (``preprocess_batch`` + ``fit_input``).  The
+    linear layers of the modules named in ``fp32_modules`` (dotted module-path components; default
+    ``INT8_FP32_MODULES``: the MSDA sampling offsets and attention weights, whose errors move the
+    sampling points, and the class / box heads) stay float32 (NNCF ``ignored_scope``); the metadata
+    records ``int8`` and the calibration.
+
     Raises:
-        ExportError / ConfigError / CheckpointError: as ``to_onnx``; ConfigError: no openvino package.
+        ExportError / ConfigError / CheckpointError: as ``to_onnx``; ConfigError: no openvino package,
+            no nncf package (int8), or no readable calibration image.
     """
-    from ..inference.openvino_runtime import RT_INFO_SECTION, require_openvino
+    from ..inference.openvino_runtime import require_openvino
 
     ov = require_openvino()
     out = Path(out)
@@ -282,6 +298,12 @@ def to_openvino(checkpoint: str | os.PathLike | Any, out: str | os.PathLike, **o
         raise ExportError(f"an OpenVINO IR is written as FILE.xml (weights in FILE.bin), got '{out}'")
     if onnx_options.get("fp16"):
         raise ExportError("fp16 is for GPU execution providers: an OpenVINO IR keeps float32 weights")
+    calib_paths: list[Path] = []
+    if int8:  # every check before minutes of exporting
+        calib_paths = calibration_images(calib_data, calib_images)
+        _require_nncf()
+    elif calib_data is not None:
+        raise ExportError("--calib-data is for --int8")
     check_out_file(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem[:64]}.") as tmp:
@@ -290,14 +312,151 @@ def to_openvino(checkpoint: str | os.PathLike | Any, out: str | os.PathLike, **o
             model = ov.convert_model(str(result.path))
         except Exception as e:  # noqa: BLE001 - OpenVINO raises its own types
             raise ExportError(f"OpenVINO cannot convert the ONNX graph: {first_line(str(e))}") from None
-        for key, value in result.metadata.items():
-            model.set_rt_info(value, [RT_INFO_SECTION, key])
-        ir = Path(tmp) / out.name
-        ov.save_model(model, str(ir), compress_to_fp16=False)  # its default halves the weights
-        # the weights first: a complete .xml never points at a missing or older .bin
-        os.replace(ir.with_suffix(".bin"), out.with_suffix(".bin"))
-        os.replace(ir, out)
-    return ExportResult(out, result.opset, result.inputs, result.outputs, result.metadata)
+        metadata = dict(result.metadata)
+        if int8:
+            model = _quantize(model, metadata, result.inputs, calib_paths, fp32_modules)
+        _save_ir(ov, model, metadata, Path(tmp), out)
+    return ExportResult(out, result.opset, result.inputs, result.outputs, metadata)
+
+
+def quantize_openvino(ir: str | os.PathLike, out: str | os.PathLike, calib_data: str | os.PathLike,
+                      calib_images: int = DEFAULT_CALIB_IMAGES,
+                      fp32_modules: Sequence[str] = INT8_FP32_MODULES) -> ExportResult:
+    """Quantise an existing float32 IR from ``to_openvino`` to int8 (what ``to_openvino(int8=True)``
+    does after the conversion; see there), writing ``out`` (.xml + .bin).
+
+    Raises:
+        ExportError / ConfigError / CheckpointError: unreadable or non-dinodet IR, missing nncf, no
+        calibration image, or a failed quantisation.
+    """
+    from ..inference.onnx_runtime import read_metadata
+    from ..inference.openvino_runtime import require_openvino, rt_metadata
+
+    ov = require_openvino()
+    ir, out = Path(ir), Path(out)
+    if out.suffix.lower() != ".xml":
+        raise ExportError(f"an OpenVINO IR is written as FILE.xml (weights in FILE.bin), got '{out}'")
+    paths = calibration_images(calib_data, calib_images)
+    _require_nncf()
+    if not ir.is_file():
+        raise CheckpointError(f"OpenVINO model not found: {ir}")
+    try:
+        model = ov.Core().read_model(str(ir))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{ir}: not a readable OpenVINO IR ({first_line(str(e))})") from None
+    metadata = rt_metadata(model)
+    read_metadata(ir, metadata, [(o.get_any_name(), None) for o in model.outputs])  # a dinodet export
+    if metadata.get("int8") == "true":
+        raise ExportError(f"{ir} is already int8")
+    check_out_file(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    inputs = [i.get_any_name() for i in model.inputs]
+    model = _quantize(model, metadata, inputs, paths, fp32_modules)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem[:64]}.") as tmp:
+        _save_ir(ov, model, metadata, Path(tmp), out)
+    outputs = [o.get_any_name() for o in model.outputs]
+    return ExportResult(out, int(metadata.get("opset", DEFAULT_OPSET)), inputs, outputs, metadata)
+
+
+def _save_ir(ov: Any, model: Any, metadata: dict[str, str], tmp: Path, out: Path) -> None:
+    """Write ``model`` with ``metadata`` in its rt_info as ``out`` (+ .bin), through ``tmp``."""
+    from ..inference.openvino_runtime import RT_INFO_SECTION
+
+    for key, value in metadata.items():
+        model.set_rt_info(value, [RT_INFO_SECTION, key])
+    ir = tmp / out.name
+    ov.save_model(model, str(ir), compress_to_fp16=False)  # its default halves the weights
+    # the weights first: a complete .xml never points at a missing or older .bin
+    os.replace(ir.with_suffix(".bin"), out.with_suffix(".bin"))
+    os.replace(ir, out)
+
+
+def calibration_images(folder: str | os.PathLike | None, count: int) -> list[Path]:
+    """Up to ``count`` image paths of ``folder`` (recursively, sorted; every k-th when there are more,
+    so the sample spans the folder) for int8 calibration.
+
+    Raises:
+        ConfigError: no folder given, not a folder, or no image in it; ExportError: ``count`` < 1.
+    """
+    from ..data.images import IMAGE_EXTENSIONS
+
+    if folder is None:
+        raise ConfigError("--int8 needs --calib-data DIR: a folder of images like the ones the model will see")
+    if not Path(folder).is_dir():
+        raise ConfigError(f"--calib-data '{folder}' is not a folder")
+    if count < 1:
+        raise ExportError(f"--calib-images must be >= 1, got {count}")
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise ConfigError(f"--calib-data '{folder}' holds no image")
+    step = max(1, len(paths) // count)
+    return paths[::step][:count]
+
+
+def _require_nncf() -> None:
+    try:
+        import nncf  # noqa: F401
+    except ImportError:
+        raise ConfigError("int8 export needs the 'nncf' package: pip install 'dinodet[openvino]'") from None
+
+
+def _fp32_op_names(model: Any, modules: Sequence[str]) -> list[str]:
+    """The OpenVINO op names (MatMul, Convolution) that come from a module whose dotted path has a
+    component in ``modules``: ``to_onnx`` names each node after its module (``_name_nodes_by_module``)
+    and OpenVINO names an op after its ONNX node."""
+    wanted = set(modules)
+    names = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in ("MatMul", "Convolution")]
+    if wanted and not any("." in n.split("/")[0] for n in names):
+        log.warning("int8: the model's layers are not named by module (an older export?); every layer is quantised")
+    return [n for n in names if wanted & set(n.split("/")[0].split("."))]
+
+
+def _quantize(model: Any, metadata: dict[str, str], input_names: Sequence[str], paths: Sequence[Path],
+              fp32_modules: Sequence[str]) -> Any:
+    """NNCF post-training quantisation of ``model`` calibrated on ``paths`` (see ``to_openvino``);
+    unreadable images are skipped with a warning.  Records ``int8`` and the calibration in ``metadata``."""
+    import nncf
+    import numpy as np
+    from tqdm import tqdm
+
+    from ..data.images import load_image
+    from ..errors import ImageLoadError
+    from ..inference.detector import preprocess_batch
+    from ..inference.onnx_runtime import fit_input
+
+    fp32_ops = _fp32_op_names(model, fp32_modules)
+    size, max_size = int(metadata["size"]), int(metadata["max_size"])
+    shape = model.input("images").get_partial_shape()
+    fixed_hw = (shape[2].get_length(), shape[3].get_length()) if shape[2].is_static and shape[3].is_static else None
+    fixed_batch = shape[0].get_length() if shape[0].is_static else None
+    feeds = []
+    for path in tqdm(paths, desc="int8 calibration images", unit="img", leave=False):
+        try:
+            image = load_image(path)
+        except ImageLoadError as e:
+            log.warning("%s; skipped for calibration", e)
+            continue
+        images, mask, orig = preprocess_batch([image], size, max_size)
+        images, mask, orig = fit_input(path, images, mask, orig, fixed_hw, fixed_batch)
+        feed = {"images": images.numpy(), "mask": mask.numpy()}
+        if "orig_sizes" in input_names:
+            feed["orig_sizes"] = orig.numpy().astype(np.int64)
+        feeds.append(feed)
+    if not feeds:
+        raise ConfigError("no calibration image could be read")
+    log.info("int8: calibrating on %d image(s); %d layer(s) kept in float32", len(feeds), len(fp32_ops))
+    nncf.set_log_level(logging.WARNING)  # its INFO lines list every layer it skips
+    try:
+        quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds),
+                                  preset=nncf.QuantizationPreset.MIXED, model_type=nncf.ModelType.TRANSFORMER,
+                                  ignored_scope=nncf.IgnoredScope(names=list(fp32_ops), validate=False))
+    except Exception as e:  # noqa: BLE001 - NNCF raises many types; the user needs one line
+        raise ExportError(f"int8 quantisation failed: {type(e).__name__}: {first_line(str(e))}") from None
+    metadata["int8"] = "true"
+    metadata["int8_calibration"] = json.dumps({"images": len(feeds), "preset": "mixed", "model_type": "transformer",
+                                               "fp32_modules": list(fp32_modules), "fp32_layers": len(fp32_ops),
+                                               "nncf": str(nncf.__version__)})
+    return quantized
 
 
 def _check_resize(size: int | None, max_size: int | None) -> None:
@@ -498,6 +657,18 @@ def _name_dims(proto: Any, program: torch.export.ExportedProgram, input_names: l
         shape = v.type.tensor_type.shape.dim
         if len(shape) >= 2 and shape[1].dim_param:
             shape[1].dim_param = second
+
+
+def _name_nodes_by_module(graph: Any) -> None:
+    """Prefix each node's name with the module it comes from (``model.decoder.layers.1.cross_attn.
+    sampling_offsets/node_MatMul_3432``; the exporter records the path in the node's metadata), so
+    that runtimes' per-layer profiles (OpenVINO ``PERF_COUNT``) and the int8 export's float32 scope
+    can name layers by module.  Names stay unique (the original name is kept at the end)."""
+    for node in graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        path = [part.strip(" '\"") for part in scopes.strip("[]").split(",") if part.strip(" '\"")]
+        if len(path) >= 2 and node.name:  # the module paths, outermost first, then the fx node's own name
+            node.name = f"{path[-2]}/{node.name}"
 
 
 def _to_fp16(proto: Any) -> Any:

@@ -10,6 +10,12 @@ identical for every evaluation batch size.  The batch size only sets how many im
 prepares at a time.  ``batch_same_size=True`` trades that exactness for throughput: equally sized
 images of a loader batch then run as one unpadded batch (results equal up to float noise).
 
+Runners.  ``model`` is a PyTorch module (the model or an ``inference.modes.ModeRunner``) returning the
+raw outputs, or any ``DetectionRunner``: an object whose ``run(images, mask, orig_sizes)`` returns the
+top-k ``Detections`` of a preprocessed CPU batch, such as the exported-model runtimes
+(``inference.onnx_runtime.OnnxDetector``, ``inference.openvino_runtime.OpenVinoDetector``).  Both see
+the same dataset, the same resize and the same COCOeval, so their AP compares like with like.
+
 Distributed: every rank predicts a strided shard of the images (no padding or duplicates, unlike
 DistributedSampler), the COCO records are gathered to rank 0, which runs COCOeval, and the metrics
 are broadcast so every rank returns the same dict.
@@ -22,7 +28,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.transforms import image_hw, size_groups
 from ..inference.modes import autocast as amp_autocast
 from ..inference.records import coco_records
-from ..models.postprocess import postprocess
+from ..models.postprocess import Detections, postprocess
 from ..targets import Target
 from .confusion import coco_confusion
 from .distributed import DistInfo, all_gather_objects, broadcast_object
@@ -62,6 +68,17 @@ class EvalResult:
     confusion: dict[str, Any] = field(default_factory=dict)
 
 
+@runtime_checkable
+class DetectionRunner(Protocol):
+    """What evaluates besides a PyTorch module: ``run(images [B, 3, H, W] float32 normalised,
+    mask [B, H, W] bool, orig_sizes [B, 2] int64 (h, w)) -> Detections`` (top-k per image, boxes
+    x0, y0, x1, y1 in pixels of the original image), all on the CPU."""
+
+    num_select: int
+
+    def run(self, images: Tensor, mask: Tensor, orig_sizes: Tensor) -> Detections: ...
+
+
 class _Indexed(Dataset):
     """``(index, dataset[index])``: tells which image an unreadable (None) item was."""
 
@@ -86,7 +103,7 @@ def same_size_groups(items: Sequence[tuple[Tensor, Target]]) -> list[list[int]]:
 
 @torch.inference_mode()
 def predict_dataset(
-    model: nn.Module,
+    model: nn.Module | DetectionRunner,
     dataset: Dataset,
     category_ids: Sequence[int | None],
     *,
@@ -100,9 +117,12 @@ def predict_dataset(
     batch_same_size: bool = False,
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """COCO result records for every readable image of ``dataset``, and the ids of the images that
-    could not be read (all ranks' on rank 0; empty lists on the others)."""
-    was_training = model.training
-    model.eval()
+    could not be read (all ranks' on rank 0; empty lists on the others).  ``model``: a module or a
+    ``DetectionRunner`` (see the module docstring; a runner's own top-k size applies)."""
+    is_module = isinstance(model, nn.Module)
+    was_training = model.training if is_module else False
+    if is_module:
+        model.eval()
     shard = _Indexed(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
     # an own generator: creating a loader iterator draws a seed from it, and must not advance the
     # global torch RNG (training continues from it; resume equality depends on that)
@@ -126,16 +146,23 @@ def predict_dataset(
             bar.update(min(len(batch) * dist_info.world_size, bar.total - bar.n))
     finally:
         bar.close()
-        model.train(was_training)
+        if is_module:
+            model.train(was_training)
     gathered = all_gather_objects((records, unreadable), dist_info)
     if not dist_info.is_main:
         return [], []
     return [r for part, _ in gathered for r in part], sorted(i for _, part in gathered for i in part)
 
 
-def _predict_group(items: list[tuple[Tensor, Target]], model: nn.Module,
+def _predict_group(items: list[tuple[Tensor, Target]], model: nn.Module | DetectionRunner,
                    category_ids: Sequence[int | None], device: torch.device, num_select: int,
                    amp: str) -> list[dict[str, Any]]:
+    if not isinstance(model, nn.Module):  # an exported model's runtime: CPU tensors in, detections out
+        images = torch.stack([im for im, _ in items]).cpu()
+        mask = torch.zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool)
+        det = model.run(images, mask, torch.stack([t["orig_size"] for _, t in items]).cpu())
+        return [r for i, (_, target) in enumerate(items) for r in
+                coco_records(det.scores[i], det.labels[i], det.boxes[i], category_ids, image_id=int(target["image_id"]))]
     images = torch.stack([im for im, _ in items]).to(device, non_blocking=True)
     mask = torch.zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool, device=device)
     # queued before the forward, so that post-processing follows it without the host waiting
@@ -210,7 +237,7 @@ def coco_metrics(coco_gt: Any, records: Sequence[dict[str, Any]]) -> dict[str, f
 
 
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | DetectionRunner,
     dataset: Any,
     category_ids: Sequence[int | None],
     *,

@@ -1,5 +1,5 @@
 """Pictures of results as PNGs: training curves (loss and AP per epoch), precision-recall curves and
-per-class AP and the confusion matrix of an evaluation, and speed charts (``dinodet bench``).
+per-class AP, the confusion matrix and the error breakdown of an evaluation, and speed charts (``dinodet bench``).
 
 Uses matplotlib's object API with the Agg canvas directly, so no GUI backend and no pyplot global
 state is involved (safe in headless jobs and in threads).  matplotlib's warnings (e.g. a class name's
@@ -151,6 +151,28 @@ def plot_confusion_matrix(confusion: dict[str, Any], path: Path, title: str = ""
                             color="white" if shares[i][j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="ground truth",
            title=title or f"confusion matrix (IoU {confusion['iou']:g}, score > {confusion['score']:g})")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+@_warnings_logged
+def plot_error_breakdown(breakdown: dict[str, Any], path: Path, title: str = "") -> Path:
+    """Write ``path`` (PNG): the TIDE error breakdown (``engine.tide.error_breakdown``) as one bar per
+    error type, its dAP (AP50 points gained by fixing it), labelled with how many errors it counts."""
+    errors = breakdown.get("errors") or {}
+    if not errors:
+        raise ValueError("no error breakdown")
+    names = list(errors)
+    fig, ax = _row_chart(names)
+    values = [float(errors[n]["dAP"]) for n in names]
+    ax.barh(range(len(values)), values, color=[f"C{i}" for i in range(len(values))])
+    for y, n in enumerate(names):
+        ax.text(values[y], y, f" {values[y]:.2f} ({errors[n]['count']})", va="center", fontsize=8)
+    ax.set_xlim(0, max(max(values), 1.0) * 1.3)
+    ax.set(xlabel="dAP50: AP50 points gained by fixing these errors (count)",
+           title=title or f"error breakdown (TIDE), AP50 {float(breakdown['AP50']):.1f}")
+    ax.grid(axis="x", alpha=0.3)
+    fig.set_size_inches(7, 3.2)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -23,11 +23,68 @@ from ..inference.detector import resolve_device
 from ..presets import get_preset
 from .confusion import CONFUSION_MATRIX
 from .distributed import dist_info_from_env
+from .logging import check_loggers
 from .pictures import PER_CLASS_AP, PR_CURVE, PREDICTIONS_DIR
-from .run_dir import CHECKPOINT, CURVES, check_run_dir
+from .run_dir import CHECKPOINT, CURVES, check_run_dir, flatten_settings
+from .tide import ERROR_BREAKDOWN
 from .train import TrainOptions, check_train_config, train
 
 log = logging.getLogger(__name__)
+
+# the options a run file may hold (the names of ``run_training``'s parameters; ``set``: --set) and
+# their types; paths are kept as written (relative ones are relative to the working directory)
+RUN_FILE_OPTIONS: dict[str, tuple[type, ...]] = {
+    "data": (str,), "format": (str,), "train_split": (str,), "val_split": (str,), "preset": (str,),
+    "epochs": (int,), "batch_size": (int,), "amp": (str,), "backbone_checkpoint": (str,), "device": (str,),
+    "finetune_from": (str,), "max_steps": (int,), "pictures": (int,), "picture_threshold": (float, int),
+    "patience": (int,), "log": (list,), "tracking_uri": (str,), "set": (dict, list),
+}
+
+
+def read_run_file(path: str | Path) -> dict[str, Any]:
+    """The options of a run file (YAML): ``RUN_FILE_OPTIONS`` keys, ``set`` as a mapping of
+    ``KEY: value`` (dotted or nested) or a list of ``KEY=VALUE`` turned into ``overrides`` (a list
+    of ``KEY=VALUE`` strings, as ``--set`` gives them).
+
+    Raises:
+        ConfigError: unreadable file, not a mapping, an unknown option or a value of the wrong type.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read the run file '{path}': {e.strerror or e}") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"'{path}' is not a YAML run file: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{path}' must be a YAML mapping of training options")
+    options: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in RUN_FILE_OPTIONS:
+            raise ConfigError(f"'{path}': unknown option '{key}' (options: {', '.join(RUN_FILE_OPTIONS)})")
+        types = RUN_FILE_OPTIONS[name]
+        if value is None:
+            continue
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ConfigError(f"'{path}': '{key}' must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
+        if name == "set":
+            options["overrides"] = _overrides_of(value, path)
+        else:
+            options[name] = [str(v) for v in value] if name == "log" else value
+    return options
+
+
+def _overrides_of(value: dict[str, Any] | list[Any], path: Path) -> list[str]:
+    if isinstance(value, list):
+        if not all(isinstance(v, str) and "=" in v for v in value):
+            raise ConfigError(f"'{path}': 'set' as a list holds KEY=VALUE items")
+        return list(value)
+    return [f"{k}={json.dumps(v)}" for k, v in flatten_settings(value).items()]
 
 
 def train_run_config(
@@ -92,6 +149,9 @@ def run_training(
     progress: bool = True,
     pictures: int = 8,
     picture_threshold: float = 0.3,
+    patience: int | None = None,
+    loggers: Sequence[str] = (),
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Train on ``data`` (a ``dinodet.data.layouts.FORMATS`` layout; its ``train_split``, evaluated on
     its ``val_split``, or on the training images when there is none) into ``run_dir``; returns the
@@ -108,7 +168,9 @@ def run_training(
     cfg, label_map = train_run_config(preset, run_dir, resume, overrides, epochs=epochs, batch_size=batch_size,
                                       amp=amp, backbone_checkpoint=backbone_checkpoint)
     check_run_dir(run_dir, resume)  # before the (possibly slow) dataset indexing
+    check_loggers(loggers)
     dev = str(resolve_device(device))
+
     train_set, val_set = build_train_datasets(DataSpec(str(data), format, train_split, val_split), cfg,
                                               label_map)
     if dist_info_from_env().is_main:
@@ -116,7 +178,14 @@ def run_training(
                  train_set.label_map.num_classes, len(val_set), run_dir)
     opts = TrainOptions(run_dir=run_dir, device=dev, resume=resume, finetune_from=finetune_from,
                         max_steps=max_steps, progress=progress, pictures=pictures,
-                        picture_threshold=picture_threshold)
+                        picture_threshold=picture_threshold, patience=patience, loggers=tuple(loggers),
+                        tracking_uri=tracking_uri,
+                        run_options={"data": str(Path(data).absolute()), "format": format, "train_split": train_split,
+                                     "val_split": val_split, "device": device,
+                                     "finetune_from": str(Path(finetune_from).absolute()) if finetune_from else None,
+                                     "max_steps": max_steps, "pictures": pictures,
+                                     "picture_threshold": picture_threshold, "patience": patience,
+                                     "log": list(loggers) or None, "tracking_uri": tracking_uri})
     return train(cfg, train_set, val_set, opts)
 
 
@@ -125,7 +194,7 @@ def run_pictures(run_dir: str | Path) -> list[str]:
     ``val_predictions/``): some need detections or ground truth, so not every run has all."""
 
     run_dir = Path(run_dir)
-    found = [n for n in (CURVES, PR_CURVE, PER_CLASS_AP, CONFUSION_MATRIX) if (run_dir / n).is_file()]
+    found = [n for n in (CURVES, PR_CURVE, PER_CLASS_AP, CONFUSION_MATRIX, ERROR_BREAKDOWN) if (run_dir / n).is_file()]
     if (run_dir / PREDICTIONS_DIR).is_dir():
         found.append(f"{PREDICTIONS_DIR}/")
     return found

@@ -3,8 +3,10 @@ results (``check_run_dir``), the train state saved in checkpoint.pt and resuming
 
 Files in RUN_DIR (rank 0 only): checkpoint.pt (everything needed to resume), checkpoint_best.pt
 (the evaluated weights with the best AP: the EMA weights when EMA is on), metrics.jsonl,
-tb/ (TensorBoard), curves.png, config.json (the resolved config) and, at the end, metrics.json
-(the final evaluation, with AP per class), pr_curve.png, per_class_ap.png and val_predictions/
+tb/ (TensorBoard), curves.png, config.json (the resolved config), config.yaml (the run file that
+repeats the run: ``train --config``) and, at the end, metrics.json
+(the final evaluation, with AP per class, the confusion matrix and the TIDE error breakdown),
+pr_curve.png, per_class_ap.png, confusion_matrix.png, error_breakdown.png and val_predictions/
 (the first val images with the final detections drawn; see ``engine.pictures``).
 
 checkpoint.pt is a dinodet checkpoint (``checkpoint.save_checkpoint``: weights, config, classes)
@@ -27,11 +29,14 @@ from torch import nn
 from ..checkpoint import key_problems, read_train_state, save_checkpoint
 from ..config import DINOConfig, TrainConfig
 from ..errors import CheckpointError, ConfigError, first_line
+from ..files import write_atomic
+from ..presets import get_preset
 from .confusion import CONFUSION_MATRIX
 from .distributed import DistInfo, all_gather_objects, get_rng_state, seed_everything, set_rng_state
 from .ema import ModelEMA
 from .logging import METRICS_LOG, TB_DIR
 from .pictures import PER_CLASS_AP, PR_CURVE, PREDICTIONS_DIR
+from .tide import ERROR_BREAKDOWN
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +45,13 @@ BEST_CHECKPOINT = "checkpoint_best.pt"
 FINAL_METRICS = "metrics.json"
 CURVES = "curves.png"
 RESOLVED_CONFIG = "config.json"
+RUN_FILE = "config.yaml"  # the options and settings that repeat the run (``engine.run_config``)
 # everything a run writes in RUN_DIR besides checkpoint.pt, none of which a new run may overwrite
-RUN_OUTPUTS = (BEST_CHECKPOINT, FINAL_METRICS, METRICS_LOG, RESOLVED_CONFIG, CURVES, PR_CURVE, PER_CLASS_AP,
-               CONFUSION_MATRIX, PREDICTIONS_DIR, TB_DIR)
+RUN_OUTPUTS = (BEST_CHECKPOINT, FINAL_METRICS, METRICS_LOG, RESOLVED_CONFIG, RUN_FILE, CURVES, PR_CURVE, PER_CLASS_AP,
+               CONFUSION_MATRIX, ERROR_BREAKDOWN, PREDICTIONS_DIR, TB_DIR)
 TRAIN_STATE_VERSION = 1
+# settings derived from the data, never repeated from a run file
+_DERIVED = ("model.num_classes", "model.dn_labelbook_size")
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> bool:
@@ -82,6 +90,46 @@ def open_run_dir(run_dir: Path, resume: bool, info: DistInfo) -> dict[str, Any] 
     return None
 
 
+# ------------------------------------------------------------------------------------- run file
+
+
+def flatten_settings(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested settings mapping as ``{"a.b.c": value}`` (tuples as lists, as YAML and JSON hold them)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_settings(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def resolved_run_file(cfg: DINOConfig, options: dict[str, Any]) -> dict[str, Any]:
+    """The run file that repeats a run: its ``options`` (unset ones left out) and, under ``set``,
+    every setting of ``cfg`` that differs from its preset's (all of them when ``cfg.name`` is no
+    preset), the data-derived class count left out."""
+    try:
+        base = flatten_settings(get_preset(cfg.name).to_dict())
+    except ConfigError:
+        base = {}
+    settings = {k: v for k, v in flatten_settings(cfg.to_dict()).items()
+                if k != "name" and k not in _DERIVED and base.get(k, object()) != v}
+    return {"preset": cfg.name, **{k: v for k, v in options.items() if v is not None and k != "preset"},
+            "set": settings}
+
+
+def write_run_file(run_dir: Path, cfg: DINOConfig, options: dict[str, Any]) -> Path:
+    """``run_dir/config.yaml`` (``resolved_run_file``), written atomically."""
+    import yaml
+
+    text = ("# dinodet train --config this_file --out NEW_RUN_DIR repeats this run\n"
+            + yaml.safe_dump(resolved_run_file(cfg, options), sort_keys=False, allow_unicode=True))
+    path = Path(run_dir) / RUN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return path
+
+
 # ------------------------------------------------------------------------------------ train state
 
 
@@ -93,6 +141,9 @@ class Counters:
     batches_done: int = 0  # micro-batches of that epoch already consumed (per rank)
     step: int = 0  # optimizer steps so far
     best_ap: float = -math.inf
+    evals_since_best: int = 0  # evaluations since the AP last improved (early stopping)
+    patience: int | None = None  # stop after this many evaluations without improvement (None: never)
+    stopped_early: bool = False  # the patience ran out: the run is finished
 
 
 @dataclass
@@ -117,6 +168,7 @@ class TrainState:
         return {"train_state_version": TRAIN_STATE_VERSION, "optimizer": self.optimizer, "scheduler": self.scheduler,
                 "scaler": self.scaler, "ema": self.ema,
                 "epoch": c.epoch, "batches_done": c.batches_done, "step": c.step, "best_ap": c.best_ap,
+                "evals_since_best": c.evals_since_best, "patience": c.patience, "stopped_early": c.stopped_early,
                 "epoch_loss_sums": self.epoch_loss_sums, "world_size": self.world_size,
                 "rng": self.rng, "loader_generator": self.loader_generator}
 
@@ -130,8 +182,10 @@ class TrainState:
             world_size = int(saved.get("world_size", 1))
         except (KeyError, TypeError, ValueError):  # the epoch position is then kept as stored
             batch_size = world_size = None
+        patience = saved.get("patience")
         counters = Counters(int(saved["epoch"]), int(saved["batches_done"]), int(saved["step"]),
-                            float(saved.get("best_ap", -math.inf)))
+                            float(saved.get("best_ap", -math.inf)), int(saved.get("evals_since_best", 0)),
+                            None if patience is None else int(patience), bool(saved.get("stopped_early", False)))
         return cls(saved["optimizer"], saved["scheduler"], counters, saved.get("scaler"), saved.get("ema"),
                    saved.get("epoch_loss_sums"), world_size, list(saved.get("rng") or []),
                    list(saved.get("loader_generator") or []), batch_size)

@@ -47,6 +47,7 @@ from torch.utils.data import DistributedSampler
 
 from ..checkpoint import init_from_config
 from ..config import ConfigError, DINOConfig, TrainConfig, check_config
+from ..data.loader import RepeatFactorSampler, image_classes, repeat_factors
 from ..errors import TrainingError
 from ..files import write_json_atomic
 from ..inference.modes import autocast as amp_autocast
@@ -70,6 +71,7 @@ from .logging import RunLogger
 from .pictures import write_eval_pictures
 from .plots import plot_curves
 from .run_dir import (
+    BEST_CHECKPOINT,
     CHECKPOINT,
     CURVES,
     FINAL_METRICS,
@@ -80,7 +82,9 @@ from .run_dir import (
     open_run_dir,
     resume_run,
     save_run_checkpoints,
+    write_run_file,
 )
+from .tide import evaluation_breakdown, write_error_chart
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,14 @@ class TrainOptions:
     tensorboard: bool = True
     pictures: int = 8  # val images drawn with the final evaluation's detections (0: none)
     picture_threshold: float = 0.3  # score above which a detection is drawn
+    # early stopping: stop after this many evaluations without a better val AP (None: on resume the
+    # run's own setting, else never)
+    patience: int | None = None
+    # the options that repeat the run (data, format, ...): written with the resolved settings to
+    # RUN_DIR/config.yaml (``run_dir.write_run_file``); None: not written
+    run_options: dict[str, Any] | None = None
+    loggers: tuple[str, ...] = ()  # besides TensorBoard: "mlflow", "wandb" (engine.logging)
+    tracking_uri: str | None = None  # MLflow's (default: a file store in RUN_DIR/mlruns)
 
 
 # ------------------------------------------------------------------------------------ building blocks
@@ -174,6 +186,26 @@ class ResumableSampler(DistributedSampler):
         return max(0, self.num_samples - self.start)
 
 
+class ResumableRepeatFactorSampler(ResumableSampler, RepeatFactorSampler):
+    """``RepeatFactorSampler`` that resumes mid-epoch like ``ResumableSampler``."""
+
+
+def build_train_sampler(train_set: Any, cfg: DINOConfig, world_size: int, rank: int) -> ResumableSampler:
+    """The training order: every image once per epoch, or with ``data.repeat_factor_threshold`` > 0
+    images of rare classes repeated (``data.loader.repeat_factors``); both depend only on (seed,
+    epoch), so every process and every resume draws the same."""
+    threshold = cfg.data.repeat_factor_threshold
+    if threshold > 0:
+        factors = repeat_factors(image_classes(train_set), threshold)
+        if rank == 0:
+            log.info("repeat-factor sampling (threshold %g): %d of %d images repeated (up to %.1fx); an epoch is %d "
+                     "images", threshold, int((factors > 1).sum()), len(factors), float(factors.max(initial=1.0)),
+                     round(float(factors.sum())))
+        return ResumableRepeatFactorSampler(train_set, factors, num_replicas=world_size, rank=rank, seed=cfg.train.seed)
+    return ResumableSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed,
+                            drop_last=False)
+
+
 def window_weights(box_counts: Tensor, world_size: int) -> tuple[Tensor, Tensor]:
     """Accumulation weights of one window from every rank's per-micro-batch box counts.
 
@@ -229,8 +261,7 @@ class Trainer:
         self._carried_sums: list[float] | None = None
         self._stopped_sums: list[float] | None = None
 
-        self.sampler = ResumableSampler(train_set, num_replicas=self.info.world_size, rank=self.info.rank,
-                                        shuffle=True, seed=t.seed, drop_last=False)
+        self.sampler = build_train_sampler(train_set, self.cfg, self.info.world_size, self.info.rank)
         from ..data.loader import build_loader
 
         self.loader = build_loader(train_set, t.batch_size, train=True, num_workers=self.cfg.data.num_workers,
@@ -249,15 +280,24 @@ class Trainer:
             self._carried_sums = sums if sums is not None and len(sums) == len(LOGGED_LOSSES) + 2 else None
         else:
             seed_everything(t.seed + self.info.rank)  # training randomness differs between ranks
+        if opts.patience is not None:
+            if opts.patience < 1:
+                raise ConfigError(f"patience must be >= 1 evaluation, got {opts.patience}")
+            self.counters.patience = opts.patience
+            # a run that stopped early continues under a larger patience
+            self.counters.stopped_early = self.counters.evals_since_best >= opts.patience
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.info.enabled else self.model)
         self.logger = RunLogger(self.run_dir, enabled=self.info.is_main,
                                 # a run restarted by --resume (stopped before its first checkpoint): its
                                 # log and TensorBoard events are dropped, as those after a checkpoint are
                                 resume_step=self.counters.step if saved is not None else (0 if opts.resume else None),
-                                tensorboard=opts.tensorboard)
+                                tensorboard=opts.tensorboard, loggers=opts.loggers,
+                                tracking_uri=opts.tracking_uri, params=self.cfg.to_dict())
         if self.info.is_main:
             write_json_atomic(self.run_dir / RESOLVED_CONFIG, self.cfg.to_dict())
+            if opts.run_options is not None:
+                write_run_file(self.run_dir, self.cfg, opts.run_options)
         self.last_eval: EvalResult | None = None
         # losses not yet checked for NaN/inf (see _check_finite): their sum and the last loss dict
         self._unchecked_sum: Tensor | float = 0.0
@@ -268,10 +308,19 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
 
     def _save(self, state: TrainState, result: EvalResult | None) -> None:
-        """checkpoint.pt always; checkpoint_best.pt (the evaluated weights) when AP improved."""
-        improved = result is not None and result.metrics["AP"] > self.counters.best_ap
+        """checkpoint.pt always; checkpoint_best.pt (the evaluated weights) when AP improved.  An
+        evaluation without improvement counts towards the patience (``TrainOptions.patience``)."""
+        c = self.counters
+        improved = result is not None and result.metrics["AP"] > c.best_ap
         if result is not None and improved:
-            self.counters.best_ap = state.counters.best_ap = result.metrics["AP"]
+            c.best_ap = state.counters.best_ap = result.metrics["AP"]
+        if result is not None:
+            c.evals_since_best = 0 if improved else c.evals_since_best + 1
+            # the last epoch is no early stop: more --epochs on resume then train on
+            c.stopped_early = (c.patience is not None and c.evals_since_best >= c.patience
+                               and c.epoch < self.cfg.train.epochs)
+            state.counters.evals_since_best, state.counters.stopped_early = c.evals_since_best, c.stopped_early
+            state.counters.patience = c.patience
         if self.info.is_main:
             lm = self.label_map
             save_run_checkpoints(self.run_dir, self.model, self.cfg, lm.class_names, lm.category_ids, state,
@@ -422,10 +471,14 @@ class Trainer:
         returns the final evaluation (also written to RUN_DIR/metrics.json)."""
         t, c = self.cfg.train, self.counters
         start = time.time()
-        if (c.epoch >= t.epochs or self._max_steps_reached()) and self.info.is_main:
+        if c.stopped_early and self.info.is_main:
+            log.info(f"the run is finished: it stopped early at epoch {c.epoch} (no better AP in {c.evals_since_best} "
+                     f"evaluations, patience {c.patience}; best AP {c.best_ap:.4f} in {BEST_CHECKPOINT}); "
+                     "evaluating the final weights (a larger --patience continues it)")
+        elif (c.epoch >= t.epochs or self._max_steps_reached()) and self.info.is_main:
             log.info(f"nothing left to train (epoch {c.epoch}/{t.epochs}, step {c.step}); evaluating the final weights")
         try:
-            while c.epoch < t.epochs and not self._max_steps_reached():
+            while c.epoch < t.epochs and not self._max_steps_reached() and not c.stopped_early:
                 epoch_start = time.time()
                 epoch = c.epoch
                 losses, stopped = self._train_epoch(epoch)
@@ -445,6 +498,10 @@ class Trainer:
                 self._save(train_state, result)
                 if result is not None:
                     self.last_eval = result
+                if c.stopped_early and self.info.is_main:
+                    log.info(f"stopping early after epoch {c.epoch}: the val AP has not improved in {c.evals_since_best} "
+                             f"evaluations (patience {c.patience}); the best weights (AP {c.best_ap:.4f}) are "
+                             f"{self.run_dir / BEST_CHECKPOINT}")
             if self.last_eval is None:  # e.g. resuming a finished run: evaluate its final weights
                 self.last_eval = self.evaluate()
             return self._finish()
@@ -478,12 +535,15 @@ class Trainer:
         metrics.update(epoch=round(self.epochs_done, 4), step=self.counters.step, ema_weights=self.ema is not None,
                        best_AP=max(self.counters.best_ap, metrics["AP"]))
         if self.info.is_main:
+            breakdown = evaluation_breakdown(self.last_eval, self.val_set)
             write_json_atomic(self.run_dir / FINAL_METRICS, {**metrics, "per_class": self.last_eval.per_class,
-                                                             "confusion_matrix": self.last_eval.confusion})
+                                                             "confusion_matrix": self.last_eval.confusion,
+                                                             "error_breakdown": breakdown})
             plot_curves(self.logger.records, self.run_dir / CURVES)
             write_eval_pictures(self.last_eval, self.val_set, self.run_dir, pictures=self.opts.pictures,
                                 threshold=self.opts.picture_threshold)
             write_confusion_chart(self.last_eval.confusion, self.run_dir)
+            write_error_chart(breakdown, self.run_dir)
         return metrics
 
 

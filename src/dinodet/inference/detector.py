@@ -6,6 +6,7 @@ converted official checkpoint gives the official detections.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from .modes import COMPILE_BUCKET, ModeRunner
 if TYPE_CHECKING:
     from .video import FrameResult
 
+log = logging.getLogger(__name__)
+
 #: One input image: a file path, a PIL image, or a [3, H, W] tensor (uint8 0..255 or float 0..1).
 ImageInput = str | Path | Image.Image | Tensor | np.ndarray
 
@@ -48,9 +51,22 @@ class Prediction:
     category_ids: Tensor  # [N] int64 dataset category id (COCO id for the official models)
     class_names: list[str]  # N names
     image_size: tuple[int, int]  # (height, width) of the original image
+    # [N] int64 with tracking (``predict_stream(..., track=True)``): the detection's track, -1 for one on no
+    # confirmed track yet; None without tracking
+    track_ids: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+    def select(self, index: Tensor) -> Prediction:
+        """These detections at ``index`` (int64 [K] positions, in the order given, or a bool [N] mask)."""
+        if index.dtype == torch.bool:
+            index = index.nonzero().flatten()
+        positions = index.tolist()
+        return Prediction(boxes=self.boxes[index], scores=self.scores[index], labels=self.labels[index],
+                          category_ids=self.category_ids[index], class_names=[self.class_names[i] for i in positions],
+                          image_size=self.image_size,
+                          track_ids=None if self.track_ids is None else self.track_ids[index])
 
     def to_supervision(self) -> Any:
         """These detections as ``supervision.Detections`` (xyxy, confidence, class_id = ``labels``,
@@ -59,7 +75,7 @@ class Prediction:
         Raises:
             ConfigError: supervision is not installed (``pip install 'dinodet[video]'``).
         """
-        from .video import require
+        from .extras import require
 
         sv = require("supervision", "Prediction.to_supervision()")
         return sv.Detections(
@@ -68,8 +84,21 @@ class Prediction:
         )
 
 
+#: The default device of every command: CUDA when this machine has it, else the CPU.
+AUTO_DEVICE = "auto"
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
-    """Parse ``device`` and check that it exists here (ConfigError instead of a CUDA traceback)."""
+    """Parse ``device`` and check that it exists here (ConfigError instead of a CUDA traceback).
+    ``"auto"`` is ``cuda`` when CUDA is available, else ``cpu``; a GPU chosen is logged (info), the CPU
+    fallback only at debug level: it is what every run did before, and said on every CPU run it is noise."""
+    if str(device) == AUTO_DEVICE:
+        if torch.cuda.is_available():
+            device = "cuda"
+            log.info("device auto: using cuda (%s)", torch.cuda.get_device_name(0))
+        else:
+            device = "cpu"
+            log.debug("device auto: no CUDA device found, using cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -115,7 +144,9 @@ class Detector:
     ``size`` / ``max_size`` (the resize, short side and cap on the long side) default to the
     config's evaluation resize (``data.eval_size`` / ``data.max_size``); ``mode`` is an inference
     mode of ``dinodet.inference.modes`` (``exact``: float32; ``bf16``, ``compile`` ... trade precision for
-    speed).  The detector owns ``model`` and adapts it to the mode.
+    speed).  The detector owns ``model`` and adapts it to the mode.  ``one_label_per_query`` keeps only
+    each query's best class (see ``models.postprocess.postprocess``); the default is the official
+    top-k over all (query, class) pairs.
     """
 
     def __init__(
@@ -128,8 +159,10 @@ class Detector:
         size: int | None = None,
         max_size: int | None = None,
         mode: str = "exact",
+        one_label_per_query: bool = False,
     ):
         self.device = resolve_device(device)
+        self.one_label_per_query = one_label_per_query
         self.config = config
         self.runner = ModeRunner(model, mode, self.device, copy_model=False)
         self.model = self.runner.model
@@ -155,6 +188,7 @@ class Detector:
         size: int | None = None,
         max_size: int | None = None,
         mode: str = "exact",
+        one_label_per_query: bool = False,
     ) -> Detector:
         """Load a dinodet or official DINO checkpoint (see ``dinodet.checkpoint.load_checkpoint``);
         a training checkpoint's EMA weights are used when it has them (they are what was evaluated).
@@ -166,7 +200,8 @@ class Detector:
         check_resize(size, max_size)  # before the slow loading
         dev = resolve_device(device)
         ckpt = load_checkpoint(path, preset=preset, device=str(dev), ema=True)
-        return cls(ckpt.model, ckpt.config, ckpt.class_names, ckpt.category_ids, dev, size, max_size, mode)
+        return cls(ckpt.model, ckpt.config, ckpt.class_names, ckpt.category_ids, dev, size, max_size, mode,
+                   one_label_per_query)
 
     @classmethod
     def from_random(
@@ -178,6 +213,7 @@ class Detector:
         seed: int = 0,
         num_classes: int | None = None,
         mode: str = "exact",
+        one_label_per_query: bool = False,
     ) -> Detector:
         """A randomly initialised model: for smoke tests of the pipeline; its boxes are meaningless.
 
@@ -187,7 +223,8 @@ class Detector:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_model(config)
-        return cls(model, config, device=device, size=size, max_size=max_size, mode=mode)
+        return cls(model, config, device=device, size=size, max_size=max_size, mode=mode,
+                   one_label_per_query=one_label_per_query)
 
     def predict(
         self,
@@ -219,22 +256,24 @@ class Detector:
                                       category_ids=self._category_ids, group_multiple=multiple)
 
     def predict_stream(self, source: str | Path, threshold: float = 0.3, vid_stride: int = 1,
-                       max_frames: int | None = None, batch_size: int = 1) -> Iterator[FrameResult]:
+                       max_frames: int | None = None, batch_size: int = 1, track: bool = False) -> Iterator[FrameResult]:
         """Per-frame detections (``FrameResult``: frame index, time_s, RGB image, Prediction) of a video
-        file, webcam index (``"0"``) or stream URL, as they are decoded; see ``video.predict_stream``.
+        file, webcam index (``"0"``) or stream URL, as they are decoded; with ``track`` each Prediction
+        has ``track_ids`` (ByteTrack); see ``video.predict_stream``.
 
         Raises:
-            ConfigError: PyAV is not installed (``pip install 'dinodet[video]'``).
+            ConfigError: PyAV (or for ``track`` the ``trackers`` package) is not installed
+                (``pip install 'dinodet[video]'``).
             ImageLoadError: the source cannot be opened.
         """
         from .video import predict_stream
 
-        return predict_stream(self, source, threshold, vid_stride, max_frames, batch_size)
+        return predict_stream(self, source, threshold, vid_stride, max_frames, batch_size, track=track)
 
     def _detect(self, images: Tensor, mask: Tensor, orig_sizes: Tensor) -> Detections:
         out = self.runner(images, mask)
         return postprocess(out.pred_logits.float(), out.pred_boxes.float(), orig_sizes.to(self.device),
-                           self.config.model.num_select)
+                           self.config.model.num_select, one_label_per_query=self.one_label_per_query)
 
 
 def predict_in_batches(

@@ -112,7 +112,12 @@ class OnnxDetector(ExportedModelDetector):
             raise ConfigError(f"device '{device}' is not available to onnxruntime "
                               f"(providers: {', '.join(ort.get_available_providers())})")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads() if num_threads is None else num_threads
+        self.num_threads = torch.get_num_threads() if num_threads is None else num_threads
+        options.intra_op_num_threads = self.num_threads
+        # one graph node at a time, each over all the threads: a second (inter-op) pool would
+        # oversubscribe the cores the intra-op pool already uses
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3  # errors only
         try:
             self.session = ort.InferenceSession(str(path), options, providers=[_PROVIDERS[kind]])
@@ -127,6 +132,11 @@ class OnnxDetector(ExportedModelDetector):
         shape = self.session.get_inputs()[0].shape  # [B, 3, H, W]; ints where fixed
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.fixed_hw = (shape[2], shape[3]) if isinstance(shape[2], int) and isinstance(shape[3], int) else None
+
+    @property
+    def thread_settings(self) -> str:
+        """What runs, for reports: e.g. ``onnxruntime intra_op=2 inter_op=1 sequential``."""
+        return f"onnxruntime intra_op={self.num_threads} inter_op=1 sequential"
 
     def _infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, feed)

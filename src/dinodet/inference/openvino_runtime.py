@@ -10,10 +10,19 @@ compiled for each new input shape (batch, height, width) on first use, up to ``s
 shapes (static shapes run ~1.5x faster than OpenVINO's dynamic-shape kernels); any further shape
 runs one dynamic-shape compilation of the model, so any image size runs without re-export.
 Arithmetic stays float32 (``INFERENCE_PRECISION_HINT``), also on CPUs whose default is bfloat16, so
-the detections are the PyTorch model's.
+the detections are the PyTorch model's; an int8 IR (``dinodet export --int8``) runs its quantised
+layers in int8 and the rest in float32.
+
+Threads and caching: ``INFERENCE_NUM_THREADS`` = ``torch.get_num_threads()`` (one knob for every
+backend, OMP_NUM_THREADS) with the ``LATENCY`` performance hint (one stream: all threads on one image,
+which is what a batch-1 detector needs; ``THROUGHPUT`` would split them over parallel requests).
+Compiled blobs are kept in ``cache_dir`` (default ``$DINODET_OPENVINO_CACHE``, else
+``~/.cache/dinodet/openvino``; an empty string turns caching off), so a second load of the same
+model (and shape) skips the compilation.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -25,9 +34,21 @@ from ..data.transforms import check_resize
 from ..errors import CheckpointError, ConfigError, first_line
 from .onnx_runtime import ExportedModelDetector, read_metadata
 
+log = logging.getLogger(__name__)
+
 RT_INFO_SECTION = "dinodet"  # where ``deploy.export.to_openvino`` writes the metadata in an IR
 _ONNX_SECTION = "framework"  # where OpenVINO's ONNX reader puts an ONNX file's metadata properties
 STATIC_SHAPES = 3  # input shapes of a dynamic model that get their own (faster) static compilation
+CACHE_ENV = "DINODET_OPENVINO_CACHE"  # the compiled-model cache folder ("": no cache)
+
+
+def default_cache_dir() -> Path | None:
+    """Where compiled models are cached: ``$DINODET_OPENVINO_CACHE`` ("" turns caching off), else
+    ``~/.cache/dinodet/openvino`` (``$XDG_CACHE_HOME`` when set)."""
+    env = os.environ.get(CACHE_ENV)
+    if env is not None:
+        return Path(env) if env.strip() else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dinodet" / "openvino"
 
 
 def require_openvino() -> Any:
@@ -50,6 +71,7 @@ class OpenVinoDetector(ExportedModelDetector):
             OMP_NUM_THREADS, so every backend uses the same number of cores).
         static_shapes: how many input shapes of a dynamic model get a static compilation (see the
             module docstring); 0 runs every shape with the dynamic one.
+        cache_dir: compiled-model cache (default ``default_cache_dir()``); None or "" for none.
 
     Raises:
         CheckpointError: missing or unreadable file, or not a dinodet export.
@@ -57,7 +79,8 @@ class OpenVinoDetector(ExportedModelDetector):
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", size: int | None = None,
-                 max_size: int | None = None, num_threads: int | None = None, static_shapes: int = STATIC_SHAPES):
+                 max_size: int | None = None, num_threads: int | None = None, static_shapes: int = STATIC_SHAPES,
+                 cache_dir: str | os.PathLike | None = "default"):
         check_resize(size, max_size)  # what is given; the file's own resize is what it was exported with
         ov = require_openvino()
         path = Path(path)
@@ -70,7 +93,7 @@ class OpenVinoDetector(ExportedModelDetector):
             self.model = self.core.read_model(str(path))
         except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types
             raise CheckpointError(f"{path}: not a readable OpenVINO IR or ONNX model ({first_line(str(e))})") from None
-        meta = _metadata(self.model)
+        meta = rt_metadata(self.model)
         outputs = [(o.get_any_name(), _length(o.get_partial_shape()[-1]) if o.get_partial_shape().rank.is_static
                     else None) for o in self.model.outputs]
         info = read_metadata(path, meta, outputs, size, max_size)
@@ -85,10 +108,27 @@ class OpenVinoDetector(ExportedModelDetector):
         # f32: the CPU plugin's default on bfloat16-capable CPUs is bf16, which changes the detections
         self._config = {"INFERENCE_NUM_THREADS": self.num_threads, "INFERENCE_PRECISION_HINT": "f32",
                         "PERFORMANCE_HINT": "LATENCY"}
+        cache = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
+        self.cache_dir = cache
+        if cache is not None:
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+                self._config["CACHE_DIR"] = str(cache)
+            except OSError as e:  # a read-only home: run, only without the cache
+                log.warning("OpenVINO cache folder %s cannot be made (%s); compiling without a cache", cache, e)
+                self.cache_dir = None
         # by input shape, or "fixed" (a fixed-shape model) / "dynamic" (the dynamic-shape compilation)
         self._compiled: dict[tuple[int, ...] | str, Any] = {}
         if not self.model.is_dynamic():
             self._compiled["fixed"] = self._compile(self.model)
+
+    @property
+    def thread_settings(self) -> str:
+        """What runs, for reports: e.g. ``openvino threads=2 hint=LATENCY streams=1 cache=on``."""
+        compiled = next(iter(self._compiled.values()), None)
+        streams = compiled.get_property("NUM_STREAMS") if compiled is not None else "?"
+        return (f"openvino threads={self.num_threads} hint={self._config['PERFORMANCE_HINT']} streams={streams} "
+                f"cache={'on' if self.cache_dir else 'off'}")
 
     def _infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         compiled = self._compiled_for(tuple(feed["images"].shape))
@@ -121,7 +161,7 @@ class OpenVinoDetector(ExportedModelDetector):
             raise CheckpointError(f"{self.path}: OpenVINO cannot compile the model ({first_line(str(e))})") from None
 
 
-def _metadata(model: Any) -> dict[str, str]:
+def rt_metadata(model: Any) -> dict[str, str]:
     """The dinodet metadata properties of a model read by OpenVINO (an IR's own section, else the
     ONNX file's properties); empty when there are none."""
     for section in (RT_INFO_SECTION, _ONNX_SECTION):

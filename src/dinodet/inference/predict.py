@@ -11,11 +11,12 @@ the folder is replaced (``files.check_not_foreign``) unless ``overwrite``.  Vide
 and stream URLs among the inputs go to ``video.predict_video_to_folder`` (``OUT/<stem>.mp4`` and
 ``OUT/<stem>.jsonl``) under the same rules.  Records carry an ``image_id`` that ``COCO.loadRes``
 accepts: from an ``image_info`` file (a COCO annotation or image-info file) matched by file name, else
-1..N in input order; ``classes`` and ``max_det`` select detections for every output alike.
+1..N in input order; ``classes``, ``max_det`` and ``agnostic_nms`` select detections for every output
+alike.  Optional extras: ByteTrack ids for videos (``track``), YOLO label files and a CSV
+(``exports``), tiled inference for small objects (``tiling``).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -25,10 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..data.images import ImageLoadError, iter_image_paths, load_image
+from ..data.images import IMAGE_EXTENSIONS, ImageLoadError, iter_image_paths, load_image
 from ..errors import ConfigError, first_line
 from ..files import check_not_foreign, check_out_folder, record_outputs, save_image_atomic, write_json_atomic
-from .video import VideoSummary, is_file_source, is_video_source, predict_video_to_folder, source_stem
+from .exports import DetectionExports, frame_label_name
+from .extras import require
+from .tiling import DEFAULT_OVERLAP, TilingDetector, check_tiling
+from .video import (
+    VIDEO_EXTENSIONS,
+    VideoSummary,
+    is_file_source,
+    is_video_source,
+    predict_video_to_folder,
+    source_stem,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -42,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREDICTIONS_JSON = "predictions.json"
+AUTO_DEVICE = "auto"  # as detector.AUTO_DEVICE (not imported: that module pulls in torch)
 COMMAND = "predict"  # what the folder's manifest says wrote the files
 JPEG_MAX_SIDE = 65_500  # libjpeg's limit: a larger image gets no picture, its detections are kept
 PROGRESS_MIN_IMAGES = 5  # below this a progress bar is more noise than help
@@ -59,11 +71,12 @@ class DetectorOptions:
     model: str | Path | None = None
     random_weights: bool = False
     preset: str | None = None
-    device: str = "cpu"
+    device: str = "auto"  # cuda when available, else cpu (an exported model: cpu)
     size: int | None = None
     max_size: int | None = None
     mode: str = "exact"
     backend: str | None = None  # torch, onnxruntime or openvino; None: from what is given
+    one_label_per_query: bool = False  # each query's best class only (default: the official top-k)
 
     @property
     def resolved_backend(self) -> str:
@@ -103,6 +116,9 @@ class DetectorOptions:
         check_resize(self.size, self.max_size, ("--size", "--max-size"))
         if backend != "torch" and self.mode != "exact":
             raise ConfigError("--mode applies to the PyTorch backend; an exported model runs as it was exported")
+        if backend != "torch" and self.one_label_per_query:
+            raise ConfigError("--one-label-per-query applies to the PyTorch backend; an exported model runs its "
+                              "top-k as it was exported")
 
     def build(self) -> AnyDetector:
         """The detector (logs a warning for random weights, a note for compiled modes).
@@ -117,24 +133,28 @@ class DetectorOptions:
         self.check()
         if self.model is not None:
             backend = self.resolved_backend
+            # an exported model runs on the CPU unless a GPU is asked for by name: "auto" means the CPU there
+            device = "cpu" if self.device == AUTO_DEVICE else self.device
             if backend == "openvino":
                 from .openvino_runtime import OpenVinoDetector
 
-                return OpenVinoDetector(self.model, device=self.device, size=self.size, max_size=self.max_size)
+                return OpenVinoDetector(self.model, device=device, size=self.size, max_size=self.max_size)
             if backend != "onnxruntime":
                 raise ConfigError(f"an exported model runs with the onnxruntime or openvino backend, not '{backend}'")
             from .onnx_runtime import OnnxDetector
 
-            return OnnxDetector(self.model, device=self.device, size=self.size, max_size=self.max_size)
+            return OnnxDetector(self.model, device=device, size=self.size, max_size=self.max_size)
         if self.random_weights:
             if not self.preset:
                 raise ConfigError("random weights need a preset")
             detector = Detector.from_random(self.preset, device=self.device, size=self.size,
-                                            max_size=self.max_size, mode=self.mode)
+                                            max_size=self.max_size, mode=self.mode,
+                                            one_label_per_query=self.one_label_per_query)
             log.warning("using RANDOM weights for preset '%s': the detections are meaningless", self.preset)
         elif self.checkpoint is not None:
             detector = Detector.from_checkpoint(self.checkpoint, preset=self.preset, device=self.device,
-                                                size=self.size, max_size=self.max_size, mode=self.mode)
+                                                size=self.size, max_size=self.max_size, mode=self.mode,
+                                                one_label_per_query=self.one_label_per_query)
         else:
             raise ConfigError("a checkpoint, random weights or an ONNX model is required")
         note_compile(self.mode)
@@ -171,6 +191,7 @@ class PredictSummary:
     predictions: Path | None
     records: list[dict[str, Any]] = field(default_factory=list)
     videos: list[VideoSummary] = field(default_factory=list)
+    exports: list[Path] = field(default_factory=list)  # labels/ (--save-txt) and predictions.csv (--save-csv)
 
     @property
     def skipped(self) -> int:
@@ -179,50 +200,63 @@ class PredictSummary:
 
 @dataclass(frozen=True)
 class Selection:
-    """Which detections a run keeps: those whose category id is in ``category_ids`` or whose class
-    name is in ``names`` (every class when both are empty), then at most ``max_det`` per image, the
-    highest scores (a Prediction is sorted by score)."""
+    """Which detections a run keeps: with ``agnostic_nms`` (an IoU) first class-agnostic NMS (of two
+    boxes overlapping more, whatever their classes, the lower score goes), then those whose category id
+    is in ``category_ids`` or whose class name is in ``names`` (every class when both are empty), then
+    at most ``max_det`` per image, the highest scores (a Prediction is sorted by score)."""
 
     category_ids: frozenset[int] = frozenset()
     names: frozenset[str] = frozenset()
     max_det: int | None = None
+    agnostic_nms: float | None = None
 
     @property
     def active(self) -> bool:
-        return bool(self.category_ids or self.names) or self.max_det is not None
+        return bool(self.category_ids or self.names) or self.max_det is not None or self.agnostic_nms is not None
 
     def apply(self, pred: Any) -> Any:
         """``pred`` (a ``Prediction``) with only the selected detections."""
         import torch
 
+        if self.agnostic_nms is not None:
+            pred = agnostic_nms(pred, self.agnostic_nms)
         keep = [i for i, (cat, name) in enumerate(zip(pred.category_ids.tolist(), pred.class_names))
                 if not (self.category_ids or self.names) or cat in self.category_ids or name in self.names]
-        index = torch.tensor(keep[: self.max_det], dtype=torch.int64)
-        return dataclasses.replace(pred, boxes=pred.boxes[index], scores=pred.scores[index],
-                                   labels=pred.labels[index], category_ids=pred.category_ids[index],
-                                   class_names=[pred.class_names[i] for i in index.tolist()])
+        return pred.select(torch.tensor(keep[: self.max_det], dtype=torch.int64))
+
+
+def agnostic_nms(pred: Any, iou: float) -> Any:
+    """``pred`` (a ``Prediction``) after class-agnostic NMS (``torchvision.ops.nms`` at ``iou``): one box
+    per object even where the model gave it two classes.  The order (by score) is kept."""
+    import torch
+    from torchvision.ops import nms
+
+    keep = nms(pred.boxes.float(), pred.scores.float(), iou)
+    return pred.select(torch.sort(keep).values)  # nms returns them by score; sorted positions keep ties stable
 
 
 def make_selection(classes: Sequence[int | str] | None, max_det: int | None,
-                   known_names: Sequence[str] | None = None) -> Selection:
-    """The Selection of ``classes`` (category ids and/or class names) and ``max_det``.  With
-    ``known_names`` (the model's classes) a name the model does not have is an error, since it
-    would silently select nothing.
+                   known_names: Sequence[str] | None = None, agnostic_nms: float | None = None) -> Selection:
+    """The Selection of ``classes`` (category ids and/or class names), ``max_det`` and
+    ``agnostic_nms`` (an IoU).  With ``known_names`` (the model's classes) a name the model does not
+    have is an error, since it would silently select nothing.
 
     Raises:
-        ConfigError: an empty ``classes``, ``max_det`` < 1 or an unknown class name.
+        ConfigError: an empty ``classes``, ``max_det`` < 1, an IoU outside (0, 1] or an unknown class name.
     """
     if classes is not None and not classes:
         raise ConfigError("--classes needs at least one category id or class name")
     if max_det is not None and max_det < 1:
         raise ConfigError(f"--max-det must be >= 1, got {max_det}")
+    if agnostic_nms is not None and not 0.0 < agnostic_nms <= 1.0:
+        raise ConfigError(f"--agnostic-nms takes an IoU in (0, 1], got {agnostic_nms}")
     names = frozenset(c for c in classes or () if isinstance(c, str))
     if known_names is not None and names - set(known_names):
         unknown = ", ".join(repr(n) for n in sorted(names - set(known_names)))
         raise ConfigError(f"--classes: unknown class name(s) {unknown}; the model's classes are "
                           f"{', '.join(dict.fromkeys(known_names))}")
     ids = frozenset(int(c) for c in classes or () if not isinstance(c, str))
-    return Selection(ids, names, max_det)
+    return Selection(ids, names, max_det, agnostic_nms)
 
 
 class SelectingDetector:
@@ -231,6 +265,7 @@ class SelectingDetector:
 
     def __init__(self, detector: AnyDetector, selection: Selection) -> None:
         self.detector, self.selection = detector, selection
+        self.class_names = detector.class_names
 
     def predict(self, images: Sequence[Any], threshold: float = 0.3, batch_size: int = 1) -> list[Any]:
         preds = self.detector.predict(images, threshold=threshold, batch_size=batch_size)
@@ -330,6 +365,12 @@ def predict_to_folder(
     image_info: str | Path | None = None,
     classes: Sequence[int | str] | None = None,
     max_det: int | None = None,
+    agnostic_nms: float | None = None,
+    track: bool = False,
+    save_txt: bool = False,
+    save_csv: bool = False,
+    tile: int | None = None,
+    tile_overlap: float = DEFAULT_OVERLAP,
 ) -> PredictSummary:
     """Detect objects in ``inputs`` (image files and/or folders, video files, a webcam index, stream
     URLs) and write ``out_dir/<stem>.jpg`` (detections drawn; not without ``save_images``) and
@@ -339,25 +380,29 @@ def predict_to_folder(
     ``out_dir`` is created if needed, and removed again if nothing came of the run.  Files of those
     names that dinodet did not write are replaced only with ``overwrite``.  Records carry ``image_id``
     (see ``image_ids``: from ``image_info``, else 1..N), ``file_name`` and ``class_name``.  ``classes``
-    (category ids and/or class names) and ``max_det`` (per image or frame) select the detections of
-    every output.
+    (category ids and/or class names), ``max_det`` (per image or frame) and ``agnostic_nms`` (an IoU,
+    see ``Selection``) select the detections of every output.  ``track`` gives video detections
+    ByteTrack ids (``tracking.Tracker``); ``save_txt`` / ``save_csv`` also write YOLO label files and
+    one CSV (``exports.DetectionExports``); ``tile`` predicts images and frames larger than ``tile``
+    pixels in overlapping tiles (``tiling.TilingDetector``).  Folders may hold images and videos.
 
     Raises:
         ImageLoadError: no input, a lone input that cannot be read, or no image that could be processed.
         ConfigError: ``out_dir`` is not writable, would overwrite an input or (without ``overwrite``)
             holds a file of an output's name that dinodet did not write; the video extra is missing;
-            ``image_info`` is unreadable or names none of the images; an unknown class name in ``classes``.
+            ``image_info`` is unreadable or names none of the images; an unknown class name in ``classes``;
+            ``track`` or ``tile`` without their packages; a bad tile size or overlap.
     """
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    videos = [str(s) for s in inputs if is_video_source(s)]
-    image_inputs = [s for s in inputs if not is_video_source(s)]
+    check_tiling(tile, tile_overlap)
+    image_inputs, videos = split_inputs(inputs)
     paths = gather_images(image_inputs) if image_inputs or not videos else []
     out_dir = Path(out_dir)
     outputs = output_names(paths, out_dir)
-    make_selection(classes, max_det)  # the checks that need no model, before it is loaded
+    make_selection(classes, max_det, agnostic_nms=agnostic_nms)  # the checks that need no model, before it is loaded
     ids = image_ids(paths, image_info)
     stems = video_stems(videos, out_dir)
     check_out_folder(out_dir)
@@ -365,12 +410,22 @@ def predict_to_folder(
              *(f"{stem}{ext}" for stem in stems.values() for ext in ((".jsonl", ".mp4") if save_images else
                                                                      (".jsonl",)))]
     check_not_foreign(out_dir, names, overwrite=overwrite)
+    exports = DetectionExports(out_dir, save_txt, save_csv, track=track and bool(videos))
+    exports.check([Path(o.picture).stem for o in outputs.values()], overwrite)
     for source in videos:  # a typo costs no model loading
         if is_file_source(source) and not Path(source).is_file():
             raise ImageLoadError(f"video file '{source}' not found")
+    if track and not videos:
+        log.warning("--track applies to videos and streams; the images are predicted one by one")
+    if track and videos:
+        require("trackers", "tracking (--track)")
+    if tile is not None:
+        require("supervision", "tiled inference (--tile)")
     if isinstance(detector, DetectorOptions):
         detector = detector.build()
-    selection = make_selection(classes, max_det, detector.class_names if classes else None)
+    selection = make_selection(classes, max_det, detector.class_names if classes else None, agnostic_nms)
+    if tile is not None:
+        detector = TilingDetector(detector, tile, tile_overlap)
     if selection.active:
         detector = SelectingDetector(detector, selection)
     created = not out_dir.exists()
@@ -383,7 +438,8 @@ def predict_to_folder(
         if paths:
             records, done = _predict_files(detector, outputs, ids, out_dir, threshold, batch_size,
                                            len(paths) + len(videos) > 1,
-                                           progress and len(paths) >= PROGRESS_MIN_IMAGES, written, save_images)
+                                           progress and len(paths) >= PROGRESS_MIN_IMAGES, written, save_images,
+                                           exports)
     finally:
         record_outputs(out_dir, written, COMMAND)
         if created and done == 0 and not videos and not any(out_dir.iterdir()):  # nothing came of it
@@ -396,10 +452,35 @@ def predict_to_folder(
         json_path = out_dir / PREDICTIONS_JSON
         write_json_atomic(json_path, records)
         record_outputs(out_dir, [PREDICTIONS_JSON], COMMAND)
-    done_videos = _predict_videos(detector, stems, out_dir, len(paths) + len(videos) > 1, threshold=threshold,
-                                  batch_size=batch_size, vid_stride=vid_stride, max_frames=max_frames,
-                                  save_video=save_images, progress=progress)
-    return PredictSummary(images=len(paths), done=done, predictions=json_path, records=records, videos=done_videos)
+    try:
+        done_videos = _predict_videos(detector, stems, out_dir, len(paths) + len(videos) > 1, exports,
+                                      threshold=threshold, batch_size=batch_size, vid_stride=vid_stride,
+                                      max_frames=max_frames, save_video=save_images, progress=progress, track=track)
+    finally:  # also after Ctrl-C: what was predicted so far
+        exported = exports.finish() if exports.active else []
+    return PredictSummary(images=len(paths), done=done, predictions=json_path, records=records, videos=done_videos,
+                          exports=exported)
+
+
+def split_inputs(inputs: Sequence[str | Path]) -> tuple[list[str | Path], list[str]]:
+    """(image inputs, video sources) of ``inputs``: a folder's videos (by extension, sorted by name)
+    join the video sources, its images stay with the folder; a folder with neither stays an image
+    input (``gather_images`` reports it)."""
+    images: list[str | Path] = []
+    videos: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if is_video_source(item):
+            videos.append(str(item))
+        elif path.is_dir():
+            children = sorted(c for c in path.iterdir() if c.is_file())
+            found = [str(c) for c in children if c.suffix.lower() in VIDEO_EXTENSIONS]
+            videos.extend(found)
+            if not found or any(c.suffix.lower() in IMAGE_EXTENSIONS for c in children):
+                images.append(item)
+        else:
+            images.append(item)
+    return images, videos
 
 
 def video_stems(sources: Sequence[str], out_dir: Path) -> dict[str, str]:
@@ -426,15 +507,20 @@ def video_stems(sources: Sequence[str], out_dir: Path) -> dict[str, str]:
 
 
 def _predict_videos(detector: AnyDetector, stems: dict[str, str], out_dir: Path, skip_failures: bool,
-                    **options: Any) -> list[VideoSummary]:
+                    exports: DetectionExports | None = None, **options: Any) -> list[VideoSummary]:
     """Run ``predict_video_to_folder`` on each source of ``stems``; with ``skip_failures`` a source
     that cannot be opened is reported and skipped.  Its files are in the manifest before they are
-    written, so that a crash leaves no file a later run refuses to replace."""
+    written, so that a crash leaves no file a later run refuses to replace.  Every frame's detections
+    also go to ``exports`` when it is active."""
     summaries = []
     for source, stem in stems.items():
         record_outputs(out_dir, [f"{stem}.jsonl", *([f"{stem}.mp4"] if options["save_video"] else [])], COMMAND)
+        on_frame = None
+        if exports is not None and exports.active:
+            def on_frame(result: Any, source: str = source, stem: str = stem) -> None:
+                exports.add(result.prediction, source, frame_label_name(stem, result.frame), result.frame)
         try:
-            summaries.append(predict_video_to_folder(detector, source, out_dir, stem, **options))
+            summaries.append(predict_video_to_folder(detector, source, out_dir, stem, on_frame=on_frame, **options))
         except ImageLoadError as e:
             if not skip_failures:
                 raise
@@ -444,10 +530,12 @@ def _predict_videos(detector: AnyDetector, stems: dict[str, str], out_dir: Path,
 
 def _predict_files(detector: AnyDetector, outputs: dict[Path, Output], ids: dict[Path, int], out_dir: Path,
                    threshold: float, batch_size: int, skip_failures: bool, progress: bool,
-                   written: list[str], save_images: bool = True) -> tuple[list[dict[str, Any]], int]:
+                   written: list[str], save_images: bool = True,
+                   exports: DetectionExports | None = None) -> tuple[list[dict[str, Any]], int]:
     """Run the detector over the inputs of ``outputs`` (in order); write annotated images (with
-    ``save_images``; their names appended to ``written``).  Returns (records, images done); an input
-    without an image id (``image_ids``) gets a picture but no records."""
+    ``save_images``; their names appended to ``written``) and give each image's detections to
+    ``exports`` when it is active.  Returns (records, images done); an input without an image id
+    (``image_ids``) gets a picture but no records."""
     from tqdm import tqdm
 
     from .records import coco_records
@@ -465,6 +553,8 @@ def _predict_files(detector: AnyDetector, outputs: dict[Path, Output], ids: dict
                     records.extend(coco_records(pred.scores, pred.category_ids, pred.boxes, image_id=ids[path],
                                                 file_name=outputs[path].file_name, class_names=pred.class_names,
                                                 rounded=True))
+                if exports is not None and exports.active:
+                    exports.add(pred, outputs[path].file_name, f"{Path(outputs[path].picture).stem}.txt")
                 done += 1
             bar.update(min(batch_size, len(paths) - start))
     return records, done

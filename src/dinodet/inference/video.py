@@ -9,11 +9,10 @@ what was written before a crash or Ctrl-C stays readable.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -24,24 +23,16 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, ImageLoadError
+from .extras import require
 
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v"})
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
-INSTALL_HINT = "pip install 'dinodet[video]'"
 STREAM_TIMEOUT_S = 10.0  # a network stream silent this long is taken as dropped (instead of hanging)
 DEFAULT_FPS = Fraction(30)  # a stream that does not say its rate (some webcams, MJPEG over HTTP)
 # fragmented MP4: every fragment is playable on its own, so a crash keeps what was written
 MP4_OPTIONS = {"movflags": "frag_keyframe+empty_moov"}
-
-
-def require(module: str, feature: str = "video input") -> ModuleType:
-    """``import module``, or a one-line ConfigError that names the pip command for the extra."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(f"{feature} needs the '{module}' package: {INSTALL_HINT}") from None
 
 
 def is_video_source(source: str | Path) -> bool:
@@ -180,8 +171,15 @@ def _open(av: ModuleType, source: str) -> Any:
 
 
 def predict_frames(detector: Predictor, reader: VideoReader, threshold: float = 0.3,
-                   batch_size: int = 1) -> Iterator[FrameResult]:
-    """Detections of ``reader``'s frames, ``batch_size`` frames per forward pass, in order."""
+                   batch_size: int = 1, track: bool = False) -> Iterator[FrameResult]:
+    """Detections of ``reader``'s frames, ``batch_size`` frames per forward pass, in order; with
+    ``track`` each Prediction carries ByteTrack ``track_ids`` (see ``tracking.Tracker``)."""
+    tracker = None
+    if track:
+        from .tracking import Tracker, detection_threshold
+
+        tracker = Tracker(threshold, reader.fps / reader.vid_stride)
+        threshold = detection_threshold(threshold)
     frames = iter(reader)
     while True:
         chunk = [f for _, f in zip(range(batch_size), frames)]
@@ -189,28 +187,39 @@ def predict_frames(detector: Predictor, reader: VideoReader, threshold: float = 
             return
         preds = detector.predict([f.image for f in chunk], threshold=threshold, batch_size=len(chunk))
         for f, pred in zip(chunk, preds):
-            yield FrameResult(f.index, f.time_s, f.image, pred)
+            yield FrameResult(f.index, f.time_s, f.image, pred if tracker is None else tracker.update(pred))
 
 
 def predict_stream(detector: Predictor, source: str | Path, threshold: float = 0.3, vid_stride: int = 1,
-                   max_frames: int | None = None, batch_size: int = 1) -> Iterator[FrameResult]:
-    """Per-frame detections of a video file, a webcam index or a stream URL, as they are decoded.
-    The source is closed when the generator ends or is closed (a ``break`` in the caller's loop)."""
+                   max_frames: int | None = None, batch_size: int = 1, track: bool = False) -> Iterator[FrameResult]:
+    """Per-frame detections of a video file, a webcam index or a stream URL, as they are decoded
+    (with ``track``: ByteTrack ids in ``prediction.track_ids``).  The source is closed when the
+    generator ends or is closed (a ``break`` in the caller's loop)."""
     with VideoReader(source, vid_stride, max_frames) as reader:
-        yield from predict_frames(detector, reader, threshold, batch_size)
+        yield from predict_frames(detector, reader, threshold, batch_size, track)
 
 
 def jsonl_line(result: FrameResult) -> str:
     """One JSONL line: ``{"frame", "time_s", "detections": [{"bbox": [x, y, w, h], "score",
-    "category_id", "class_name"}]}`` (pixels and score rounded as in predictions.json)."""
+    "category_id", "class_name"[, "track_id"]}]}`` (pixels and score rounded as in predictions.json;
+    ``track_id`` with tracking: an int, null for a detection on no confirmed track yet)."""
     pred = result.prediction
+    tracks = [None] * len(pred) if pred.track_ids is None else pred.track_ids.tolist()
     detections = [
         {"bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)], "score": round(score, 5),
-         "category_id": int(cat), "class_name": name}
-        for (x0, y0, x1, y1), score, cat, name in zip(pred.boxes.tolist(), pred.scores.tolist(),
-                                                      pred.category_ids.tolist(), pred.class_names)
+         "category_id": int(cat), "class_name": name,
+         **({} if pred.track_ids is None else {"track_id": tid if tid >= 0 else None})}
+        for (x0, y0, x1, y1), score, cat, name, tid in zip(pred.boxes.tolist(), pred.scores.tolist(),
+                                                           pred.category_ids.tolist(), pred.class_names, tracks)
     ]
     return json.dumps({"frame": result.frame, "time_s": round(result.time_s, 6), "detections": detections})
+
+
+def captions(pred: Any) -> list[str]:
+    """What a drawn box says: the class name, after ``#id`` for a tracked detection."""
+    if pred.track_ids is None:
+        return list(pred.class_names)
+    return [f"#{tid} {name}" if tid >= 0 else name for tid, name in zip(pred.track_ids.tolist(), pred.class_names)]
 
 
 class AnnotatedVideoWriter:
@@ -263,13 +272,16 @@ class VideoSummary:
 
 def predict_video_to_folder(detector: Predictor, source: str | Path, out_dir: Path, stem: str, *,
                             threshold: float = 0.3, vid_stride: int = 1, max_frames: int | None = None,
-                            batch_size: int = 1, save_video: bool = True, progress: bool = True) -> VideoSummary:
+                            batch_size: int = 1, save_video: bool = True, progress: bool = True,
+                            track: bool = False, on_frame: Callable[[FrameResult], None] | None = None,
+                            ) -> VideoSummary:
     """Detect objects in every processed frame of ``source``; write ``out_dir/<stem>.jsonl`` (one line
-    per frame, see ``jsonl_line``) and, with ``save_video``, ``out_dir/<stem>.mp4`` (detections drawn;
-    the source's size, and its frame rate divided by ``vid_stride``).  Both are complete up to the
-    last frame processed when the source fails, the run crashes or is interrupted (Ctrl-C, re-raised
-    after the files are closed).  Checking that the names are free is the caller's job
-    (``predict_to_folder``).
+    per frame, see ``jsonl_line``) and, with ``save_video``, ``out_dir/<stem>.mp4`` (detections drawn,
+    ``#id`` before the class with ``track``; the source's size, and its frame rate divided by
+    ``vid_stride``).  Both are complete up to the last frame processed when the source fails, the run
+    crashes or is interrupted (Ctrl-C, re-raised after the files are closed).  ``on_frame`` is called
+    with each frame's result (other outputs, e.g. ``exports.DetectionExports``).  Checking that the
+    names are free is the caller's job (``predict_to_folder``).
 
     Raises:
         ImageLoadError: the source cannot be opened.
@@ -286,12 +298,14 @@ def predict_video_to_folder(detector: Predictor, source: str | Path, out_dir: Pa
         try:
             with jsonl.open("w", encoding="utf-8") as lines, \
                     tqdm(total=reader.expected, unit="frame", disable=not progress, file=sys.stderr) as bar:
-                for result in predict_frames(detector, reader, threshold, batch_size):
+                for result in predict_frames(detector, reader, threshold, batch_size, track):
                     lines.write(jsonl_line(result) + "\n")
                     lines.flush()  # a crash keeps every line written so far
+                    if on_frame is not None:
+                        on_frame(result)
                     if writer is not None:
                         pred = result.prediction
-                        drawn = draw_detections(Image.fromarray(result.image), pred.boxes, pred.class_names, pred.scores)
+                        drawn = draw_detections(Image.fromarray(result.image), pred.boxes, captions(pred), pred.scores)
                         writer.write(np.asarray(drawn))
                     frames += 1
                     detections += len(result.prediction)

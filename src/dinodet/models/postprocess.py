@@ -18,19 +18,26 @@ class Detections(NamedTuple):
 
 
 @torch.no_grad()
-def postprocess(logits: Tensor, boxes: Tensor, orig_sizes: Tensor, num_select: int = 300) -> Detections:
+def postprocess(logits: Tensor, boxes: Tensor, orig_sizes: Tensor, num_select: int = 300, *,
+                one_label_per_query: bool = False) -> Detections:
     """logits [B, Q, C], boxes [B, Q, 4] cxcywh in 0..1, orig_sizes int [B, 2] as (h, w).
 
-    Like the official PostProcess, every (query, class) pair competes: top-S over the flattened Q*C
-    sigmoid scores, so one query can yield several detections with different labels.
-    S = min(num_select, Q*C).
+    Like the official PostProcess (the default), every (query, class) pair competes: top-S over the
+    flattened Q*C sigmoid scores, so one query can yield several detections with different labels.
+    S = min(num_select, Q*C).  With ``one_label_per_query`` each query keeps only its best class and
+    the top-S runs over the queries: S = min(num_select, Q), one box per query.
     """
     bs, _, num_classes = logits.shape
     prob = logits.sigmoid()
-    num_select = min(num_select, prob[0].numel())
-    scores, flat_idx = torch.topk(prob.view(bs, -1), num_select, dim=1)
-    query_idx = flat_idx // num_classes
-    labels = flat_idx % num_classes
+    if one_label_per_query:
+        best, best_label = prob.max(dim=2)  # [B, Q]
+        scores, query_idx = torch.topk(best, min(num_select, best.shape[1]), dim=1)
+        labels = torch.gather(best_label, 1, query_idx)
+    else:
+        num_select = min(num_select, prob[0].numel())
+        scores, flat_idx = torch.topk(prob.view(bs, -1), num_select, dim=1)
+        query_idx = flat_idx // num_classes
+        labels = flat_idx % num_classes
     xyxy = box_cxcywh_to_xyxy(boxes)
     xyxy = torch.gather(xyxy, 1, query_idx.unsqueeze(-1).repeat(1, 1, 4))
     img_h, img_w = orig_sizes.to(boxes.device).unbind(1)

@@ -1,0 +1,86 @@
+"""Where does OpenVINO spend its time on a DINO model?  Per-layer ``PERF_COUNT`` of one image, summed by
+op type and by module (the export names every node after its module: ``model.backbone...``).
+
+    python benchmarks/openvino_profile.py [--preset dino_r50_4scale] [--size 800x1199] [--int8] [--json OUT]
+
+Exports a random-weight model (fixed shape, batch 1) into a temporary folder (int8: NNCF calibrated on
+noise images, as ``dinodet bench``), compiles it with ``PERF_COUNT`` and runs two images (the second is
+profiled).  Prints the top op types and modules by real time.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dinodet.checkpoint import save_checkpoint
+from dinodet.deploy.bench import _noise_images, parse_size, random_batch
+from dinodet.deploy.export import quantize_openvino, to_onnx
+from dinodet.models.build import build_model
+from dinodet.presets import get_preset
+
+
+def _module(name: str) -> str:
+    """The module part of a layer name, cut to its first 3 dotted components (model.backbone.body)."""
+    head = name.split("/")[0]
+    return ".".join(head.split(".")[:3]) if "." in head else "(unnamed)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="dino_r50_4scale")
+    p.add_argument("--size", default="800x1199")
+    p.add_argument("--int8", action="store_true")
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--json", dest="json_out", default=None)
+    args = p.parse_args(argv)
+    import openvino as ov
+
+    size = parse_size(args.size)
+    cfg = get_preset(args.preset)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with tempfile.TemporaryDirectory(prefix="dinodet-profile-") as tmp:
+        folder = Path(tmp)
+        save_checkpoint(folder / "m.pt", model, cfg)
+        path = to_onnx(folder / "m.pt", folder / "m.onnx", input_size=size, size=min(size), max_size=max(size)).path
+        if args.int8:
+            path = quantize_openvino(path, folder / "int8.xml", _noise_images(folder / "calib", size), 4).path
+        core = ov.Core()
+        compiled = core.compile_model(str(path), "CPU", {"PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY",
+                                                        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                                                        "INFERENCE_PRECISION_HINT": "f32"})
+        images, mask, _ = random_batch(1, size, torch.device("cpu"))
+        request = compiled.create_infer_request()
+        feed = {"images": images.numpy(), "mask": mask.numpy()}
+        request.infer(feed)
+        request.infer(feed)
+        by_type: collections.Counter = collections.Counter()
+        by_module: collections.Counter = collections.Counter()
+        precisions: collections.Counter = collections.Counter()
+        for info in request.profiling_info:
+            ms = info.real_time.total_seconds() * 1000
+            by_type[f"{info.node_type} ({info.exec_type})"] += ms
+            by_module[_module(info.node_name)] += ms
+            if info.node_type in ("Convolution", "FullyConnected", "MatMul"):
+                precisions[info.exec_type.split("_")[-1]] += ms
+    total = sum(by_type.values())
+    print(f"{args.preset} {size[0]}x{size[1]} {'int8' if args.int8 else 'fp32'}: {total:.0f} ms summed over layers")
+    for title, counter in (("op type (exec type)", by_type), ("module", by_module), ("conv/matmul by precision", precisions)):
+        print(f"\n{title:<60} {'ms':>9} {'%':>6}")
+        for key, ms in counter.most_common(args.top):
+            print(f"{key[:60]:<60} {ms:9.1f} {100 * ms / total:6.1f}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"total_ms": total, "by_type": dict(by_type.most_common()),
+                                                   "by_module": dict(by_module.most_common()),
+                                                   "precisions": dict(precisions)}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
