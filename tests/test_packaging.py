@@ -173,9 +173,10 @@ def test_every_extra_resolves(dists, tmp_path: Path):
     report = tmp_path / "report.json"
     _run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", report,
           f"{dists['wheel']}[all]"], timeout=300)
-    names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name  # prometheus-client's metadata says prometheus_client
 
+    names = {canonicalize_name(item["metadata"]["name"]) for item in json.loads(report.read_text())["install"]}
     wanted = {"dinodet", "torch", "torchvision"}
-    wanted |= {Requirement(r).name.lower() for r in PYPROJECT["project"]["optional-dependencies"]["all"]}
+    wanted |= {canonicalize_name(Requirement(r).name) for r in PYPROJECT["project"]["optional-dependencies"]["all"]}
     assert wanted <= names, sorted(wanted - names)
