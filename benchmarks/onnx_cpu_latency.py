@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -25,21 +24,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from _hw import cpu_name  # benchmarks/_hw.py (this folder is sys.path[0] for a script)
 
 from dinodet.deploy.export import to_onnx
 from dinodet.inference.detector import Detector
 from dinodet.models.attention import MultiScaleDeformableAttention, configure_msda
 from dinodet.models.postprocess import postprocess
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def agree(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], hw: tuple[int, int],

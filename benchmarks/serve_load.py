@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -26,20 +25,11 @@ import time
 from pathlib import Path
 
 import httpx
+from _hw import cpu_name  # benchmarks/_hw.py (this folder is sys.path[0] for a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = [ROOT / "tests" / "data" / "coco128_mini" / "images" / "train2017" / n
           for n in ("000000000009.jpg", "000000000250.jpg")]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def start_server(preset: str, size: int, max_size: int, max_batch: int) -> tuple[subprocess.Popen, str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +79,43 @@ def pytest_runtest_makereport(item, call):
     if report.skipped and NO_CHROMIUM in str(report.longrepr) and shared_reference_required():
         report.outcome = "failed"
         report.longrepr = f"{NO_CHROMIUM}; CI installs it (the README's test command), so the test fails instead"
+    if report.when == "call":
+        item.stash[_CALL_PASSED] = report.passed
+
+
+# A passed test's large files in its tmp_path (checkpoints, exported models, parity weights: GBs over the
+# suite) are deleted when it ends; its small files (logs, metrics, pictures) and a failed test's all stay
+LARGE_FILE = 1 << 20  # bytes
+_CALL_PASSED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    yield  # after the test's fixtures are torn down: none of them needs its files any more
+    if isinstance(tmp, Path) and item.stash.get(_CALL_PASSED, False):
+        remove_large_files(tmp)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _large_files_removed_after_a_passed_session(request: pytest.FixtureRequest,
+                                               tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The same for the module and session fixtures' folders (tmp_path_factory), once every test passed."""
+    yield
+    if request.session.testsfailed == 0:
+        remove_large_files(tmp_path_factory.getbasetemp())
+
+
+def remove_large_files(folder: Path, limit: int = LARGE_FILE) -> int:
+    """Delete the files of at least ``limit`` bytes under ``folder`` (links left alone); returns the bytes freed."""
+    freed = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):  # e.g. removed meanwhile
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode) and info.st_size >= limit:
+                path.unlink()
+                freed += info.st_size
+    return freed
 
 
 @pytest.fixture

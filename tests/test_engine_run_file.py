@@ -12,7 +12,7 @@ import yaml
 from dinodet.cli import main
 from dinodet.config import ConfigError
 from dinodet.data.synthetic import make_synthetic_coco
-from dinodet.engine.run_config import read_run_file
+from dinodet.engine.run_config import merge_run_file, read_run_file
 from dinodet.engine.run_dir import RESOLVED_CONFIG, RUN_FILE, resolved_run_file
 from dinodet.presets import get_preset
 
@@ -36,6 +36,29 @@ def test_read_run_file_options_and_set_forms(tmp_path: Path) -> None:
             read_run_file(path)
     with pytest.raises(ConfigError, match="cannot read"):
         read_run_file(tmp_path / "missing.yaml")
+
+
+def test_merge_run_file_given_options_win_and_repeatable_ones_add_up(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("data: shapes\nepochs: 3\nlog: [mlflow]\nset: [train.lr=1e-3]\n")
+    merged = merge_run_file(path, {"epochs": 2, "out": "R", "overrides": ["train.lr=2e-3"], "log": ["wandb"]})
+    assert merged == {"data": "shapes", "epochs": 2, "out": "R", "log": ["mlflow", "wandb"],
+                      "overrides": ["train.lr=1e-3", "train.lr=2e-3"]}  # the later --set item wins
+    assert merge_run_file(path, {}) == read_run_file(path)
+    path.write_text("epochs: two\n")
+    with pytest.raises(ConfigError, match="'epochs' must be int"):
+        merge_run_file(path, {"epochs": 2})
+
+
+def test_an_option_given_with_its_default_value_still_wins(tmp_path: Path, capsys) -> None:
+    """The command line's own value wins even where it equals the default (8 pictures, not the file's -1)."""
+    (tmp_path / "run.yaml").write_text("preset: tiny\npictures: -1\n")
+    args = ["train", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == "dinodet: error: --pictures must be >= 0, got -1"
+    assert main([*args, "--pictures", "8"]) == 2
+    assert capsys.readouterr().err.strip() == ("dinodet: error: --data DIR is required (on the command line or in "
+                                               "the --config file)")
 
 
 def test_resolved_run_file_lists_what_differs_from_the_preset() -> None:

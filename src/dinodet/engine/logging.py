@@ -166,15 +166,23 @@ def _read_ids(path: Path) -> dict[str, str]:
     return {k: v for k, v in ids.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(ids, dict) else {}
 
 
-def _params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested settings as flat ``a.b: text`` parameters."""
-    out: dict[str, str] = {}
-    for k, v in params.items():
+def flatten_settings(settings: dict[str, Any], prefix: str = "", *, tuples_as_lists: bool = True) -> dict[str, Any]:
+    """A nested settings mapping as ``{"a.b.c": value}``.
+
+    ``tuples_as_lists``: a tuple value becomes a list, as YAML and JSON hold it (run files); False
+    keeps it a tuple (MLflow parameters are its ``str``, "(480, 512)", as they always were)."""
+    out: dict[str, Any] = {}
+    for k, v in settings.items():
         if isinstance(v, dict):
-            out.update(_params(v, f"{prefix}{k}."))
+            out.update(flatten_settings(v, f"{prefix}{k}.", tuples_as_lists=tuples_as_lists))
         else:
-            out[f"{prefix}{k}"] = str(v)
+            out[f"{prefix}{k}"] = list(v) if tuples_as_lists and isinstance(v, tuple) else v
     return out
+
+
+def _params(params: dict[str, Any]) -> dict[str, str]:
+    """Nested settings as flat ``a.b: text`` parameters (MLflow's)."""
+    return {k: str(v) for k, v in flatten_settings(params, tuples_as_lists=False).items()}
 
 
 class _MlflowSink:

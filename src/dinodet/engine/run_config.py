@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,9 @@ from ..inference.detector import resolve_device
 from ..presets import get_preset
 from .confusion import CONFUSION_MATRIX
 from .distributed import dist_info_from_env
-from .logging import check_loggers
+from .logging import check_loggers, flatten_settings
 from .pictures import PER_CLASS_AP, PR_CURVE, PREDICTIONS_DIR
-from .run_dir import CHECKPOINT, CURVES, check_run_dir, flatten_settings
+from .run_dir import CHECKPOINT, CURVES, check_run_dir
 from .tide import ERROR_BREAKDOWN
 from .train import TrainOptions, check_train_config, train
 
@@ -39,6 +39,7 @@ RUN_FILE_OPTIONS: dict[str, tuple[type, ...]] = {
     "finetune_from": (str,), "max_steps": (int,), "pictures": (int,), "picture_threshold": (float, int),
     "patience": (int,), "log": (list,), "tracking_uri": (str,), "set": (dict, list),
 }
+_REPEATABLE = ("overrides", "log")  # list options that add up (--set, --log) rather than replace
 
 
 def read_run_file(path: str | Path) -> dict[str, Any]:
@@ -76,6 +77,21 @@ def read_run_file(path: str | Path) -> dict[str, Any]:
             options["overrides"] = _overrides_of(value, path)
         else:
             options[name] = [str(v) for v in value] if name == "log" else value
+    return options
+
+
+def merge_run_file(path: str | Path, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a run: the run file at ``path``'s (``read_run_file``) with ``given`` (the
+    options stated explicitly, e.g. on the command line, by the same names) winning.  The repeatable
+    ones (``overrides``, ``log``) add up instead, the file's first: a later ``--set`` item of the
+    same key wins.  Options neither gives are left out (their defaults apply).
+
+    Raises:
+        ConfigError: the run file cannot be read or holds a bad option (``read_run_file``).
+    """
+    options = read_run_file(path)
+    for name, value in given.items():
+        options[name] = [*options.get(name, ()), *value] if name in _REPEATABLE else value
     return options
 
 

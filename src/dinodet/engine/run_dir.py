@@ -34,7 +34,7 @@ from ..presets import get_preset
 from .confusion import CONFUSION_MATRIX
 from .distributed import DistInfo, all_gather_objects, get_rng_state, seed_everything, set_rng_state
 from .ema import ModelEMA
-from .logging import METRICS_LOG, TB_DIR
+from .logging import METRICS_LOG, TB_DIR, flatten_settings
 from .pictures import PER_CLASS_AP, PR_CURVE, PREDICTIONS_DIR
 from .tide import ERROR_BREAKDOWN
 
@@ -91,17 +91,6 @@ def open_run_dir(run_dir: Path, resume: bool, info: DistInfo) -> dict[str, Any] 
 
 
 # ------------------------------------------------------------------------------------- run file
-
-
-def flatten_settings(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested settings mapping as ``{"a.b.c": value}`` (tuples as lists, as YAML and JSON hold them)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten_settings(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 def resolved_run_file(cfg: DINOConfig, options: dict[str, Any]) -> dict[str, Any]:
