@@ -1,7 +1,8 @@
 """``dinodet serve``: the HTTP API gives ``dinodet predict``'s detections, every bad input is a 4xx JSON
 answer after which the service still answers, /metrics counts it all, dynamic batching gives batch-1
-results, a full queue is a 503 with Retry-After, the API key is enforced, and SIGTERM lets an
-in-flight request finish (the CLI run end to end in a subprocess)."""
+results, a full queue (in requests or in bytes of decoded images) is a 503 with Retry-After, --max-batch
+auto resolves per device, the API key is enforced, and SIGTERM lets an in-flight request finish (the
+CLI run end to end in a subprocess)."""
 from __future__ import annotations
 
 import base64
@@ -282,8 +283,9 @@ def test_cli_serve_equals_cli_predict_and_stops_gracefully(tiny_checkpoint, samp
 
     (tmp_path / "key").write_text("k3y")
     serve = subprocess.Popen(
-        _dinodet("serve", "--checkpoint", str(tiny_checkpoint), *size_args, "--port", "0", "--max-wait-ms", "1000",
-                 "--api-key-file", str(tmp_path / "key")),
+        # --max-batch 8: on a CPU auto is 1, and a request would not wait in the batcher for company
+        _dinodet("serve", "--checkpoint", str(tiny_checkpoint), *size_args, "--port", "0", "--max-batch", "8",
+                 "--max-wait-ms", "1000", "--api-key-file", str(tmp_path / "key")),
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         # `dinodet predict` in this process while the server starts (a second torch import costs seconds)
@@ -331,3 +333,165 @@ def _wait_for_url(process: subprocess.Popen) -> str:
         if found:
             return found.group(1)
     raise AssertionError(f"the server exited ({process.wait()}) without serving")
+
+
+# ------------------------------------------------------------------ --max-batch auto, --max-queue-mb
+
+
+def test_max_batch_auto_resolves_per_device():
+    import torch
+
+    from dinodet.serve.batching import resolve_max_batch
+
+    assert resolve_max_batch("auto", torch.device("cpu"))[0] == 1  # a batch costs its images one by one
+    assert resolve_max_batch("auto", "cpu")[0] == 1
+    assert resolve_max_batch("auto", "CPU")[0] == 1  # OpenVINO's device names
+    assert resolve_max_batch("auto", torch.device("cuda", 1))[0] == 8  # no GPU needed to name one
+    assert resolve_max_batch("AUTO", "cuda:0")[0] == 8
+    number, why = resolve_max_batch(4, torch.device("cuda"))
+    assert (number, why) == (4, "--max-batch")  # an explicit number wins
+    assert resolve_max_batch("3", "cpu")[0] == 3  # as the CLI passes it
+    # an export with a fixed batch of 2 runs 2 images a pass anyway (padding with copies): auto takes 2
+    assert resolve_max_batch("auto", "cpu", fixed_batch=2)[0] == 2
+    assert resolve_max_batch(1, "cpu", fixed_batch=2)[0] == 1
+    for bad, message in (("lots", "'auto' or a whole number"), (0, ">= 1, got 0"), ("2.5", "'auto' or")):
+        with pytest.raises(ValueError, match=message):
+            resolve_max_batch(bad, "cpu")
+
+
+class OnCuda:
+    """tiny_detector claiming to run on a GPU (it still runs on the CPU): what /v1/model resolves from."""
+
+    def __init__(self, detector) -> None:
+        import torch
+
+        self.detector, self.device = detector, torch.device("cuda", 0)
+
+    def __getattr__(self, name):
+        return getattr(self.detector, name)
+
+
+def test_model_reports_the_resolved_max_batch(tiny_detector, caplog):
+    cases = ((tiny_detector, ServeOptions(), 1, "auto", "auto on a CPU"),
+             (OnCuda(tiny_detector), ServeOptions(), 8, "auto", "auto on cuda"),
+             (OnCuda(tiny_detector), ServeOptions(max_batch=2), 2, "2", "--max-batch"),
+             (tiny_detector, ServeOptions(max_batch=3), 3, "3", "--max-batch"))
+    for detector, options, number, option, reason in cases:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="dinodet.serve.app"), TestClient(create_app(detector, options)) as c:
+            batching = c.get("/v1/model").json()["batching"]
+            buckets = re.findall(r'dinodet_batch_size_bucket\{le="([\d.]+)"\}', c.get("/metrics").text)
+        assert (batching["max_batch"], batching["max_batch_option"]) == (number, option), batching
+        assert batching["max_batch_reason"].startswith(reason)
+        assert batching["max_queue_mb"] == 1024.0
+        assert f"at most {number} image(s) per forward pass" in caplog.text  # said at startup
+        assert max(float(b) for b in buckets) == number  # the histogram follows the resolved value
+
+
+def test_cli_max_batch_and_queue_mb_are_checked_before_loading(capsys):
+    from dinodet.cli import main
+
+    assert main(["serve", "--random-weights", "--preset", "tiny", "--max-batch", "lots"]) == 2
+    assert capsys.readouterr().err.strip() == ("dinodet: error: --max-batch must be 'auto' or a whole number >= 1, "
+                                               "got 'lots'")
+    assert main(["serve", "--random-weights", "--preset", "tiny", "--max-queue-mb", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "dinodet: error: --max-queue-mb must be > 0, got 0.0"
+
+
+PHOTO_BYTES = 640 * 480 * 4  # a decoded 640x480 photo: Pillow holds RGB in 4 bytes a pixel
+
+
+def test_batcher_bounds_the_queued_bytes(tiny_detector):
+    from dinodet.serve.batching import QueueMemoryError, image_nbytes
+
+    photo = Image.open(COCO128_IMAGES / SAME_SHAPE[0]).convert("RGB")
+    small = photo.resize((64, 48))
+    assert (image_nbytes(photo), image_nbytes(small), image_nbytes(photo.convert("L"))) == (
+        PHOTO_BYTES, 64 * 48 * 4, 640 * 480)
+    gated = GatedDetector(tiny_detector)
+    # room for one photo and a bit: the count bound (8) is not what refuses here
+    batcher = DynamicBatcher(gated, max_batch=1, max_wait_ms=0, max_queue=8, max_queue_bytes=PHOTO_BYTES + 20_000)
+    batcher.start()
+    try:
+        first = batcher.submit(photo)
+        assert gated.entered.wait(30)  # in the model: no longer queued
+        assert batcher.queued_bytes == 0
+        queued = [batcher.submit(photo)]
+        assert batcher.queued_bytes == PHOTO_BYTES
+        with pytest.raises(QueueMemoryError, match=r"would pass the limit of 1.19\d* MB \(--max-queue-mb\)"):
+            batcher.submit(photo)
+        queued.append(batcher.submit(small))  # a small image still fits beside it
+        assert batcher.queued_bytes == PHOTO_BYTES + 64 * 48 * 4 and batcher.depth == 2
+        batcher.check_room(5_000)  # what the service asks before decoding an upload
+        with pytest.raises(QueueMemoryError):
+            batcher.check_room(PHOTO_BYTES)
+        gated.gate.set()
+        assert all(f.result(timeout=60).batch_size == 1 for f in (first, *queued))
+        assert batcher.queued_bytes == 0
+    finally:
+        gated.gate.set()
+        batcher.stop()
+    # one image larger than the whole bound is still served when nothing waits (else never)
+    lone = DynamicBatcher(tiny_detector, max_batch=1, max_queue_bytes=1000)
+    lone.start()
+    try:
+        assert len(lone.submit(small).result(timeout=60).prediction) > 0
+    finally:
+        lone.stop()
+
+
+def test_queue_memory_bound_is_503_over_http(tiny_detector, sample_images):
+    gated = GatedDetector(tiny_detector)
+    photo = (COCO128_IMAGES / SAME_SHAPE[0]).read_bytes()  # 640x480
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(photo)).resize((64, 48)).save(buf, format="PNG")
+    small = buf.getvalue()
+    answers: list[httpx.Response] = []
+    # a bound of 2 MB holds one queued photo (1.17 MB decoded) but not two; 8 requests may wait
+    options = ServeOptions(port=0, max_batch=1, max_wait_ms=0, max_queue=8, max_queue_mb=2.0)
+    with BackgroundServer(gated, options) as server:
+        def post(data: bytes) -> None:
+            answers.append(httpx.post(server.url + "/v1/detect", files={"image": data}, timeout=60))
+
+        try:
+            _fill_and_refuse(server, gated, post, photo, small)
+        finally:
+            gated.gate.set()  # a failed check must not leave the server waiting for the gate
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        after = httpx.post(server.url + "/v1/detect", files={"image": photo}, timeout=60)  # the next one is served
+        assert after.status_code == 200
+        metrics = _scrape(server.url)
+        assert metrics['dinodet_errors_total{reason="queue_memory"}'] == 1
+        assert metrics["dinodet_queue_bytes"] == 0
+        assert httpx.get(server.url + "/v1/model").json()["batching"]["max_queue_mb"] == 2.0
+
+
+def _scrape(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics").text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def _fill_and_refuse(server, gated, post, photo: bytes, small: bytes) -> None:
+    """One photo in the model, one queued: a third photo is refused by the bytes bound, a small image
+    is queued; then the gate opens and all three finish."""
+    first = threading.Thread(target=post, args=(photo,))
+    first.start()
+    assert gated.entered.wait(30)  # the first photo is in the model
+    second = threading.Thread(target=post, args=(photo,))
+    second.start()
+    deadline = time.monotonic() + 30
+    while server.app.state.batcher.depth < 1 and time.monotonic() < deadline:  # the second one waits
+        time.sleep(0.01)
+    assert _scrape(server.url)["dinodet_queue_bytes"] == PHOTO_BYTES
+    refused = httpx.post(server.url + "/v1/detect", files={"image": photo}, timeout=30)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+    assert "--max-queue-mb" in refused.json()["error"] and "retry later" in refused.json()["error"]
+    third = threading.Thread(target=post, args=(small,))  # a small image still gets in
+    third.start()
+    while server.app.state.batcher.depth < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.app.state.batcher.depth == 2
+    gated.gate.set()
+    for thread in (first, second, third):
+        thread.join(60)

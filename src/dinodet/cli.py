@@ -389,24 +389,21 @@ def _data_spec(args: argparse.Namespace) -> Any:
     return DataSpec(args.data, args.format, args.train_split, args.val_split)
 
 
-def _with_run_file(args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` re-read with the --config file's options as defaults: the command line wins, and
-    its --set items come after the file's."""
-    from .engine.run_config import read_run_file
-
+def _given_train_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The train options the command line states itself (argparse's defaults left out)."""
     argv = list(sys.argv[1:] if args.argv is None else args.argv)
-    parser = args.train_parser
-    parser.set_defaults(**read_run_file(args.config))
-    merged = parser.parse_args(argv[argv.index("train") + 1:])
-    merged.argv = args.argv
-    return merged
+    unset = object()
+    # argparse fills in a default only where the namespace lacks the name; repeatable options start empty
+    blank = argparse.Namespace(**{k: [] if isinstance(v, list) else unset for k, v in vars(args).items()})
+    parsed = args.train_parser.parse_args(argv[argv.index("train") + 1:], namespace=blank)
+    return {k: v for k, v in vars(parsed).items() if v is not unset}
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .engine.run_config import run_training
+    from .engine.run_config import merge_run_file, run_training
 
-    if args.config:
-        args = _with_run_file(args)
+    if args.config:  # the command line wins over the run file
+        args = argparse.Namespace(**{**vars(args), **merge_run_file(args.config, _given_train_options(args))})
     _check_train_args(args)
     if args.slurm:
         return _submit_slurm(args)
@@ -720,9 +717,11 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
                    "for GPU execution providers)")
     p.add_argument("--with-postprocess", action="store_true",
                    help="end the graph with the top-k post-processing (scores, labels, boxes in pixels)")
-    p.add_argument("--msda", default="pytorch", choices=("pytorch", "gather", "grid_sample"),
-                   help="MSDA backend exported: pytorch (ONNX GridSample; alias grid_sample) or gather (bilinear "
-                   "index arithmetic, for TensorRT, which mis-builds GridSample for DETR models) (default pytorch)")
+    p.add_argument("--msda", choices=("level_sum", "pytorch", "gather", "grid_sample"),
+                   help="MSDA arrangement exported: level_sum (ONNX GridSample per level, summed level by level: the "
+                   "fastest in OpenVINO), pytorch (the reference's arrangement; alias grid_sample) or gather "
+                   "(bilinear index arithmetic, for TensorRT, which mis-builds GridSample for DETR models); all give "
+                   "the same results (default level_sum)")
     p.add_argument("--batch-size", type=int, metavar="N", help="fixed batch size without --dynamic (default 1)")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                    help="fixed padded input size without --dynamic (default MAX_SIZE MAX_SIZE)")
@@ -739,7 +738,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .deploy.export import DEFAULT_OPSET, to_onnx, to_openvino
+    from .deploy.export import DEFAULT_MSDA, DEFAULT_OPSET, to_onnx, to_openvino
 
     openvino = args.format == "openvino"
     if (args.int8 or args.calib_data) and not openvino:
@@ -747,8 +746,9 @@ def _run_export(args: argparse.Namespace) -> int:
     int8 = {"int8": args.int8, "calib_data": args.calib_data, "calib_images": args.calib_images} if openvino else {}
     result = (to_openvino if openvino else to_onnx)(  # checks every option before the slow loading
         args.checkpoint, args.out, preset=args.preset, opset=DEFAULT_OPSET if args.opset is None else args.opset,
-        dynamic=args.dynamic, fp16=args.fp16, with_postprocess=args.with_postprocess, msda=args.msda,
-        batch_size=args.batch_size, input_size=args.input_size, size=args.size, max_size=args.max_size, **int8)
+        dynamic=args.dynamic, fp16=args.fp16, with_postprocess=args.with_postprocess,
+        msda=args.msda or DEFAULT_MSDA, batch_size=args.batch_size, input_size=args.input_size, size=args.size,
+        max_size=args.max_size, **int8)
     contract = json.loads(result.metadata["input_contract"])
     shapes = ", ".join(f"{k} {v['shape']}" for k, v in contract["inputs"].items())
     _say(f"dinodet: wrote {result.path} (preset {result.metadata['preset']}; inputs {shapes}; "
@@ -789,12 +789,16 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="exact", help="inference mode, as for predict (default exact)")
     p.add_argument("--size", type=int, help="short side after resizing (default: the model's)")
     p.add_argument("--max-size", type=int, help="cap on the long side (default: the model's)")
-    p.add_argument("--max-batch", type=int, default=8, metavar="N",
-                   help="images per forward pass at most (default 8; 1 turns dynamic batching off)")
+    p.add_argument("--max-batch", default="auto", metavar="N|auto",
+                   help="images per forward pass at most (1 turns dynamic batching off; default auto: 1 on a CPU, "
+                   "where a batch costs as much as its images one by one, 8 on a GPU)")
     p.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
                    help="how long a request may wait for others to batch with (default 10)")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="requests waiting at most; beyond, 503 with Retry-After (default 64)")
+    p.add_argument("--max-queue-mb", type=float, default=1024.0, metavar="MB",
+                   help="decoded images waiting at most, in MB (4 bytes a pixel); beyond, 503 with Retry-After "
+                   "(default 1024)")
     p.add_argument("--max-image-mb", type=float, default=20.0, metavar="MB",
                    help="largest upload accepted, in MB (default 20; larger: 413)")
     p.add_argument("--api-key-file", metavar="FILE",
@@ -811,8 +815,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .serve import ServeOptions, run_server
 
     options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                           max_queue=args.max_queue, max_image_mb=args.max_image_mb,
-                           api_key_file=args.api_key_file)
+                           max_queue=args.max_queue, max_queue_mb=args.max_queue_mb,
+                           max_image_mb=args.max_image_mb, api_key_file=args.api_key_file)
     model = DetectorOptions(checkpoint=args.checkpoint, model=args.model, random_weights=args.random_weights,
                             preset=args.preset, device=args.device, size=args.size,
                             max_size=args.max_size, mode=args.mode, backend=args.backend)

@@ -21,7 +21,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..data.images import to_rgb
 from ..errors import ConfigError, first_line
 from ..inference.predict import Selection, make_selection
-from .batching import DynamicBatcher, QueueFullError, StoppedError
+from .batching import (
+    RGB_PIXEL_BYTES,
+    DynamicBatcher,
+    QueueFullError,
+    QueueMemoryError,
+    StoppedError,
+    parse_max_batch,
+    resolve_max_batch,
+)
 from .metrics import CONTENT_TYPE, ServeMetrics
 
 log = logging.getLogger(__name__)
@@ -46,6 +54,9 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 MULTIPART_SLACK = 64 * 1024  # bytes a multipart body or JSON body may carry besides the image itself
 RETRY_AFTER_S = 1  # what a full queue tells clients to wait
+# decoded images waiting, at most: 64 queued 1080p frames hold ~530 MB (4 bytes a pixel), 64 12-MP
+# photos ~3 GB; 1 GB keeps a busy service's queue to what a modest server can spare
+DEFAULT_MAX_QUEUE_MB = 1024.0
 # a page that loads nothing from elsewhere: the browser refuses any external script, style or image
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
@@ -56,16 +67,18 @@ BACKENDS = {"Detector": "torch", "OnnxDetector": "onnxruntime", "OpenVinoDetecto
 class ServeOptions:
     """How the service answers: ``host`` / ``port`` to bind (127.0.0.1 unless told otherwise; port 0:
     any free port), batching (``max_batch`` images per forward pass, the oldest waiting at most
-    ``max_wait_ms`` for others; ``max_batch=1`` turns it off), ``max_queue`` requests waiting before
-    503s, the upload limits (``max_image_mb`` of encoded image, ``max_pixels`` decoded; more is a
-    413), and the API key that ``/v1/*`` and ``/metrics`` require: ``api_key``, or read from
+    ``max_wait_ms`` for others; ``max_batch=1`` turns it off, ``"auto"`` picks it per device: see
+    ``batching.resolve_max_batch``), ``max_queue`` requests or ``max_queue_mb`` of decoded images
+    waiting before 503s, the upload limits (``max_image_mb`` of encoded image, ``max_pixels``
+    decoded; more is a 413), and the API key that ``/v1/*`` and ``/metrics`` require: ``api_key``, or read from
     ``api_key_file`` (neither: no key needed)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch: int = 8
+    max_batch: int | str = "auto"
     max_wait_ms: float = 10.0
     max_queue: int = 64
+    max_queue_mb: float = DEFAULT_MAX_QUEUE_MB
     max_image_mb: float = 20.0
     max_pixels: int = int(Image.MAX_IMAGE_PIXELS or 89_478_485)  # PIL's decompression-bomb limit
     api_key: str | None = None
@@ -73,12 +86,16 @@ class ServeOptions:
 
     def check(self) -> None:
         """Raises ConfigError for options out of range (messages name the CLI's options)."""
-        if self.max_batch < 1:
-            raise ConfigError(f"--max-batch must be >= 1, got {self.max_batch}")
+        try:
+            parse_max_batch(self.max_batch)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.max_wait_ms < 0:
             raise ConfigError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
         if self.max_queue < 1:
             raise ConfigError(f"--max-queue must be >= 1, got {self.max_queue}")
+        if not self.max_queue_mb > 0:
+            raise ConfigError(f"--max-queue-mb must be > 0, got {self.max_queue_mb}")
         if not self.max_image_mb > 0:
             raise ConfigError(f"--max-image-mb must be > 0, got {self.max_image_mb}")
         if not 0 <= self.port <= 65535:
@@ -109,6 +126,10 @@ class ServeOptions:
     def max_image_bytes(self) -> int:
         return int(self.max_image_mb * 1024 * 1024)
 
+    @property
+    def max_queue_bytes(self) -> int:
+        return max(1, int(self.max_queue_mb * 1024 * 1024))
+
 
 class ApiError(Exception):
     """An error answer: ``status`` (4xx/5xx), a one-line ``message``, a metrics ``reason``."""
@@ -118,13 +139,15 @@ class ApiError(Exception):
         self.status, self.message, self.reason, self.headers = status, message, reason, headers
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int, admit: Callable[[int], None] | None = None) -> Image.Image:
     """An uploaded image as RGB, upright by its EXIF orientation: the rules of ``data.images.load_image``
     (PIL formats, ``to_rgb`` conversions) for bytes instead of a file, with the pixel count checked from
-    the header before anything is decoded.
+    the header before anything is decoded, and ``admit`` (given the decoded size in bytes; it raises
+    to refuse) asked before decoding too.
 
     Raises:
-        ApiError: 400 not an image / truncated / corrupt, 413 more than ``max_pixels`` pixels.
+        ApiError: 400 not an image / truncated / corrupt, 413 more than ``max_pixels`` pixels; what
+            ``admit`` raises.
     """
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -132,6 +155,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             if w * h > max_pixels:  # said before decoding: a small file can unpack to gigabytes
                 raise ApiError(413, f"the image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels} "
                                "(a decompression bomb?)", "too_many_pixels")
+            if admit is not None:
+                admit(w * h * RGB_PIXEL_BYTES)
             return to_rgb(ImageOps.exif_transpose(im))  # decodes: a truncated file fails here
     except Image.DecompressionBombError as e:
         raise ApiError(413, f"the image is too large to decode safely: {first_line(e)}", "too_many_pixels") from e
@@ -149,12 +174,23 @@ def parse_classes(text: str | None) -> list[int | str] | None:
     return [int(t) if t.lstrip("-").isdigit() else t for t in items]
 
 
+def detector_device(detector: Any) -> str:
+    """Where ``detector`` runs: a torch detector's device, ``cuda`` for an onnxruntime session on
+    CUDAExecutionProvider, else ``cpu`` (OpenVINO runs on the CPU)."""
+    device = getattr(detector, "device", None)
+    if device is not None:
+        return str(device)
+    session = getattr(detector, "session", None)
+    providers = session.get_providers() if hasattr(session, "get_providers") else []
+    return "cuda" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
+
+
 def model_summary(detector: Any) -> dict[str, Any]:
     """What a detection answer says about the model."""
     config = getattr(detector, "config", None)
     preset = getattr(detector, "preset", None) or (config.name if config is not None else None)
     return {"preset": preset, "backend": BACKENDS.get(type(detector).__name__, type(detector).__name__),
-            "mode": getattr(detector, "mode", "exact"), "device": str(getattr(detector, "device", "cpu"))}
+            "mode": getattr(detector, "mode", "exact"), "device": detector_device(detector)}
 
 
 def create_app(detector: Any, options: ServeOptions | None = None) -> FastAPI:
@@ -167,11 +203,13 @@ def create_app(detector: Any, options: ServeOptions | None = None) -> FastAPI:
     options = options or ServeOptions()
     options.check()
     api_key = options.key()
-    batcher = DynamicBatcher(detector, max_batch=options.max_batch, max_wait_ms=options.max_wait_ms,
-                             max_queue=options.max_queue)
-    metrics = ServeMetrics(options.max_batch, lambda: batcher.depth)
-    batcher.on_batch = metrics.batch_size.observe
     summary = model_summary(detector)
+    max_batch, why = resolve_max_batch(options.max_batch, summary["device"], getattr(detector, "fixed_batch", None))
+    log.info("dynamic batching: at most %d image(s) per forward pass (%s)", max_batch, why)
+    batcher = DynamicBatcher(detector, max_batch=max_batch, max_wait_ms=options.max_wait_ms,
+                             max_queue=options.max_queue, max_queue_bytes=options.max_queue_bytes)
+    metrics = ServeMetrics(max_batch, lambda: batcher.depth, lambda: batcher.queued_bytes)
+    batcher.on_batch = metrics.batch_size.observe
     class_ids = list(getattr(detector, "category_ids", None) or detector._category_ids.tolist())
 
     @contextlib.asynccontextmanager
@@ -220,6 +258,12 @@ def create_app(detector: Any, options: ServeOptions | None = None) -> FastAPI:
             metrics.requests.labels(path, request.method, str(status)).inc()
             metrics.latency.labels(path).observe(time.perf_counter() - start)
 
+    def admit(nbytes: int) -> None:
+        try:
+            batcher.check_room(nbytes)
+        except QueueMemoryError as e:
+            raise busy(e, "queue_memory") from e
+
     def check_key(request: Request) -> None:
         if api_key is None:
             return
@@ -258,8 +302,9 @@ def create_app(detector: Any, options: ServeOptions | None = None) -> FastAPI:
                       "json": {"image": "base64 of the encoded image file"}, "image_urls": False,
                       "resize": {"size": detector.size, "max_size": detector.max_size},
                       "max_image_mb": options.max_image_mb, "max_pixels": options.max_pixels},
-            "batching": {"max_batch": options.max_batch, "max_wait_ms": options.max_wait_ms,
-                         "max_queue": options.max_queue},
+            "batching": {"max_batch": max_batch, "max_batch_option": str(options.max_batch),
+                         "max_batch_reason": why, "max_wait_ms": options.max_wait_ms,
+                         "max_queue": options.max_queue, "max_queue_mb": options.max_queue_mb},
         }
 
     @app.get("/metrics", dependencies=keyed)
@@ -278,12 +323,15 @@ def create_app(detector: Any, options: ServeOptions | None = None) -> FastAPI:
                            "bad_classes") from e
         data = await read_upload(request, options.max_image_bytes)
         decode_start = time.perf_counter()
-        image = await run_in_threadpool(decode_image, data, options.max_pixels)  # off the event loop
+        # off the event loop; a full queue refuses the image before it is decoded
+        image = await run_in_threadpool(decode_image, data, options.max_pixels, admit)
         decode_ms = (time.perf_counter() - decode_start) * 1000.0
         try:
             future = batcher.submit(image)
+        except QueueMemoryError as e:
+            raise busy(e, "queue_memory") from e
         except QueueFullError as e:
-            raise ApiError(503, f"busy: {e}; retry later", "queue_full", {"Retry-After": str(RETRY_AFTER_S)}) from e
+            raise busy(e, "queue_full") from e
         except StoppedError as e:
             raise ApiError(503, str(e), "stopping", {"Retry-After": str(RETRY_AFTER_S)}) from e
         try:
@@ -305,6 +353,11 @@ def create_app(detector: Any, options: ServeOptions | None = None) -> FastAPI:
         }
 
     return app
+
+
+def busy(error: Exception, reason: str) -> ApiError:
+    """A 503 telling the client to retry after ``RETRY_AFTER_S``."""
+    return ApiError(503, f"busy: {error}; retry later", reason, {"Retry-After": str(RETRY_AFTER_S)})
 
 
 def select(pred: Any, threshold: float, selection: Selection) -> Any:

@@ -13,9 +13,11 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 class ServeMetrics:
     """Requests (by route, method and status), errors (by reason), request latency, forward-pass
-    batch sizes and queue depth (read from ``queue_depth`` at each scrape)."""
+    batch sizes, queue depth and the bytes of decoded images queued (read from ``queue_depth`` and
+    ``queue_bytes`` at each scrape)."""
 
-    def __init__(self, max_batch: int, queue_depth: Callable[[], float]) -> None:
+    def __init__(self, max_batch: int, queue_depth: Callable[[], float],
+                 queue_bytes: Callable[[], float] = lambda: 0.0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("dinodet_requests", "HTTP requests answered", ["route", "method", "status"],
                                 registry=self.registry)
@@ -27,6 +29,9 @@ class ServeMetrics:
                                     buckets=tuple(range(1, max_batch + 1)), registry=self.registry)
         self.queue_depth = Gauge("dinodet_queue_depth", "requests waiting for the model", registry=self.registry)
         self.queue_depth.set_function(queue_depth)
+        self.queue_bytes = Gauge("dinodet_queue_bytes", "bytes of decoded images waiting for the model",
+                                 registry=self.registry)
+        self.queue_bytes.set_function(queue_bytes)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""
