@@ -157,10 +157,10 @@ def test_track_gives_every_detection_a_track_id(tmp_path: Path, tiny_checkpoint:
     assert [x["frame"] for x in lines] == list(range(12))
     detections = [d for x in lines for d in x["detections"]]
     assert detections and all(set(d) == {"bbox", "score", "category_id", "class_name", "track_id"} for d in detections)
-    assert all(d["track_id"] is None or (isinstance(d["track_id"], int) and d["track_id"] >= 0) for d in detections)
-    # a track is confirmed on its second frame: none on the first, some from then on
-    assert all(d["track_id"] is None for d in lines[0]["detections"])
-    assert all(any(d["track_id"] is not None for d in x["detections"]) for x in lines[1:])
+    # an id on every detection, the first frame's included, and never two objects with one id in a frame
+    assert all(isinstance(d["track_id"], int) and d["track_id"] >= 0 for d in detections)
+    assert lines[0]["detections"]
+    assert all(len({d["track_id"] for d in x["detections"]}) == len(x["detections"]) for x in lines)
 
 
 def test_track_ids_persist_on_a_still_scene(tmp_path: Path, one_thread: None) -> None:
@@ -170,9 +170,9 @@ def test_track_ids_persist_on_a_still_scene(tmp_path: Path, one_thread: None) ->
     detector = Detector.from_random("tiny", size=64, max_size=96, one_label_per_query=True)  # one box per query
     results = list(detector.predict_stream(video, threshold=0.0, track=True))
     ids = [r.prediction.track_ids.tolist() for r in results]
-    assert len(ids) == 6 and set(ids[0]) == {-1} and min(ids[1]) >= 0
-    assert len(set(ids[1])) == len(ids[1])  # one id per object
-    assert all(frame_ids == ids[1] for frame_ids in ids[2:])
+    assert len(ids) == 6 and ids[0] and min(ids[0]) >= 0  # ids from the first frame on
+    assert len(set(ids[0])) == len(ids[0])  # one id per object
+    assert all(frame_ids == ids[0] for frame_ids in ids[1:])
     untracked = next(iter(detector.predict_stream(video, threshold=0.0, max_frames=1))).prediction
     assert untracked.track_ids is None
 
@@ -227,11 +227,9 @@ def test_tracker_follows_boxes_and_keeps_weak_ones_on_their_track() -> None:
         stranger = [([500.0, 400.0, 540.0, 440.0], 0.2)] if frame == 4 else []  # weak and on no track: dropped
         pred = tracker.update(moving(frame, scores, stranger))
         by_row = {round(b[1]): t for b, t in zip(pred.boxes.tolist(), pred.track_ids.tolist())}
-        if frame == 0:
-            assert by_row == {20: -1, 200: -1}  # confirmed on the second frame
-        else:
-            assert len(pred) == 2 and set(by_row) == {20, 200} and min(by_row.values()) >= 0
-            ids.setdefault("A", by_row[20])
-            ids.setdefault("B", by_row[200])
-            assert (by_row[20], by_row[200]) == (ids["A"], ids["B"]) and ids["A"] != ids["B"]
+        # ids from the first frame on, kept by each box
+        assert len(pred) == 2 and set(by_row) == {20, 200} and min(by_row.values()) >= 0
+        ids.setdefault("A", by_row[20])
+        ids.setdefault("B", by_row[200])
+        assert (by_row[20], by_row[200]) == (ids["A"], ids["B"]) and ids["A"] != ids["B"]
         assert pred.scores.tolist() == sorted(pred.scores.tolist(), reverse=True)

@@ -202,7 +202,7 @@ def predict_stream(detector: Predictor, source: str | Path, threshold: float = 0
 def jsonl_line(result: FrameResult) -> str:
     """One JSONL line: ``{"frame", "time_s", "detections": [{"bbox": [x, y, w, h], "score",
     "category_id", "class_name"[, "track_id"]}]}`` (pixels and score rounded as in predictions.json;
-    ``track_id`` with tracking: an int, null for a detection on no confirmed track yet)."""
+    ``track_id`` with tracking: an int from the object's first frame on; null only if the tracker gave none)."""
     pred = result.prediction
     tracks = [None] * len(pred) if pred.track_ids is None else pred.track_ids.tolist()
     detections = [
@@ -220,6 +220,9 @@ def captions(pred: Any) -> list[str]:
     if pred.track_ids is None:
         return list(pred.class_names)
     return [f"#{tid} {name}" if tid >= 0 else name for tid, name in zip(pred.track_ids.tolist(), pred.class_names)]
+
+
+X264_PRESET = "ultrafast"
 
 
 class AnnotatedVideoWriter:
@@ -247,6 +250,13 @@ class AnnotatedVideoWriter:
                         "is left out of the annotated video", self.path.name, width, height, codec)
         self.container = self.av.open(str(self.path), "w", format="mp4", options=MP4_OPTIONS)
         self.stream = self.container.add_stream(codec, rate=self.fps)
+        if codec == "libx264":
+            # x264's default preset ("medium") costs ~32 ms a 640x480 frame on 2 cores, 15% of a tiny-model
+            # frame, where writing a JPEG costs ~2 ms; "ultrafast" ~4 ms, for a file ~25% larger
+            # (benchmarks/video_throughput.py)
+            # one x264 thread: its own pool would compete with the model's threads for the cores (measured: 1.05x
+            # the JPEG path's cost per frame with one thread, 1.11x with x264's default thread count)
+            self.stream.options = {"preset": X264_PRESET, "threads": "1"}
         self.stream.width, self.stream.height = width - width % 2, height - height % 2
         self.stream.pix_fmt = "yuv420p"
 
