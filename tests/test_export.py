@@ -2,7 +2,7 @@
 
 An export traces the whole model symbolically (about a minute for the tiny preset with dynamic
 shapes on a 2-core CPU), so the tests share three exports: the tiny checkpoint through the CLI with
-dynamic shapes and the grid_sample MSDA, the same weights through the Python API with a fixed 2x128x160
+dynamic shapes and the level_sum MSDA, the same weights through the Python API with a fixed 2x128x160
 input, the gather MSDA and the post-processing in the graph, and dino_r50_4scale plus the other
 backbone families (Swin with 5 levels, ConvNeXt) with random weights and a fixed small input (slow mark).
 """
@@ -58,12 +58,12 @@ def run_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_detector: Dete
 
 @pytest.fixture(scope="module")
 def dynamic_onnx(tmp_path_factory: pytest.TempPathFactory, run_checkpoint: Path) -> Path:
-    """The run checkpoint exported by the CLI with its own defaults: dynamic shapes, grid_sample MSDA,
+    """The run checkpoint exported by the CLI with its own defaults: dynamic shapes, level_sum MSDA,
     logits + boxes, the EMA weights, the run's evaluation resize."""
     out = tmp_path_factory.mktemp("onnx") / "tiny_dynamic.onnx"
     torch.set_num_threads(1)
     assert main(["export", "--checkpoint", str(run_checkpoint), "--format", "onnx", "--out", str(out),
-                 "--dynamic", "--msda", "grid_sample"]) == 0
+                 "--dynamic"]) == 0
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # the temporary file was renamed
     return out
 
@@ -106,7 +106,7 @@ def test_cli_export_writes_checked_onnx_with_metadata(dynamic_onnx: Path, capsys
     onnx.checker.check_model(str(dynamic_onnx))
     model = onnx.load(str(dynamic_onnx))
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["preset"] == "tiny" and meta["msda"] == "grid_sample" and meta["dynamic"] == "true"
+    assert meta["preset"] == "tiny" and meta["msda"] == "level_sum" and meta["dynamic"] == "true"
     assert (meta["size"], meta["max_size"]) == (str(TEST_SIZE), str(TEST_MAX_SIZE))  # the checkpoint's resize
     assert json.loads(meta["class_names"]) == list(COCO_CLASSES)
     assert json.loads(meta["category_ids"]) == list(range(91))
@@ -140,7 +140,7 @@ def test_dynamic_onnx_matches_pytorch(dynamic_onnx: Path, tiny_detector: Detecto
     torch.testing.assert_close(torch.from_numpy(boxes), ref_boxes, atol=1e-5, rtol=1e-4)
 
 
-def test_grid_sample_and_gather_variants_agree(dynamic_onnx: Path, fixed_gather_onnx: Path, tiny_detector: Detector,
+def test_level_sum_and_gather_variants_agree(dynamic_onnx: Path, fixed_gather_onnx: Path, tiny_detector: Detector,
                                                sample_images: list[Path], one_thread):
     gather_model = onnx.load(str(fixed_gather_onnx), load_external_data=False)
     assert [o.version for o in gather_model.opset_import if o.domain in ("", "ai.onnx")] == [17]
@@ -153,7 +153,7 @@ def test_grid_sample_and_gather_variants_agree(dynamic_onnx: Path, fixed_gather_
     scores, labels, boxes = (torch.from_numpy(x) for x in gather_out)
     logits_gs, boxes_gs = (torch.from_numpy(x) for x in session(dynamic_onnx).run(None, feed))
     num_select = tiny_detector.config.model.num_select
-    for ref in (postprocess(logits_gs, boxes_gs, orig_sizes, num_select),  # grid_sample in onnxruntime
+    for ref in (postprocess(logits_gs, boxes_gs, orig_sizes, num_select),  # level_sum in onnxruntime
                 postprocess(*torch_outputs(tiny_detector, images, mask), orig_sizes, num_select)):  # PyTorch
         torch.testing.assert_close(scores, ref.scores, atol=1e-5, rtol=0)
         assert torch.equal(labels, ref.labels)
@@ -228,8 +228,8 @@ def test_export_takes_the_ops_backend_names_and_overrides_config_and_variable(ti
     from dinodet.deploy.export import _msda_backend, export_backend
     from dinodet.models.attention import MultiScaleDeformableAttention
 
-    assert [export_backend(n) for n in ("pytorch", "grid_sample", "gather")] == ["pytorch", "pytorch", "gather"]
-    with pytest.raises(ExportError, match=r"'triton' does not export to ONNX \(choose from: gather, pytorch, grid_sample\)"):
+    assert [export_backend(n) for n in ("pytorch", "grid_sample", "gather", "level_sum")] == ["pytorch", "pytorch", "gather", "level_sum"]
+    with pytest.raises(ExportError, match=r"'triton' does not export to ONNX \(choose from: gather, level_sum, pytorch, grid_sample\)"):
         export_backend("triton")
     model = tiny_detector.model
     modules = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]

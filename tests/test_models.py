@@ -356,3 +356,18 @@ def test_query_selection_ranking_gradients_and_padding():
     assert not a.anchors_unsig.requires_grad and a.interm_boxes.requires_grad
     a.interm_boxes.sum().backward()
     assert qs.box_head.layers[-1].weight.grad.abs().sum() > 0
+
+
+def test_conv_feed_forward_is_the_same_function_and_export_puts_the_ffn_back(tiny):
+    from dinodet.deploy.export import _conv_ffn
+    from dinodet.models.encoder import ConvFeedForward, FeedForward
+
+    ffn = FeedForward(16, 40, dropout=0.1).eval()
+    x = torch.randn(2, 7, 16)
+    torch.testing.assert_close(ConvFeedForward(ffn)(x), ffn(x), atol=1e-5, rtol=1e-5)
+    model = tiny[1]
+    before = [m for m in model.modules() if isinstance(m, FeedForward)]
+    with _conv_ffn(model, True):
+        assert not any(isinstance(m, FeedForward) for m in model.modules())
+        assert sum(isinstance(m, ConvFeedForward) for m in model.modules()) == len(before)
+    assert [m for m in model.modules() if isinstance(m, FeedForward)] == before

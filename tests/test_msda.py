@@ -15,11 +15,11 @@ def _inputs(seed=0, shapes=((7, 9), (4, 5), (1, 1)), b=2, lq=11, m=2, d=3, p=3):
     return value, list(shapes), loc, w / w.sum((-1, -2), keepdim=True)
 
 
-EAGER_BACKENDS = ("gather", "embedding_bag")
+EAGER_BACKENDS = ("gather", "embedding_bag", "level_sum")
 
 
 def test_backends_listed():
-    assert {"pytorch", "gather", "embedding_bag", "triton", "auto"} <= set(available_backends())
+    assert {"pytorch", "gather", "embedding_bag", "level_sum", "triton", "auto"} <= set(available_backends())
 
 
 @pytest.mark.parametrize("backend", EAGER_BACKENDS)

@@ -63,6 +63,9 @@ def test_ir_carries_the_metadata_and_float32_weights(ir: Path):
     model = ov.Core().read_model(str(ir))
     meta = {k: str(v) for k, v in model.get_rt_info([RT_INFO_SECTION]).value.items()}
     assert meta["format"] == METADATA_FORMAT and meta["preset"] == "tiny" and meta["dynamic"] == "true"
+    assert meta["msda"] == "level_sum" and meta["conv_ffn"] == "true"
+    ffn_ops = {op.get_type_name() for op in model.get_ordered_ops() if ".ffn" in op.get_friendly_name()}
+    assert "Convolution" in ffn_ops and "MatMul" not in ffn_ops  # the FFNs as 1x1 convolutions (int8 on AVX2)
     assert (meta["size"], meta["max_size"]) == (str(TEST_SIZE), str(TEST_MAX_SIZE))
     assert len(json.loads(meta["class_names"])) == int(meta["num_classes"])
     assert 'element_type="f16"' not in ir.read_text()  # ov.save_model would halve the weights by default
@@ -219,6 +222,13 @@ def test_eval_exported_model_errors_are_one_line(ir: Path, tiny_checkpoint: Path
 # ------------------------------------------------------------------------------------ int8, threads, cache
 
 
+def _fake_quantized(node) -> bool:
+    """Whether ``node`` is a FakeQuantize, seen through the reshapes NNCF moves its quantizers above."""
+    while node.get_type_name() in ("Reshape", "Transpose", "Squeeze", "Unsqueeze"):
+        node = node.input_value(0).get_node()
+    return node.get_type_name() == "FakeQuantize"
+
+
 def test_int8_keeps_the_accuracy_critical_layers_float32(ir: Path, tmp_path: Path, two_photos: Path, one_thread):
     """NNCF quantises the IR calibrated on two photos; the MSDA sampling offsets / attention weights and
     the class / box heads are float32 (no FakeQuantize on their inputs), the other linear layers and
@@ -237,12 +247,13 @@ def test_int8_keeps_the_accuracy_critical_layers_float32(ir: Path, tmp_path: Pat
         if op.get_type_name() not in ("MatMul", "Convolution"):
             continue
         module = op.get_friendly_name().split("/")[0]
-        fed_by_fq = any(op.input_value(i).get_node().get_type_name() == "FakeQuantize" for i in range(op.get_input_size()))
+        fed_by_fq = any(_fake_quantized(op.input_value(i).get_node()) for i in range(op.get_input_size()))
         (kept if set(module.split(".")) & set(INT8_FP32_MODULES) else quantised).append((module, fed_by_fq))
     assert kept and not any(fq for _, fq in kept), [m for m, fq in kept if fq]
     assert any(".sampling_offsets" in m for m, _ in kept) and any(m.startswith("model.class_head") for m, _ in kept)
     assert sum(fq for _, fq in quantised) >= len(quantised) // 2  # the bulk is int8
     assert any("backbone" in m and fq for m, fq in quantised)
+    assert all(fq for m, fq in quantised if ".ffn." in m)  # the FFN convolutions: int8 on every x86 CPU
     (pred,) = OpenVinoDetector(out, cache_dir=None).predict(two_photos / SAMPLE_NAMES[0], threshold=0.0)
     assert len(pred.scores) > 0 and torch.isfinite(pred.boxes).all()
 

@@ -23,6 +23,29 @@ class FeedForward(nn.Module):
         return self.norm(x + self.dropout2(self.linear2(self.dropout1(F.relu(self.linear1(x))))))
 
 
+class ConvFeedForward(nn.Module):
+    """An eval-mode ``FeedForward`` whose two linears run as 1x1 convolutions over [B, C, N, 1]: the same
+    function (up to float summation order), for export to OpenVINO int8, whose CPU plugin has int8
+    kernels for convolutions on every x86 CPU but runs int8 fully-connected layers in float32 on AVX2
+    CPUs without VNNI.  Shares ``ffn``'s norm; copies its weights."""
+
+    def __init__(self, ffn: FeedForward):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ffn.linear1.in_features, ffn.linear1.out_features, 1)
+        self.conv2 = nn.Conv2d(ffn.linear2.in_features, ffn.linear2.out_features, 1)
+        with torch.no_grad():
+            for conv, linear in ((self.conv1, ffn.linear1), (self.conv2, ffn.linear2)):
+                conv.weight.copy_(linear.weight[:, :, None, None])
+                conv.bias.copy_(linear.bias)
+        self.norm = ffn.norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, N, C] -> [B, N, C]."""
+        b, n, c = x.shape
+        y = self.conv2(F.relu(self.conv1(x.transpose(1, 2).reshape(b, c, n, 1))))
+        return self.norm(x + y.reshape(b, c, n).transpose(1, 2))
+
+
 class EncoderLayer(nn.Module):
     """Deformable self-attention of every token into all levels, then the FFN (both post-norm)."""
 
