@@ -228,7 +228,8 @@ def test_export_takes_the_ops_backend_names_and_overrides_config_and_variable(ti
     from dinodet.deploy.export import _msda_backend, export_backend
     from dinodet.models.attention import MultiScaleDeformableAttention
 
-    assert [export_backend(n) for n in ("pytorch", "grid_sample", "gather", "level_sum")] == ["pytorch", "pytorch", "gather", "level_sum"]
+    assert [export_backend(n) for n in ("pytorch", "grid_sample", "gather", "level_sum")] == [
+        "pytorch", "pytorch", "gather", "level_sum"]
     with pytest.raises(ExportError, match=r"'triton' does not export to ONNX \(choose from: gather, level_sum, pytorch, grid_sample\)"):
         export_backend("triton")
     model = tiny_detector.model
