@@ -2,12 +2,16 @@
 
     python benchmarks/mode_agreement.py --checkpoint runs/demo/checkpoint_best.pt --data runs/demo/data \
         [--split val] [--device cpu] [--modes exact,channels_last,bf16] [--emulate] [--json OUT] \
-        [--backends onnxruntime,openvino,openvino_int8] [--calib-data DIR]
+        [--backends onnxruntime,openvino,openvino_int8] [--calib-data DIR] [--openvino-shapes fixed|HxW|dynamic]
 
-``--backends`` also exports the checkpoint (dynamic shapes, the checkpoint's resize; int8: NNCF calibrated
-on ``--calib-data``, default the split's own images) into a temporary folder and evaluates each exported
-model with ``dinodet eval --model`` (same dataset, resize and COCOeval); its row shows the AP difference to
-``exact`` like the modes' (int8 bar: 0.01).
+``--backends`` also exports the checkpoint with the checkpoint's resize into a temporary folder, as
+``dinodet export`` writes it: an ONNX file with dynamic shapes for onnxruntime; for the openvino rows an
+IR (``to_openvino``) with fixed shapes by default (``--openvino-shapes``: ``fixed`` pads every image
+to max_size x max_size, ``HxW`` to that size, e.g. the size every image of the split resizes to;
+the MSDA is then OpenVINO's embedding bag; or ``dynamic``) and for int8 that IR quantised by NNCF, calibrated on
+``--calib-data`` (default the split's own images).  Each exported model is evaluated with ``dinodet eval
+--model`` (same dataset, resize and COCOeval); its row shows the AP difference to ``exact`` like the
+modes' (int8 bar: 0.01).
 
 Prints AP / AP50 per mode and the difference to ``exact`` (the bar: |AP difference| <= 0.005) and the
 wall time of each evaluation (``dinodet.engine.eval_checkpoint.evaluate_checkpoint``, what ``dinodet eval``
@@ -45,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--backends", default="", help=f"comma-separated exported backends ({', '.join(BACKENDS)})")
     p.add_argument("--calib-data", default=None, help="int8 calibration images (default: the split's images)")
+    p.add_argument("--openvino-shapes", default="fixed", metavar="fixed|HxW|dynamic",
+                   help="shapes of the IR the openvino rows run: fixed (max_size x max_size, dinodet export's "
+                   "default), a fixed HxW, or dynamic (default fixed)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -77,23 +84,40 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _exported_rows(args: argparse.Namespace, backends: list[str]) -> list[dict]:
-    """Export the checkpoint once (ONNX; IR for the openvino rows) and evaluate each backend."""
-    from dinodet.deploy.export import quantize_openvino, to_onnx
+    """Export the checkpoint (an ONNX file for onnxruntime, an IR for the openvino rows) and evaluate
+    each backend."""
+    from dinodet.deploy.export import quantize_openvino, to_onnx, to_openvino
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="dinodet-agreement-") as tmp:
-        onnx = to_onnx(args.checkpoint, Path(tmp) / "model.onnx", dynamic=True).path
+        files: dict[str, Path] = {}
+
+        def exported(kind: str) -> Path:
+            if kind not in files:
+                files[kind] = (to_onnx(args.checkpoint, Path(tmp) / "model.onnx", dynamic=True).path
+                               if kind == "onnx" else
+                               to_openvino(args.checkpoint, Path(tmp) / "model.xml", **_ir_shapes(args.openvino_shapes)).path)
+            return files[kind]
+
         for name in backends:
-            model, backend = onnx, name
+            model, backend = exported("onnx" if name == "onnxruntime" else "openvino"), name
             if name == "openvino_int8":
                 calib = args.calib_data or _split_images(args.data, args.split)
-                model, backend = quantize_openvino(onnx, Path(tmp) / "int8.xml", calib).path, "openvino"
+                model, backend = quantize_openvino(model, Path(tmp) / "int8.xml", calib).path, "openvino"
             start = time.perf_counter()
             result = evaluate_checkpoint(None, args.data, split=args.split, model=model, backend=backend,
                                          progress=False).result
             rows.append({"mode": name, "AP": result.metrics["AP"], "AP50": result.metrics["AP50"],
                          "seconds": round(time.perf_counter() - start, 1), "device": "cpu", "emulated": False})
     return rows
+
+
+def _ir_shapes(spec: str) -> dict:
+    """``to_openvino`` shape options for ``--openvino-shapes``."""
+    if spec in ("fixed", "dynamic"):
+        return {"dynamic": spec == "dynamic"}
+    h, w = (int(v) for v in spec.lower().split("x"))
+    return {"input_size": (h, w)}
 
 
 def _split_images(data: str, split: str) -> str:

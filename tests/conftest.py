@@ -56,17 +56,6 @@ def shared_reference_required() -> bool:
     return ci or os.environ.get("DINODET_REQUIRE_SHARED", "").strip() == "1"
 
 
-# Run last: in the full suite the pytest process crashed (SIGSEGV, heap corruption seen in an unrelated
-# test's subprocess pipes) a few tests after test_openvino.py, which runs NNCF quantisation and OpenVINO's
-# compiled-model cache in-process; alone, or with its neighbours, it never crashed. Not root-caused yet
-# (see the CHANGELOG); until it is, nothing runs after those tests in the same process.
-RUN_LAST = ("test_openvino.py",)
-
-
-def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=lambda item: item.path.name in RUN_LAST)  # stable: the order is kept otherwise
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

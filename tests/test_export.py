@@ -225,13 +225,20 @@ def test_cli_export_unknown_opset_is_one_line_error(tiny_checkpoint: Path, tmp_p
 
 def test_export_takes_the_ops_backend_names_and_overrides_config_and_variable(tiny_detector: Detector,
                                                                            monkeypatch: pytest.MonkeyPatch):
-    from dinodet.deploy.export import _msda_backend, export_backend
+    from dinodet.deploy.export import _msda_backend, default_msda, export_backend
     from dinodet.models.attention import MultiScaleDeformableAttention
 
     assert [export_backend(n) for n in ("pytorch", "grid_sample", "gather", "level_sum")] == [
         "pytorch", "pytorch", "gather", "level_sum"]
-    with pytest.raises(ExportError, match=r"'triton' does not export to ONNX \(choose from: gather, level_sum, pytorch, grid_sample\)"):
+    with pytest.raises(ExportError, match=r"'triton' does not export \(choose from: gather, level_sum, pytorch, grid_sample\)"):
         export_backend("triton")
+    # OpenVINO's embedding bag: the default of a fixed-shape IR, refused for a plain ONNX file or dynamic shapes
+    assert default_msda("openvino") == export_backend("embedding_bag", "openvino") == "embedding_bag"
+    assert default_msda() == default_msda("openvino", dynamic=True) == "level_sum"
+    with pytest.raises(ExportError, match=r"'embedding_bag' exports for openvino only \(choose from: gather, level_sum"):
+        export_backend("embedding_bag")
+    with pytest.raises(ExportError, match="'embedding_bag' needs fixed shapes"):
+        export_backend("embedding_bag", "openvino", dynamic=True)
     model = tiny_detector.model
     modules = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
     before = [m.backend for m in modules]
@@ -251,7 +258,7 @@ def test_api_rejects_bad_options(tiny_detector: Detector, tmp_path: Path):
         to_onnx(tiny_detector, tmp_path / "m.onnx", opset=16)
     with pytest.raises(ExportError, match="unknown MSDA variant"):
         to_onnx(tiny_detector, tmp_path / "m.onnx", msda="cuda")
-    with pytest.raises(ExportError, match="MSDA backend 'embedding_bag' does not export to ONNX"):
+    with pytest.raises(ExportError, match="MSDA backend 'embedding_bag' exports for openvino only"):
         to_onnx(tiny_detector, tmp_path / "m.onnx", msda="embedding_bag")
     with pytest.raises(ExportError, match="not allowed with dynamic"):
         to_onnx(tiny_detector, tmp_path / "m.onnx", dynamic=True, batch_size=2)

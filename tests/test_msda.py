@@ -133,8 +133,9 @@ def test_declared_dtypes_and_gradients_are_honoured(monkeypatch):
     assert msda.select_backend("f64_only", "cpu", torch.float64) == "f64_only"
     assert msda.select_backend("f64_only", "cpu", torch.float32) == "pytorch"
     assert msda.select_backend("f64_only", "cpu", torch.float64, needs_grad=True) == "pytorch"
-    assert {n: msda.get_backend(n).exportable for n in ("pytorch", "gather", "embedding_bag", "triton")} == {
-        "pytorch": True, "gather": True, "embedding_bag": False, "triton": False}
+    assert {n: msda.get_backend(n).exports for n in ("pytorch", "gather", "level_sum", "embedding_bag", "triton")} == {
+        "pytorch": ("onnx", "openvino"), "gather": ("onnx", "openvino"), "level_sum": ("onnx", "openvino"),
+        "embedding_bag": ("openvino",), "triton": ()}
 
 
 def test_backend_is_resolved_at_configure_time_only(monkeypatch):

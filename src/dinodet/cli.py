@@ -717,11 +717,12 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
                    "for GPU execution providers)")
     p.add_argument("--with-postprocess", action="store_true",
                    help="end the graph with the top-k post-processing (scores, labels, boxes in pixels)")
-    p.add_argument("--msda", choices=("level_sum", "pytorch", "gather", "grid_sample"),
-                   help="MSDA arrangement exported: level_sum (ONNX GridSample per level, summed level by level: the "
-                   "fastest in OpenVINO), pytorch (the reference's arrangement; alias grid_sample) or gather "
-                   "(bilinear index arithmetic, for TensorRT, which mis-builds GridSample for DETR models); all give "
-                   "the same results (default level_sum)")
+    p.add_argument("--msda", choices=("level_sum", "pytorch", "gather", "grid_sample", "embedding_bag"),
+                   help="MSDA arrangement exported: level_sum (ONNX GridSample per level, summed level by level), "
+                   "pytorch (the reference's arrangement; alias grid_sample), gather (bilinear index arithmetic, for "
+                   "TensorRT, which mis-builds GridSample for DETR models) or embedding_bag (one weighted embedding "
+                   "bag per layer: OpenVINO only, fixed shapes only, the fastest there); all give the same results "
+                   "(default: embedding_bag for a fixed-shape --format openvino, else level_sum)")
     p.add_argument("--batch-size", type=int, metavar="N", help="fixed batch size without --dynamic (default 1)")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                    help="fixed padded input size without --dynamic (default MAX_SIZE MAX_SIZE)")
@@ -738,7 +739,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .deploy.export import DEFAULT_MSDA, DEFAULT_OPSET, to_onnx, to_openvino
+    from .deploy.export import DEFAULT_OPSET, to_onnx, to_openvino
 
     openvino = args.format == "openvino"
     if (args.int8 or args.calib_data) and not openvino:
@@ -747,13 +748,13 @@ def _run_export(args: argparse.Namespace) -> int:
     result = (to_openvino if openvino else to_onnx)(  # checks every option before the slow loading
         args.checkpoint, args.out, preset=args.preset, opset=DEFAULT_OPSET if args.opset is None else args.opset,
         dynamic=args.dynamic, fp16=args.fp16, with_postprocess=args.with_postprocess,
-        msda=args.msda or DEFAULT_MSDA, batch_size=args.batch_size, input_size=args.input_size, size=args.size,
+        msda=args.msda, batch_size=args.batch_size, input_size=args.input_size, size=args.size,
         max_size=args.max_size, **int8)
     contract = json.loads(result.metadata["input_contract"])
     shapes = ", ".join(f"{k} {v['shape']}" for k, v in contract["inputs"].items())
     _say(f"dinodet: wrote {result.path} (preset {result.metadata['preset']}; inputs {shapes}; "
          f"outputs {', '.join(result.outputs)}); checked with "
-         + ("onnx.checker, converted by OpenVINO" if openvino else "onnx.checker")
+         + ("OpenVINO's converter" if openvino else "onnx.checker")
          + (f"; int8, calibrated on {json.loads(result.metadata['int8_calibration'])['images']} image(s)"
             if result.metadata.get("int8") == "true" else ""))
     return 0

@@ -153,29 +153,51 @@ def ms_deform_attn_embedding_bag(
     """
     b, s, m, d = value.shape
     _, lq, _, n_levels, _, _ = sampling_locations.shape
-    shapes = device_constant(tuple((h, w) for h, w in spatial_shapes), torch.int64, value.device)  # [L, 2] (h, w)
-    h_i, w_i = shapes[:, 0].view(1, 1, 1, n_levels, 1), shapes[:, 1].view(1, 1, 1, n_levels, 1)
-    starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
-    x = sampling_locations[..., 0] * w_i - 0.5  # pixel coordinates, pixel centres at integers
-    y = sampling_locations[..., 1] * h_i - 0.5
+    # Index arithmetic in float (exact for integers below 2**24, i.e. any level of any allowed image)
+    # with the 4 corners as a broadcast axis: graph runtimes fuse it into a few elementwise kernels,
+    # where int64 ops and a stack of the corners ran as separate slow ones.  float32 at least: a
+    # bfloat16 location cannot hold a cell index.
+    dtype = sampling_locations.dtype if sampling_locations.dtype in (torch.float32, torch.float64) else torch.float32
+    level = (1, 1, 1, n_levels, 1, 1)  # [B, Lq, M, L, P, corner]
+    hw = device_constant(tuple((float(h), float(w)) for h, w in spatial_shapes), dtype, value.device)  # [L, 2]
+    h_f, w_f = hw[:, 0].view(level), hw[:, 1].view(level)
+    starts = device_constant(tuple(float(sum(h * w for h, w in spatial_shapes[:i])) for i in range(n_levels)),
+                             dtype, value.device).view(level)
+    x = sampling_locations[..., 0, None].to(dtype) * w_f - 0.5  # pixel coordinates, pixel centres at integers
+    y = sampling_locations[..., 1, None].to(dtype) * h_f - 0.5
     x0, y0 = x.floor(), y.floor()
     fx, fy = x - x0, y - y0
-    x0, y0 = x0.long(), y0.long()
-    # first row of (image, head, level) in the [B*M*S, D] table
-    heads = torch.arange(b * m, device=value.device).view(b, 1, m, 1, 1)
-    base = heads * s + starts.view(1, 1, 1, n_levels, 1)
-    rows, weights = [], []
-    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
-        xi, yi = x0 + dx, y0 + dy
-        inside = (xi >= 0) & (xi < w_i) & (yi >= 0) & (yi < h_i)
-        wgt = (fx if dx else 1 - fx) * (fy if dy else 1 - fy) * attention_weights
-        weights.append(torch.where(inside, wgt, torch.zeros_like(wgt)))
-        rows.append(base + yi.clamp(min=0).minimum(h_i - 1) * w_i + xi.clamp(min=0).minimum(w_i - 1))
-    rows_t = torch.stack(rows, -1).view(b * lq * m, -1)
-    weights_t = torch.stack(weights, -1).view(b * lq * m, -1)
+    dx = device_constant((0.0, 1.0, 0.0, 1.0), dtype, value.device)  # the corners (x0, y0), (x0+1, y0), ...
+    dy = device_constant((0.0, 0.0, 1.0, 1.0), dtype, value.device)
+    xi, yi = x0 + dx, y0 + dy
+    weights = (torch.where(dx > 0, fx, 1 - fx) * torch.where(dy > 0, fy, 1 - fy)
+               * attention_weights[..., None].to(dtype))
+    inside = (xi >= 0) & (xi < w_f) & (yi >= 0) & (yi < h_f)
+    weights = torch.where(inside, weights, torch.zeros_like(weights))
+    cell = yi.clamp(min=0).minimum(h_f - 1) * w_f + xi.clamp(min=0).minimum(w_f - 1) + starts
+    # first row of each (image, head) in the [B*M*S, D] table
+    heads = (torch.arange(b * m, device=value.device) * s).view(b, 1, m, 1, 1, 1)
+    rows = heads + cell.long()
     table = value.permute(0, 2, 1, 3).reshape(b * m * s, d)
-    out = F.embedding_bag(rows_t, table, per_sample_weights=weights_t.to(table.dtype), mode="sum")
+    out = weighted_bag_sum(table, rows.view(b * lq * m, -1), weights.view(b * lq * m, -1).to(table.dtype))
     return out.view(b, lq, m * d)
+
+
+def weighted_bag_sum(table: Tensor, rows: Tensor, weights: Tensor) -> Tensor:
+    """``out[r] = sum_k weights[r, k] * table[rows[r, k]]``: table [N, D], rows (int64) and weights
+    [R, K] -> [R, D].
+
+    In an export trace (``torch.export``) it is one ONNX ``ATen`` node (operator ``embedding_bag``,
+    mode sum, no offsets), the form OpenVINO's ONNX reader turns into its ``EmbeddingBagPackedSum``
+    op.  No standard ONNX op does this without materialising every gathered row, so an export with
+    it is for OpenVINO only (``MSDABackend.exports``), and OpenVINO's CPU plugin runs that op with
+    static shapes only (a fixed-shape export).
+    """
+    if torch.compiler.is_exporting():
+        return torch.onnx.ops.symbolic("::ATen", (table, rows, None, weights),
+                                       {"operator": "embedding_bag", "mode": 0},
+                                       dtype=table.dtype, shape=(rows.shape[0], table.shape[1]), version=1)
+    return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
 
 
 REFERENCE = "pytorch"  # runs on every device and dtype: the fallback when a request cannot run
@@ -195,7 +217,9 @@ class MSDABackend:
     devices: tuple[str, ...] | None = None  # device types it runs on; None: every device
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     grad: bool = True  # has a backward (usable for training)
-    exportable: bool = False  # traces to plain ONNX ops (``deploy.export``)
+    # the export formats whose runtimes read what it traces to (``deploy.export``): "onnx" (plain ONNX
+    # ops: every runtime, OpenVINO included), "openvino" (an op only OpenVINO reads); () for none
+    exports: tuple[str, ...] = ()
     auto_devices: tuple[str, ...] = ()  # device types where ``auto`` picks it (first registered wins)
     auto_grad: bool = True  # ``auto`` picks it also when gradients are needed
 
@@ -299,10 +323,11 @@ def ms_deform_attn(
 
 
 for _backend in (
-    MSDABackend(REFERENCE, ms_deform_attn_pytorch, exportable=True),
-    MSDABackend("gather", ms_deform_attn_gather, exportable=True),
-    MSDABackend("level_sum", ms_deform_attn_level_sum, exportable=True),
-    MSDABackend("embedding_bag", ms_deform_attn_embedding_bag, auto_devices=("cpu",), auto_grad=False),
+    MSDABackend(REFERENCE, ms_deform_attn_pytorch, exports=("onnx", "openvino")),
+    MSDABackend("gather", ms_deform_attn_gather, exports=("onnx", "openvino")),
+    MSDABackend("level_sum", ms_deform_attn_level_sum, exports=("onnx", "openvino")),
+    MSDABackend("embedding_bag", ms_deform_attn_embedding_bag, exports=("openvino",), auto_devices=("cpu",),
+                auto_grad=False),
     MSDABackend("triton", "dinodet.models.ops.msda_triton:ms_deform_attn_triton", devices=("cuda",),
                 auto_devices=("cuda",)),
 ):
