@@ -204,8 +204,9 @@ def to_onnx(
             (``models.encoder.ConvFeedForward``; same outputs): what ``to_openvino`` exports, so that
             OpenVINO int8 runs them in int8 on AVX2 CPUs (see there).
         target: ``onnx`` (a file for any runtime) or ``openvino`` (a graph for OpenVINO's ONNX reader,
-            which admits the OpenVINO-only MSDA backend; ``to_openvino`` passes it).  The metadata
-            records it; ``onnx.checker`` is skipped for a graph with an OpenVINO-only op.
+            which admits the OpenVINO-only MSDA backend; ``to_openvino`` passes it).  ``onnx.checker``
+            is skipped for a graph with an OpenVINO-only op (OpenVINO's conversion checks it).
+
     Raises:
         ExportError: bad options, missing ONNX packages, or a model that does not export.
         CheckpointError / ConfigError: the checkpoint cannot be loaded; ConfigError: ``out`` cannot be

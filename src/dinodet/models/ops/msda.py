@@ -159,10 +159,9 @@ def ms_deform_attn_embedding_bag(
     # bfloat16 location cannot hold a cell index.
     dtype = sampling_locations.dtype if sampling_locations.dtype in (torch.float32, torch.float64) else torch.float32
     level = (1, 1, 1, n_levels, 1, 1)  # [B, Lq, M, L, P, corner]
-    hw = device_constant(tuple((float(h), float(w)) for h, w in spatial_shapes), dtype, value.device)  # [L, 2]
-    h_f, w_f = hw[:, 0].view(level), hw[:, 1].view(level)
-    starts = device_constant(tuple(float(sum(h * w for h, w in spatial_shapes[:i])) for i in range(n_levels)),
-                             dtype, value.device).view(level)
+    shapes = device_constant(tuple((h, w) for h, w in spatial_shapes), torch.int64, value.device)  # [L, 2] (h, w)
+    starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]]).to(dtype).view(level)
+    h_f, w_f = shapes[:, 0].to(dtype).view(level), shapes[:, 1].to(dtype).view(level)
     x = sampling_locations[..., 0, None].to(dtype) * w_f - 0.5  # pixel coordinates, pixel centres at integers
     y = sampling_locations[..., 1, None].to(dtype) * h_f - 0.5
     x0, y0 = x.floor(), y.floor()
