@@ -145,22 +145,24 @@ def ms_deform_attn_embedding_bag(
     """MSDA as one weighted ``embedding_bag`` (same shapes and results as the reference).
 
     Every output row [b, q, m, :] is a weighted sum of value rows: 4 bilinear corners x L levels x
-    P points, weight = attention weight x bilinear weight (0 for corners outside the map).
-    ``F.embedding_bag(mode="sum", per_sample_weights=...)`` computes exactly that in one fused CPU
-    kernel that reads D contiguous channels per corner and never materialises the sampled values,
-    where the reference builds [B*M, D, Lq, L*P].  Gradients reach the locations through the
-    bilinear weights, as in grid_sample.
+    P points, weight = attention weight x bilinear weight.  ``F.embedding_bag(mode="sum",
+    per_sample_weights=...)`` computes exactly that in one fused CPU kernel that reads D contiguous
+    channels per corner and never materialises the sampled values, where the reference builds
+    [B*M, D, Lq, L*P].  The table holds each level's map with a border of zero rows, and a corner
+    outside the map reads the border (clamped onto it): zero padding without an inside-mask.
+    Gradients reach the locations through the bilinear weights, as in grid_sample.
     """
-    b, s, m, d = value.shape
+    b, _, m, d = value.shape
     _, lq, _, n_levels, _, _ = sampling_locations.shape
     # Index arithmetic in float (exact for integers below 2**24, i.e. any level of any allowed image)
     # with the 4 corners as a broadcast axis: graph runtimes fuse it into a few elementwise kernels,
-    # where int64 ops and a stack of the corners ran as separate slow ones.  float32 at least: a
-    # bfloat16 location cannot hold a cell index.
+    # where int64 ops, a stack of the corners and an inside-mask ran as separate slow ones.  float32
+    # at least: a bfloat16 location cannot hold a cell index.
     dtype = sampling_locations.dtype if sampling_locations.dtype in (torch.float32, torch.float64) else torch.float32
     level = (1, 1, 1, n_levels, 1, 1)  # [B, Lq, M, L, P, corner]
     shapes = device_constant(tuple((h, w) for h, w in spatial_shapes), torch.int64, value.device)  # [L, 2] (h, w)
-    starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]]).to(dtype).view(level)
+    bordered = (shapes[:, 0] + 2) * (shapes[:, 1] + 2)  # rows of each level's map with its border
+    starts = torch.cat([bordered.new_zeros(1), bordered.cumsum(0)[:-1]]).to(dtype).view(level)
     h_f, w_f = shapes[:, 0].to(dtype).view(level), shapes[:, 1].to(dtype).view(level)
     x = sampling_locations[..., 0, None].to(dtype) * w_f - 0.5  # pixel coordinates, pixel centres at integers
     y = sampling_locations[..., 1, None].to(dtype) * h_f - 0.5
@@ -168,16 +170,18 @@ def ms_deform_attn_embedding_bag(
     fx, fy = x - x0, y - y0
     dx = device_constant((0.0, 1.0, 0.0, 1.0), dtype, value.device)  # the corners (x0, y0), (x0+1, y0), ...
     dy = device_constant((0.0, 0.0, 1.0, 1.0), dtype, value.device)
-    xi, yi = x0 + dx, y0 + dy
     weights = (torch.where(dx > 0, fx, 1 - fx) * torch.where(dy > 0, fy, 1 - fy)
                * attention_weights[..., None].to(dtype))
-    inside = (xi >= 0) & (xi < w_f) & (yi >= 0) & (yi < h_f)
-    weights = torch.where(inside, weights, torch.zeros_like(weights))
-    cell = yi.clamp(min=0).minimum(h_f - 1) * w_f + xi.clamp(min=0).minimum(w_f - 1) + starts
-    # first row of each (image, head) in the [B*M*S, D] table
-    heads = (torch.arange(b * m, device=value.device) * s).view(b, 1, m, 1, 1, 1)
+    # the corner's cell in its bordered map: row/column -1 and h/w are the zero border
+    cell = (((y0 + dy).clamp(min=-1).minimum(h_f) + 1) * (w_f + 2)
+            + (x0 + dx).clamp(min=-1).minimum(w_f) + 1 + starts)
+    heads = (torch.arange(b * m, device=value.device) * bordered.sum()).view(b, 1, m, 1, 1, 1)  # each table's start
     rows = heads + cell.long()
-    table = value.permute(0, 2, 1, 3).reshape(b * m * s, d)
+    maps = []
+    for v, (h, w) in zip(value.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes):
+        v = F.pad(v.reshape(b, h, w, m, d), (0, 0, 0, 0, 1, 1, 1, 1))  # [B, h+2, w+2, M, D]
+        maps.append(v.permute(0, 3, 1, 2, 4).reshape(b, m, (h + 2) * (w + 2), d))
+    table = torch.cat(maps, 2).reshape(-1, d)  # [B*M*sum((h+2)(w+2)), D]
     out = weighted_bag_sum(table, rows.view(b * lq * m, -1), weights.view(b * lq * m, -1).to(table.dtype))
     return out.view(b, lq, m * d)
 
