@@ -3,9 +3,11 @@ op type and by module (the export names every node after its module: ``model.bac
 
     python benchmarks/openvino_profile.py [--preset dino_r50_4scale] [--size 800x1199] [--int8] [--json OUT]
 
-Exports a random-weight model (fixed shape, batch 1) into a temporary folder (int8: NNCF calibrated on
-noise images, as ``dinodet bench``), compiles it with ``PERF_COUNT`` and runs two images (the second is
-profiled).  Prints the top op types and modules by real time.
+Exports a random-weight model as ``dinodet export --format openvino`` does (fixed shape, batch 1, the
+embedding-bag MSDA, FFNs as 1x1 convolutions; int8: NNCF calibrated on noise images, as ``dinodet
+bench``) into a temporary folder, compiles it with ``PERF_COUNT`` and runs two images (the second is
+profiled).  Prints the top op types and modules by real time (``--depth``: dotted components of a
+module name kept).
 """
 from __future__ import annotations
 
@@ -20,15 +22,18 @@ import torch
 
 from dinodet.checkpoint import save_checkpoint
 from dinodet.deploy.bench import _noise_images, parse_size, random_batch
-from dinodet.deploy.export import quantize_openvino, to_onnx
+from dinodet.deploy.export import to_openvino
 from dinodet.models.build import build_model
 from dinodet.presets import get_preset
 
 
-def _module(name: str) -> str:
-    """The module part of a layer name, cut to its first 3 dotted components (model.backbone.body)."""
+def _module(name: str, depth: int) -> str:
+    """The module part of a layer name, cut to its first ``depth`` dotted components (3: model.backbone.body),
+    with layer numbers folded (encoder.layers.3 -> encoder.layers.*) so that repeated layers add up."""
     head = name.split("/")[0]
-    return ".".join(head.split(".")[:3]) if "." in head else "(unnamed)"
+    if "." not in head:
+        return "(unnamed)"
+    return ".".join("*" if part.isdigit() else part for part in head.split(".")[:depth])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="800x1199")
     p.add_argument("--int8", action="store_true")
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--depth", type=int, default=3)
     p.add_argument("--json", dest="json_out", default=None)
     args = p.parse_args(argv)
     import openvino as ov
@@ -48,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dinodet-profile-") as tmp:
         folder = Path(tmp)
         save_checkpoint(folder / "m.pt", model, cfg)
-        path = to_onnx(folder / "m.pt", folder / "m.onnx", input_size=size, size=min(size), max_size=max(size)).path
-        if args.int8:
-            path = quantize_openvino(path, folder / "int8.xml", _noise_images(folder / "calib", size), 4).path
+        calib = _noise_images(folder / "calib", size) if args.int8 else None
+        path = to_openvino(folder / "m.pt", folder / "m.xml", int8=args.int8, calib_data=calib, calib_images=4,
+                           input_size=size, size=min(size), max_size=max(size)).path
         core = ov.Core()
         compiled = core.compile_model(str(path), "CPU", {"PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY",
                                                         "INFERENCE_NUM_THREADS": torch.get_num_threads(),
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         for info in request.profiling_info:
             ms = info.real_time.total_seconds() * 1000
             by_type[f"{info.node_type} ({info.exec_type})"] += ms
-            by_module[_module(info.node_name)] += ms
+            by_module[_module(info.node_name, args.depth)] += ms
             if info.node_type in ("Convolution", "FullyConnected", "MatMul"):
                 precisions[info.exec_type.split("_")[-1]] += ms
     total = sum(by_type.values())

@@ -160,3 +160,17 @@ def test_backend_is_resolved_at_configure_time_only(monkeypatch):
     monkeypatch.delenv("DINODET_MSDA", raising=False)
     assert configure_msda(module, "cpu") == "embedding_bag"  # the module's own request: auto
     torch.testing.assert_close(_attend(module), out, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shapes, b, m", [
+    (((7, 9), (4, 5), (1, 1)), 2, 2),  # row indices small enough for float32: computed in float
+    (((1448, 1448),), 1, 8),  # 8 x 1450^2 rows > 2**24: a float32 index would round, so the heads add in int64
+])
+def test_embedding_bag_float32_row_indices_are_exact(shapes, b, m):
+    value, shapes, loc, w = _inputs(3, shapes=shapes, b=b, lq=5, m=m, d=1, p=2)
+    value, loc, w = value.float(), loc.float(), w.float()
+    loc[..., 1] = 0.99 + 0.01 * loc[..., 1]  # the bottom rows: the last head's rows there pass 2**24
+    ref = ms_deform_attn_pytorch(value, shapes, loc, w)
+    # float32 pixel coordinates of a 1448-pixel map carry ~1e-4 of rounding; a wrong row would be off by ~1
+    torch.testing.assert_close(ms_deform_attn(value, shapes, loc, w, backend="embedding_bag"), ref,
+                               rtol=1e-3, atol=1e-4)

@@ -731,7 +731,8 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-size", type=int, help="cap on the long side (default: the checkpoint's, 1333 officially)")
     p.add_argument("--int8", action="store_true",
                    help="with --format openvino: NNCF post-training int8 quantisation calibrated on --calib-data (the "
-                   "MSDA sampling offsets / attention weights and the class / box heads stay float32)")
+                   "MSDA sampling offsets / attention weights, the class / box heads and the backbone's first stage "
+                   "stay float32)")
     p.add_argument("--calib-data", metavar="DIR", help="folder of images like the deployment's, for --int8")
     p.add_argument("--calib-images", type=int, default=300, metavar="N",
                    help="calibration images taken from --calib-data, spread over the folder (default 300)")

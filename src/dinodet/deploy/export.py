@@ -92,7 +92,12 @@ TARGETS = ("onnx", "openvino")  # what an ONNX graph is written for: any runtime
 _TWO_GB = 2**31 - 2**26  # protobuf limit (with some margin): larger models use external data
 DEFAULT_CALIB_IMAGES = 300  # NNCF's own default subset size
 # modules whose linear layers an int8 export keeps in float32 (see ``to_openvino``)
-INT8_FP32_MODULES = ("sampling_offsets", "attention_weights", "box_head", "class_head")
+# Layers int8 leaves in float32: the MSDA sampling offsets and attention weights (their errors move the
+# sampling points), the class / box heads, and the backbone's first ResNet stage.  On the demo model the
+# first stage alone moved AP by 0.015 (int8 everywhere else: -0.015 -> +0.001 on the 128x128 IR, -0.010
+# -> +0.002 on the dynamic one; the stem alone, later stages or any transformer part kept float32 did
+# not help); it is ~5% of a DINO R50 image's arithmetic.
+INT8_FP32_MODULES = ("sampling_offsets", "attention_weights", "box_head", "class_head", "body.layer1")
 
 
 
@@ -316,10 +321,11 @@ def to_openvino(checkpoint: str | os.PathLike | Any, out: str | os.PathLike, *, 
     asymmetric activations, transformer model type), calibrated on up to ``calib_images`` images of the
     folder ``calib_data`` (sorted by path, every k-th so the sample spans the folder), each resized,
     normalised and padded exactly as the runtimes do (``preprocess_batch`` + ``fit_input``).  The
-    linear layers of the modules named in ``fp32_modules`` (dotted module-path components; default
-    ``INT8_FP32_MODULES``: the MSDA sampling offsets and attention weights, whose errors move the
-    sampling points, and the class / box heads) stay float32 (NNCF ``ignored_scope``); the metadata
-    records ``int8`` and the calibration.
+    linear layers and convolutions of the modules named in ``fp32_modules`` (whole components of a
+    dotted module path: ``box_head``, ``body.layer1``; default ``INT8_FP32_MODULES``: the MSDA sampling
+    offsets and attention weights, whose errors move the sampling points, the class / box heads and
+    the backbone's first ResNet stage) stay float32 (NNCF ``ignored_scope``); the metadata records
+    ``int8`` and the calibration.
 
     Raises:
         ExportError / ConfigError / CheckpointError: as ``to_onnx``; ConfigError: no openvino package,
@@ -437,14 +443,15 @@ def _require_nncf() -> None:
 
 
 def _fp32_op_names(model: Any, modules: Sequence[str]) -> list[str]:
-    """The OpenVINO op names (MatMul, Convolution) that come from a module whose dotted path has a
-    component in ``modules``: ``to_onnx`` names each node after its module (``_name_nodes_by_module``)
-    and OpenVINO names an op after its ONNX node."""
-    wanted = set(modules)
+    """The OpenVINO op names (MatMul, Convolution) that come from a module whose dotted path holds an
+    entry of ``modules`` as whole components (``box_head``: every box head; ``body.conv1``: the
+    backbone's stem only): ``to_onnx`` names each node after its module (``_name_nodes_by_module``) and
+    OpenVINO names an op after its ONNX node."""
+    wanted = tuple(f".{m}." for m in modules)
     names = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in ("MatMul", "Convolution")]
     if wanted and not any("." in n.split("/")[0] for n in names):
         log.warning("int8: the model's layers are not named by module (an older export?); every layer is quantised")
-    return [n for n in names if wanted & set(n.split("/")[0].split("."))]
+    return [n for n in names if any(w in f".{n.split('/')[0]}." for w in wanted)]
 
 
 def _quantize(model: Any, metadata: dict[str, str], input_names: Sequence[str], paths: Sequence[Path],
@@ -483,14 +490,21 @@ def _quantize(model: Any, metadata: dict[str, str], input_names: Sequence[str], 
     log.info("int8: calibrating on %d image(s); %d layer(s) kept in float32", len(feeds), len(fp32_ops))
     nncf.set_log_level(logging.WARNING)  # its INFO lines list every layer it skips
     try:
+        # 7-bit weights in every layer (NNCF's overflow fix; its default covers the first layer only):
+        # x86 CPUs without VNNI sum int8 products pairwise in saturating int16, which clips large
+        # sums; the IR may run on such a CPU, and on the demo model the fix brought int8 from +0.0105
+        # to +0.0032 AP of float32 on one (the README's CPU deployment section)
         quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds),
                                   preset=nncf.QuantizationPreset.MIXED, model_type=nncf.ModelType.TRANSFORMER,
-                                  ignored_scope=nncf.IgnoredScope(names=list(fp32_ops), validate=False))
+                                  ignored_scope=nncf.IgnoredScope(names=list(fp32_ops), validate=False),
+                                  advanced_parameters=nncf.AdvancedQuantizationParameters(
+                                      overflow_fix=nncf.OverflowFix.ENABLE))
     except Exception as e:  # noqa: BLE001 - NNCF raises many types; the user needs one line
         raise ExportError(f"int8 quantisation failed: {type(e).__name__}: {first_line(str(e))}") from None
     metadata["int8"] = "true"
     metadata["int8_calibration"] = json.dumps({"images": len(feeds), "preset": "mixed", "model_type": "transformer",
                                                "fp32_modules": list(fp32_modules), "fp32_layers": len(fp32_ops),
+                                               "overflow_fix": "all layers (7-bit weights)",
                                                "nncf": str(nncf.__version__)})
     return quantized
 

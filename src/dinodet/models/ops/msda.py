@@ -164,19 +164,29 @@ def ms_deform_attn_embedding_bag(
     bordered = (shapes[:, 0] + 2) * (shapes[:, 1] + 2)  # rows of each level's map with its border
     starts = torch.cat([bordered.new_zeros(1), bordered.cumsum(0)[:-1]]).to(dtype).view(level)
     h_f, w_f = shapes[:, 0].to(dtype).view(level), shapes[:, 1].to(dtype).view(level)
-    x = sampling_locations[..., 0, None].to(dtype) * w_f - 0.5  # pixel coordinates, pixel centres at integers
-    y = sampling_locations[..., 1, None].to(dtype) * h_f - 0.5
+    # pixel coordinates (pixel centres at integers), x and y split off rather than indexed: a split is
+    # free in a graph runtime, an index a gather
+    wh = shapes.flip(1).to(dtype).view(1, 1, 1, n_levels, 1, 2)
+    x, y = (sampling_locations.to(dtype) * wh - 0.5).split(1, dim=-1)  # [B, Lq, M, L, P, 1] each
     x0, y0 = x.floor(), y.floor()
     fx, fy = x - x0, y - y0
     dx = device_constant((0.0, 1.0, 0.0, 1.0), dtype, value.device)  # the corners (x0, y0), (x0+1, y0), ...
     dy = device_constant((0.0, 0.0, 1.0, 1.0), dtype, value.device)
     weights = (torch.where(dx > 0, fx, 1 - fx) * torch.where(dy > 0, fy, 1 - fy)
                * attention_weights[..., None].to(dtype))
+    heads = (torch.arange(b * m, device=value.device) * bordered.sum()).view(b, 1, m, 1, 1, 1)  # each table's start
+    # Each table's start joins the float index when every row index is an integer a float holds exactly:
+    # the index stays one fusable float graph with one conversion at its end (a separate int64 add over
+    # the whole index cost OpenVINO ~10 ms per R50 encoder layer).  Static sizes only: a bound on
+    # symbolic ones would add a guard to a compiled graph.
+    sizes = (b, *(v for hw in spatial_shapes for v in hw))
+    in_float = (all(isinstance(v, int) for v in sizes) and dtype == torch.float32
+                and b * m * sum((h + 2) * (w + 2) for h, w in spatial_shapes) <= 2**24) or dtype == torch.float64
+    base = starts + heads.to(dtype) if in_float else starts
     # the corner's cell in its bordered map: row/column -1 and h/w are the zero border
     cell = (((y0 + dy).clamp(min=-1).minimum(h_f) + 1) * (w_f + 2)
-            + (x0 + dx).clamp(min=-1).minimum(w_f) + 1 + starts)
-    heads = (torch.arange(b * m, device=value.device) * bordered.sum()).view(b, 1, m, 1, 1, 1)  # each table's start
-    rows = heads + cell.long()
+            + (x0 + dx).clamp(min=-1).minimum(w_f) + 1 + base)
+    rows = cell.long() if in_float else heads + cell.long()
     maps = []
     for v, (h, w) in zip(value.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes):
         v = F.pad(v.reshape(b, h, w, m, d), (0, 0, 0, 0, 1, 1, 1, 1))  # [B, h+2, w+2, M, D]
