@@ -8,8 +8,9 @@
 ``dinodet export`` writes it: an ONNX file with dynamic shapes for onnxruntime; for the openvino rows an
 IR (``to_openvino``) with fixed shapes by default (``--openvino-shapes``: ``fixed`` pads every image
 to max_size x max_size, ``HxW`` to that size, e.g. the size every image of the split resizes to;
-the MSDA is then OpenVINO's embedding bag; or ``dynamic``) and for int8 that IR quantised by NNCF, calibrated on
-``--calib-data`` (default the split's own images).  Each exported model is evaluated with ``dinodet eval
+the MSDA is then OpenVINO's embedding bag; or ``dynamic``) and for int8 the same export quantised by
+NNCF (``dinodet export --int8``: FFNs as 1x1 convolutions), calibrated on ``--calib-data`` (default the
+split's own images).  Each exported model is evaluated with ``dinodet eval
 --model`` (same dataset, resize and COCOeval); its row shows the AP difference to ``exact`` like the
 modes' (int8 bar: 0.01).
 
@@ -86,24 +87,19 @@ def main(argv: list[str] | None = None) -> int:
 def _exported_rows(args: argparse.Namespace, backends: list[str]) -> list[dict]:
     """Export the checkpoint (an ONNX file for onnxruntime, an IR for the openvino rows) and evaluate
     each backend."""
-    from dinodet.deploy.export import quantize_openvino, to_onnx, to_openvino
+    from dinodet.deploy.export import to_onnx, to_openvino
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="dinodet-agreement-") as tmp:
-        files: dict[str, Path] = {}
-
-        def exported(kind: str) -> Path:
-            if kind not in files:
-                files[kind] = (to_onnx(args.checkpoint, Path(tmp) / "model.onnx", dynamic=True).path
-                               if kind == "onnx" else
-                               to_openvino(args.checkpoint, Path(tmp) / "model.xml", **_ir_shapes(args.openvino_shapes)).path)
-            return files[kind]
-
-        for name in backends:
-            model, backend = exported("onnx" if name == "onnxruntime" else "openvino"), name
-            if name == "openvino_int8":
-                calib = args.calib_data or _split_images(args.data, args.split)
-                model, backend = quantize_openvino(model, Path(tmp) / "int8.xml", calib).path, "openvino"
+        for name in backends:  # each exported as `dinodet export` writes it
+            if name == "onnxruntime":
+                model = to_onnx(args.checkpoint, Path(tmp) / "model.onnx", dynamic=True).path
+            else:
+                int8 = name == "openvino_int8"
+                calib = (args.calib_data or _split_images(args.data, args.split)) if int8 else None
+                model = to_openvino(args.checkpoint, Path(tmp) / f"{name}.xml", int8=int8, calib_data=calib,
+                                    **_ir_shapes(args.openvino_shapes)).path
+            backend = "openvino" if name.startswith("openvino") else name
             start = time.perf_counter()
             result = evaluate_checkpoint(None, args.data, split=args.split, model=model, backend=backend,
                                          progress=False).result

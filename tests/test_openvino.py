@@ -63,9 +63,9 @@ def test_ir_carries_the_metadata_and_float32_weights(ir: Path):
     model = ov.Core().read_model(str(ir))
     meta = {k: str(v) for k, v in model.get_rt_info([RT_INFO_SECTION]).value.items()}
     assert meta["format"] == METADATA_FORMAT and meta["preset"] == "tiny" and meta["dynamic"] == "true"
-    assert meta["msda"] == "level_sum" and meta["conv_ffn"] == "true"
+    assert meta["msda"] == "level_sum" and meta["conv_ffn"] == "false"
     ffn_ops = {op.get_type_name() for op in model.get_ordered_ops() if ".ffn" in op.get_friendly_name()}
-    assert "Convolution" in ffn_ops and "MatMul" not in ffn_ops  # the FFNs as 1x1 convolutions (int8 on AVX2)
+    assert "MatMul" in ffn_ops and "Convolution" not in ffn_ops  # float32: fully-connected FFNs (the fastest)
     assert (meta["size"], meta["max_size"]) == (str(TEST_SIZE), str(TEST_MAX_SIZE))
     assert len(json.loads(meta["class_names"])) == int(meta["num_classes"])
     assert 'element_type="f16"' not in ir.read_text()  # ov.save_model would halve the weights by default
@@ -269,20 +269,24 @@ def _fake_quantized(node) -> bool:
     return node.get_type_name() == "FakeQuantize"
 
 
-def test_int8_keeps_the_accuracy_critical_layers_float32(ir: Path, tmp_path: Path, two_photos: Path, one_thread):
-    """NNCF quantises the IR calibrated on two photos; the MSDA sampling offsets / attention weights,
-    the class / box heads and the backbone's first stage are float32 (no FakeQuantize on their inputs),
-    the other linear layers and convolutions are int8, and the result still detects through the same
-    runtime."""
+def test_int8_keeps_the_accuracy_critical_layers_float32(ir: Path, tiny_checkpoint: Path, tmp_path: Path,
+                                                         two_photos: Path, one_thread):
+    """`export --int8` quantises with NNCF calibrated on two photos; the MSDA sampling offsets / attention
+    weights, the class / box heads and the backbone's first stage are float32 (no FakeQuantize on their
+    inputs), the other linear layers and convolutions are int8 (the FFNs as 1x1 convolutions), and the
+    result still detects through the same runtime; ``quantize_openvino`` does the same to a float32 IR."""
     import openvino as ov
 
     pytest.importorskip("nncf", reason="the 'nncf' package (int8 export; pip install 'dinodet[openvino]')")
     from dinodet.deploy.export import INT8_FP32_MODULES, quantize_openvino
 
-    out = quantize_openvino(ir, tmp_path / "int8.xml", two_photos, calib_images=2).path
+    out = tmp_path / "int8.xml"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--format", "openvino", "--out", str(out),
+                 "--dynamic", *SIZE_ARGS, "--int8", "--calib-data", str(two_photos), "--calib-images", "2"]) == 0
     model = ov.Core().read_model(str(out))
     meta = {k: str(v) for k, v in model.get_rt_info([RT_INFO_SECTION]).value.items()}
     assert meta["int8"] == "true" and json.loads(meta["int8_calibration"])["images"] == 2
+    assert meta["conv_ffn"] == "true"
     quantised, kept = [], []
     for op in model.get_ordered_ops():
         if op.get_type_name() not in ("MatMul", "Convolution"):
@@ -305,6 +309,10 @@ def test_int8_keeps_the_accuracy_critical_layers_float32(ir: Path, tmp_path: Pat
     assert json.loads(meta["int8_calibration"])["overflow_fix"].startswith("all layers")
     (pred,) = OpenVinoDetector(out, cache_dir=None).predict(two_photos / SAMPLE_NAMES[0], threshold=0.0)
     assert len(pred.scores) > 0 and torch.isfinite(pred.boxes).all()
+    again = quantize_openvino(ir, tmp_path / "int8_of_fp32.xml", two_photos, calib_images=2)
+    assert again.metadata["int8"] == "true" and again.metadata["conv_ffn"] == "false"  # the IR's own layout
+    (pred2,) = OpenVinoDetector(again.path, cache_dir=None).predict(two_photos / SAMPLE_NAMES[0], threshold=0.0)
+    assert len(pred2.scores) > 0 and torch.isfinite(pred2.boxes).all()
 
 
 def test_export_int8_option_errors(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -13,8 +13,9 @@ including loading and compilation), ``setup_s`` (export / quantisation before it
 Exported backends (CPU inference): ``onnxruntime``, ``openvino`` and ``openvino_int8`` (``EXPORTED``)
 time the same random-weight model exported inside the run, in a temporary folder: ONNX with the
 benchmark's fixed input shape, run by onnxruntime, and for OpenVINO exported as ``to_openvino`` does
-(the FFNs as 1x1 convolutions), run from the ONNX file and NNCF-quantised to an int8 IR calibrated on ``calib_data`` (default: a few noise images, which is fine
-for speed; give real images for a realistic int8 graph).  The export is not in the per-image time; it
+(fully-connected FFNs for ``openvino``, 1x1-convolution FFNs for ``openvino_int8``), run from the ONNX
+file, and for int8 NNCF-quantised to an IR calibrated on ``calib_data`` (default: a few noise images,
+which is fine for speed; give real images for a realistic int8 graph).  The export is not in the per-image time; it
 is reported as ``setup_s``, and the load + compile + first image as ``first_s``.
 """
 from __future__ import annotations
@@ -168,20 +169,20 @@ def bench_exported(model: DINO, cfg: DINOConfig, size: tuple[int, int], batch: i
     with tempfile.TemporaryDirectory(prefix="dinodet-bench-") as tmp:
         folder = Path(tmp)
         save_checkpoint(folder / "model.pt", model, cfg)
-        exports: dict[str, tuple[Path, float]] = {}  # target -> (file, export seconds)
+        exports: dict[str, tuple[Path, float]] = {}  # backend -> (file, export seconds)
         for name in backends:
-            # OpenVINO gets the graph ``to_openvino`` converts (FFNs as 1x1 convolutions, its MSDA default for
-            # fixed shapes), onnxruntime the plain ONNX file
-            target = "openvino" if name.startswith("openvino") else "onnx"
+            # OpenVINO gets the graph ``to_openvino`` converts (its MSDA default for fixed shapes; FFNs as
+            # 1x1 convolutions for int8), onnxruntime the plain ONNX file
             try:
-                if target not in exports:
+                if name not in exports:
                     start = time.perf_counter()
                     log.info("exporting the model to ONNX for %s (minutes; not in the per-image times)", name)
-                    path = to_onnx(folder / "model.pt", folder / f"model_{target}.onnx", input_size=size,
+                    path = to_onnx(folder / "model.pt", folder / f"model_{name}.onnx", input_size=size,
                                    batch_size=batch, size=min(size), max_size=max(size),
-                                   conv_ffn=target == "openvino", target=target).path
-                    exports[target] = (path, time.perf_counter() - start)
-                onnx, export_s = exports[target]
+                                   conv_ffn=name == "openvino_int8",
+                                   target="openvino" if name.startswith("openvino") else "onnx").path
+                    exports[name] = (path, time.perf_counter() - start)
+                onnx, export_s = exports[name]
                 records.append(_exported_one(name, onnx, folder, export_s, images, mask, orig_sizes, warmup, iters,
                                              calib_data, calib_images))
             except Exception as e:  # noqa: BLE001 - a missing package, a failed quantisation: one line, the others run
