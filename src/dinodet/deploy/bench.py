@@ -169,22 +169,18 @@ def bench_exported(model: DINO, cfg: DINOConfig, size: tuple[int, int], batch: i
     with tempfile.TemporaryDirectory(prefix="dinodet-bench-") as tmp:
         folder = Path(tmp)
         save_checkpoint(folder / "model.pt", model, cfg)
-        exports: dict[str, tuple[Path, float]] = {}  # backend -> (file, export seconds)
         for name in backends:
             # OpenVINO gets the graph ``to_openvino`` converts (its MSDA default for fixed shapes; FFNs as
             # 1x1 convolutions for int8), onnxruntime the plain ONNX file
             try:
-                if name not in exports:
-                    start = time.perf_counter()
-                    log.info("exporting the model to ONNX for %s (minutes; not in the per-image times)", name)
-                    path = to_onnx(folder / "model.pt", folder / f"model_{name}.onnx", input_size=size,
-                                   batch_size=batch, size=min(size), max_size=max(size),
-                                   conv_ffn=name == "openvino_int8",
-                                   target="openvino" if name.startswith("openvino") else "onnx").path
-                    exports[name] = (path, time.perf_counter() - start)
-                onnx, export_s = exports[name]
-                records.append(_exported_one(name, onnx, folder, export_s, images, mask, orig_sizes, warmup, iters,
-                                             calib_data, calib_images))
+                start = time.perf_counter()
+                log.info("exporting the model to ONNX for %s (minutes; not in the per-image times)", name)
+                onnx = to_onnx(folder / "model.pt", folder / f"model_{name}.onnx", input_size=size,
+                               batch_size=batch, size=min(size), max_size=max(size),
+                               conv_ffn=name == "openvino_int8",
+                               target="openvino" if name.startswith("openvino") else "onnx").path
+                records.append(_exported_one(name, onnx, folder, time.perf_counter() - start, images, mask,
+                                             orig_sizes, warmup, iters, calib_data, calib_images))
             except Exception as e:  # noqa: BLE001 - a missing package, a failed quantisation: one line, the others run
                 log.warning(f"infer mode '{name}' failed and is left out: {type(e).__name__}: {first_line(str(e))}")
     return records

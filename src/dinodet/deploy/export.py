@@ -91,12 +91,12 @@ OPENVINO_FIXED_MSDA = "embedding_bag"  # the default of a fixed-shape OpenVINO I
 TARGETS = ("onnx", "openvino")  # what an ONNX graph is written for: any runtime, or OpenVINO's reader
 _TWO_GB = 2**31 - 2**26  # protobuf limit (with some margin): larger models use external data
 DEFAULT_CALIB_IMAGES = 300  # NNCF's own default subset size
-# modules whose linear layers an int8 export keeps in float32 (see ``to_openvino``)
-# Layers int8 leaves in float32: the MSDA sampling offsets and attention weights (their errors move the
-# sampling points), the class / box heads, and the backbone's first ResNet stage.  On the demo model the
-# first stage alone moved AP by 0.015 (int8 everywhere else: -0.015 -> +0.001 on the 128x128 IR, -0.010
-# -> +0.002 on the dynamic one; the stem alone, later stages or any transformer part kept float32 did
-# not help); it is ~5% of a DINO R50 image's arithmetic.
+# Modules whose linear layers and convolutions an int8 export keeps in float32 (see ``to_openvino``):
+# the MSDA sampling offsets and attention weights (their errors move the sampling points), the class /
+# box heads, and the backbone's first ResNet stage.  On the demo model the first stage alone moved AP by
+# 0.015 (int8 everywhere else: -0.015 -> +0.001 on the 128x128 IR, -0.010 -> +0.002 on the dynamic
+# one; the stem alone, later stages or any transformer part kept float32 did not help); it is ~5% of a
+# DINO R50 image's arithmetic.
 INT8_FP32_MODULES = ("sampling_offsets", "attention_weights", "box_head", "class_head", "body.layer1")
 
 
@@ -494,8 +494,8 @@ def _quantize(model: Any, metadata: dict[str, str], input_names: Sequence[str], 
     try:
         # 7-bit weights in every layer (NNCF's overflow fix; its default covers the first layer only):
         # x86 CPUs without VNNI sum int8 products pairwise in saturating int16, which clips large
-        # sums; the IR may run on such a CPU, and on the demo model the fix brought int8 from +0.0105
-        # to +0.0032 AP of float32 on one (the README's CPU deployment section)
+        # sums; the IR may run on such a CPU.  On one (the AMD VM of the README's CPU deployment
+        # section) the fix brought a demo model's int8 AP from +0.0105 to +0.0032 of float32.
         quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds),
                                   preset=nncf.QuantizationPreset.MIXED, model_type=nncf.ModelType.TRANSFORMER,
                                   ignored_scope=nncf.IgnoredScope(names=list(fp32_ops), validate=False),
