@@ -1,13 +1,15 @@
 """Where does OpenVINO spend its time on a DINO model?  Per-layer ``PERF_COUNT`` of one image, summed by
 op type and by module (the export names every node after its module: ``model.backbone...``).
 
-    python benchmarks/openvino_profile.py [--preset dino_r50_4scale] [--size 800x1199] [--int8] [--json OUT]
+    python benchmarks/openvino_profile.py [--preset dino_r50_4scale] [--size 800x1199] [--int8] [--json OUT] \
+        [--nodes encoder.layers.0.]
 
 Exports a random-weight model as ``dinodet export --format openvino`` does (fixed shape, batch 1, the
-embedding-bag MSDA, FFNs as 1x1 convolutions; int8: NNCF calibrated on noise images, as ``dinodet
+embedding-bag MSDA; int8: FFNs as 1x1 convolutions, NNCF calibrated on noise images, as ``dinodet
 bench``) into a temporary folder, compiles it with ``PERF_COUNT`` and runs two images (the second is
 profiled).  Prints the top op types and modules by real time (``--depth``: dotted components of a
-module name kept).
+module name kept) and, with ``--nodes``, every layer whose name contains that text (one encoder layer's
+nodes, say).
 """
 from __future__ import annotations
 
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--json", dest="json_out", default=None)
+    p.add_argument("--nodes", default=None, metavar="TEXT",
+                   help="also list every layer that ran and whose name contains TEXT (e.g. encoder.layers.0.), "
+                   "slowest first; OpenVINO names some fused subgraphs after none of their ops (Multiply_123)")
     args = p.parse_args(argv)
     import openvino as ov
 
@@ -69,10 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         by_type: collections.Counter = collections.Counter()
         by_module: collections.Counter = collections.Counter()
         precisions: collections.Counter = collections.Counter()
+        nodes = []
         for info in request.profiling_info:
             ms = info.real_time.total_seconds() * 1000
             by_type[f"{info.node_type} ({info.exec_type})"] += ms
             by_module[_module(info.node_name, args.depth)] += ms
+            if args.nodes and args.nodes in info.node_name and ms > 0:  # not the no-op reshapes
+                nodes.append((ms, info.node_name, f"{info.node_type} ({info.exec_type})"))
             if info.node_type in ("Convolution", "FullyConnected", "MatMul"):
                 precisions[info.exec_type.split("_")[-1]] += ms
     total = sum(by_type.values())
@@ -81,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{title:<60} {'ms':>9} {'%':>6}")
         for key, ms in counter.most_common(args.top):
             print(f"{key[:60]:<60} {ms:9.1f} {100 * ms / total:6.1f}")
+    if nodes:
+        print(f"\nlayers named *{args.nodes}* ({sum(n[0] for n in nodes):.1f} ms)")
+        for ms, name, kind in sorted(nodes, reverse=True):
+            print(f"{ms:8.2f}  {kind[:34]:<34} {name[:120]}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"total_ms": total, "by_type": dict(by_type.most_common()),
                                                    "by_module": dict(by_module.most_common()),
