@@ -1,4 +1,6 @@
 """Model-level behaviour on the tiny preset: shapes, masks, denoising layout, hooks."""
+import math
+
 import pytest
 import torch
 from conftest import HOST_SYNC_OPS, dispatched_ops
@@ -7,7 +9,7 @@ from dinodet.data.transforms import pad_batch
 from dinodet.models.attention import MultiScaleDeformableAttention, configure_msda
 from dinodet.models.denoising import denoising_attn_mask, num_denoising_groups
 from dinodet.models.dino import DINO
-from dinodet.models.position import SinePositionEncoding
+from dinodet.models.position import SinePositionEncoding, box_sine_embedding
 from dinodet.models.query_selection import encoder_proposals
 from dinodet.presets import get_preset
 
@@ -66,11 +68,34 @@ def test_positional_encoding_is_normalised_to_valid_region():
     mask = torch.zeros(1, 4, 6, dtype=torch.bool)
     mask[:, :, 3:] = True
     pos = pe(mask)
-    assert pos.shape == (1, 16, 4, 6)
+    assert pos.shape == (1, 4, 6, 16)  # channels last: y features, then x features
     # last valid column has x = 2*pi: sin(2*pi/1) of the first x channel is ~0
-    assert abs(pos[0, 8, 0, 2].item()) < 1e-5
+    assert abs(pos[0, 0, 2, 8].item()) < 1e-5
     # identical rows inside the valid region
-    assert torch.allclose(pos[0, 8:, 0, :3], pos[0, 8:, 3, :3])
+    assert torch.allclose(pos[0, 0, :3, 8:], pos[0, 3, :3, 8:])
+
+
+def test_sine_encodings_interleave_sin_and_cos_exactly():
+    """Even channels sin, odd channels cos: bit-identical to the official slice-and-stack form."""
+    def official(p):
+        return torch.stack((p[..., 0::2].sin(), p[..., 1::2].cos()), dim=-1).flatten(-2)
+
+    mask = torch.zeros(2, 13, 19, dtype=torch.bool)
+    mask[1, 9:] = True
+    mask[1, :, 11:] = True
+    pe = SinePositionEncoding(128, 20, 20)
+    not_mask = ~mask
+    y = not_mask.cumsum(1, dtype=torch.float32)
+    y = y / (y[:, -1:, :] + 1e-6) * 2 * math.pi
+    freqs = 20 ** (2 * (torch.arange(128) // 2) / 128)
+    assert torch.equal(pe(mask)[..., :128], official(y[..., None] / freqs))
+
+    boxes = torch.rand(2, 50, 4)
+    emb = box_sine_embedding(boxes, 128)
+    assert emb.shape == (2, 50, 512)
+    freqs = 10000 ** (2 * (torch.arange(128) // 2) / 128)
+    y_part = official((boxes[..., 1] * 2 * math.pi)[..., None] / freqs)  # (y, x, w, h) order
+    assert torch.equal(emb[..., :128], y_part)
 
 
 def test_encoder_proposals_invalid_tokens_are_inf():

@@ -97,7 +97,7 @@ class DINO(nn.Module):
         spatial_shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]  # ints (symbolic under export)
 
         pos_flat = torch.cat([
-            (self.position(m).to(s.dtype).flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
+            (self.position(m).to(s.dtype).flatten(1, 2) + self.level_embed[lvl].view(1, 1, -1))
             for lvl, (s, m) in enumerate(zip(srcs, masks))
         ], 1)
         src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)

@@ -26,18 +26,31 @@ class SinePositionEncoding(nn.Module):
         return temperature ** (2 * torch.div(dim, 2, rounding_mode="floor") / self.num_feats)
 
     def forward(self, mask: Tensor) -> Tensor:
-        """mask [B, H, W] bool (True = padding) -> pos [B, 2*num_feats, H, W] float32."""
+        """mask [B, H, W] bool (True = padding) -> pos [B, H, W, 2*num_feats] float32, channels last.
+
+        Channels last because the model consumes the encoding as tokens ([B, H*W, C]); a
+        channels-first result would be transposed twice on the way.
+        """
         not_mask = ~mask
         y = not_mask.cumsum(1, dtype=torch.float32)
         x = not_mask.cumsum(2, dtype=torch.float32)
         eps = 1e-6
         y = y / (y[:, -1:, :] + eps) * self.scale
         x = x / (x[:, :, -1:] + eps) * self.scale
-        pos_x = x[..., None] / self._freqs(self.temperature_w, mask.device)
-        pos_y = y[..., None] / self._freqs(self.temperature_h, mask.device)
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
-        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+        pos_x = _sin_even_cos_odd(x[..., None] / self._freqs(self.temperature_w, mask.device))
+        pos_y = _sin_even_cos_odd(y[..., None] / self._freqs(self.temperature_h, mask.device))
+        return torch.cat((pos_y, pos_x), dim=3)
+
+
+def _sin_even_cos_odd(p: Tensor) -> Tensor:
+    """[..., F] -> [..., F]: sin of the even channels, cos of the odd ones (F even).
+
+    The same values as interleaving ``sin(p[..., 0::2])`` and ``cos(p[..., 1::2])`` by a stack,
+    without the strided slices and the stack, which exported graphs (OpenVINO) run as slow
+    reference kernels; computing both functions everywhere costs less than those copies.
+    """
+    even = torch.arange(p.shape[-1], device=p.device) % 2 == 0
+    return torch.where(even, p.sin(), p.cos())
 
 
 def box_sine_embedding(boxes: Tensor, num_feats: int = 128, temperature: float = 10000.0) -> Tensor:
@@ -50,8 +63,7 @@ def box_sine_embedding(boxes: Tensor, num_feats: int = 128, temperature: float =
     dim = temperature ** (2 * torch.div(dim, 2, rounding_mode="floor") / num_feats)
 
     def embed(coord: Tensor) -> Tensor:
-        p = (coord * scale)[..., None] / dim
-        return torch.stack((p[..., 0::2].sin(), p[..., 1::2].cos()), dim=-1).flatten(-2)
+        return _sin_even_cos_odd((coord * scale)[..., None] / dim)
 
     x, y, w, h = boxes.unbind(-1)
     return torch.cat((embed(y), embed(x), embed(w), embed(h)), dim=-1)
