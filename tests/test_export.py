@@ -99,6 +99,36 @@ def torch_outputs(detector: Detector, images: torch.Tensor, mask: torch.Tensor) 
     return out.pred_logits, out.pred_boxes
 
 
+def outputs_for_one_selection(path: Path, detector: Detector, images: torch.Tensor, mask: torch.Tensor,
+                              score_tol: float = 1e-4) -> tuple[torch.Tensor, ...]:
+    """onnxruntime's (logits, boxes) and PyTorch's for the same encoder top-k selection.
+
+    With random weights some proposal scores are near-tied (seen: 5e-7 apart, Swin-T on a Zen 5 CPU),
+    and the two runtimes may rank such a pair either way, which changes those queries' outputs.  As in
+    the parity contract, the export is right when onnxruntime's selection is a top-k of PyTorch's scores
+    up to ``score_tol`` and the outputs agree given that selection (the model's testing hook).
+    """
+    model = onnx.load(str(path))
+    (topk,) = [n for n in model.graph.node if n.op_type == "TopK" and "query_selection" in n.name]
+    model.graph.output.append(onnx.helper.make_tensor_value_info(topk.output[1], onnx.TensorProto.INT64, None))
+    exposed = path.with_name(path.stem + "_topk.onnx")
+    onnx.save(model, str(exposed))
+    logits, boxes, index = session(exposed).run(None, {"images": images.numpy(), "mask": mask.numpy()})
+    index = torch.from_numpy(index)
+
+    calls: list[torch.Tensor] = []
+    hook = detector.model.query_selection.class_head.register_forward_hook(lambda m, i, o: calls.append(o))
+    try:
+        with torch.no_grad():
+            out = detector.model(images, mask, enc_topk_index=index)
+    finally:
+        hook.remove()
+    scores = max(calls, key=lambda t: t.shape[1]).max(-1)[0]  # [B, S]: the proposals, not the selected queries
+    best = scores.topk(index.shape[1], dim=1)[0]
+    assert (scores.gather(1, index) - best).abs().max() <= score_tol, "not a top-k of PyTorch's scores"
+    return torch.from_numpy(logits), torch.from_numpy(boxes), out.pred_logits, out.pred_boxes
+
+
 # ------------------------------------------------------------------------------- the file itself
 
 
@@ -335,10 +365,9 @@ def test_r50_4scale_export_matches_pytorch(tmp_path: Path, one_thread):
     mask = torch.zeros(1, 96, 128, dtype=torch.bool)
     mask[:, :, 120:] = True  # some padding
     images = images.masked_fill(mask[:, None], 0.0)
-    logits, boxes = session(out).run(None, {"images": images.numpy(), "mask": mask.numpy()})
-    ref_logits, ref_boxes = torch_outputs(detector, images, mask)
-    torch.testing.assert_close(torch.from_numpy(logits), ref_logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(torch.from_numpy(boxes), ref_boxes, atol=1e-5, rtol=1e-4)
+    logits, boxes, ref_logits, ref_boxes = outputs_for_one_selection(out, detector, images, mask)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(boxes, ref_boxes, atol=1e-5, rtol=1e-4)
 
 
 # --------------------------------------------------------------- other backbones and 5 feature levels
@@ -367,10 +396,9 @@ def test_other_backbones_export_matches_pytorch(make_config, tmp_path: Path, one
     mask = torch.zeros(1, 128, 160, dtype=torch.bool)
     mask[:, 100:, :] = True  # padding at the bottom
     images = images.masked_fill(mask[:, None], 0.0)
-    logits, boxes = session(out).run(None, {"images": images.numpy(), "mask": mask.numpy()})
-    ref_logits, ref_boxes = torch_outputs(detector, images, mask)
-    torch.testing.assert_close(torch.from_numpy(logits), ref_logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(torch.from_numpy(boxes), ref_boxes, atol=1e-5, rtol=1e-4)
+    logits, boxes, ref_logits, ref_boxes = outputs_for_one_selection(out, detector, images, mask)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(boxes, ref_boxes, atol=1e-5, rtol=1e-4)
 
 
 # a checkpoint's own label map reaches the ONNX metadata and onnxruntime predictions
