@@ -21,10 +21,6 @@ class SinePositionEncoding(nn.Module):
         self.temperature_w = temperature_w
         self.scale = 2 * math.pi
 
-    def _freqs(self, temperature: float, device: torch.device) -> Tensor:
-        dim = torch.arange(self.num_feats, dtype=torch.float32, device=device)
-        return temperature ** (2 * torch.div(dim, 2, rounding_mode="floor") / self.num_feats)
-
     def forward(self, mask: Tensor) -> Tensor:
         """mask [B, H, W] bool (True = padding) -> pos [B, H, W, 2*num_feats] float32, channels last.
 
@@ -37,9 +33,15 @@ class SinePositionEncoding(nn.Module):
         eps = 1e-6
         y = y / (y[:, -1:, :] + eps) * self.scale
         x = x / (x[:, :, -1:] + eps) * self.scale
-        pos_x = _sin_even_cos_odd(x[..., None] / self._freqs(self.temperature_w, mask.device))
-        pos_y = _sin_even_cos_odd(y[..., None] / self._freqs(self.temperature_h, mask.device))
+        pos_x = _sin_even_cos_odd(x[..., None] / _frequencies(self.num_feats, self.temperature_w, mask.device))
+        pos_y = _sin_even_cos_odd(y[..., None] / _frequencies(self.num_feats, self.temperature_h, mask.device))
         return torch.cat((pos_y, pos_x), dim=3)
+
+
+def _frequencies(num_feats: int, temperature: float, device: torch.device) -> Tensor:
+    """[num_feats] divisors temperature ** (2 * (i // 2) / num_feats): channel pairs share one frequency."""
+    dim = torch.arange(num_feats, dtype=torch.float32, device=device)
+    return temperature ** (2 * torch.div(dim, 2, rounding_mode="floor") / num_feats)
 
 
 def _sin_even_cos_odd(p: Tensor) -> Tensor:
@@ -59,8 +61,7 @@ def box_sine_embedding(boxes: Tensor, num_feats: int = 128, temperature: float =
     boxes [..., 4] (cx, cy, w, h) in 0..1 -> [..., 4*num_feats] ordered (y, x, w, h).
     """
     scale = 2 * math.pi
-    dim = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
-    dim = temperature ** (2 * torch.div(dim, 2, rounding_mode="floor") / num_feats)
+    dim = _frequencies(num_feats, temperature, boxes.device)
 
     def embed(coord: Tensor) -> Tensor:
         return _sin_even_cos_odd((coord * scale)[..., None] / dim)
